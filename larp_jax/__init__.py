@@ -1,0 +1,1 @@
+"""larp_jax: LARP video tokenizer and AR generator in JAX/Flax."""
