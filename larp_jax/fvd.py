@@ -1,0 +1,249 @@
+"""FVD between two sets of videos (command line).
+
+    python -m larp_jax.fvd REAL FAKE [--batch=8] [--max_clips=N] [--num_frames=16] [--resolution=128]
+
+REAL and FAKE are each one of
+* a folder of video files (searched recursively, so class subfolders are fine; decoded with PyAV):
+  each file gives one clip, its first `num_frames` frames; files that cannot be decoded or are too
+  short are skipped with a warning on stderr;
+* a `.npy` / `.npz` array of uint8 clips [N,T,H,W,3] (the first `num_frames` frames are used;
+  for `.npz` the array named `videos`, else the only / first array);
+* a `.npz` of statistics written by `FeatureStats.save` (keys n, sum, sum_outer).
+
+With `--resolution R` every clip is resized (short side to R, bilinear with antialiasing, as
+torchvision's Resize) and center-cropped to RxR before I3D; without it clips go in at their own size
+(I3D resizes to 224 internally). Prints ONE JSON object on stdout:
+{"fvd": ..., "n_real": ..., "n_fake": ..., "protocol": {...}}. Progress goes to stderr.
+Bad input exits with code 2 and one `error: ...` line on stderr.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Iterator, Optional
+
+import numpy as np
+
+VIDEO_EXTS = (".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".gif", ".mpg", ".mpeg")
+
+
+class InputError(Exception):
+    """A user-facing problem with the inputs (reported without a traceback, exit code 2)."""
+
+
+def _warn(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def resize_center_crop(clip: np.ndarray, size: int) -> np.ndarray:
+    """uint8 [T,H,W,3] -> uint8 [T,size,size,3]: short side to `size` (bilinear, antialiased, PIL),
+    long side int(size * long / short) as torchvision, then a center crop."""
+    from PIL import Image
+
+    t, h, w, _ = clip.shape
+    if h <= w:
+        nh, nw = size, max(size, int(size * w / h))
+    else:
+        nh, nw = max(size, int(size * h / w)), size
+    out = np.empty((t, size, size, 3), np.uint8)
+    top = int(round((nh - size) / 2.0))
+    left = int(round((nw - size) / 2.0))
+    for i in range(t):
+        if (nh, nw) != (h, w):
+            chans = [np.asarray(Image.fromarray(clip[i, :, :, c].astype(np.float32), mode="F")
+                                .resize((nw, nh), Image.BILINEAR)) for c in range(3)]
+            frame = np.clip(np.rint(np.stack(chans, -1)), 0, 255).astype(np.uint8)
+        else:
+            frame = clip[i]
+        out[i] = frame[top:top + size, left:left + size]
+    return out
+
+
+def _decode_first_frames(path: str, num_frames: int) -> Optional[np.ndarray]:
+    import av
+
+    frames = []
+    with av.open(path) as container:
+        if not container.streams.video:
+            return None
+        stream = container.streams.video[0]
+        for frame in container.decode(stream):
+            frames.append(frame.to_ndarray(format="rgb24"))
+            if len(frames) == num_frames:
+                break
+    if len(frames) < num_frames:
+        return None
+    return np.stack(frames)
+
+
+def _list_videos(folder: str) -> list:
+    files = []
+    for root, dirs, names in os.walk(folder):
+        dirs.sort()
+        for n in sorted(names):
+            if n.lower().endswith(VIDEO_EXTS):
+                files.append(os.path.join(root, n))
+    return files
+
+
+def _load_array(path: str):
+    """Returns ('array', arr) or ('stats', FeatureStats)."""
+    from larp_jax.evaluation.fvd import FeatureStats
+
+    try:
+        if path.endswith(".npy"):
+            return "array", np.load(path, mmap_mode="r", allow_pickle=False)
+        with np.load(path, allow_pickle=False) as z:
+            keys = list(z.keys())
+            if {"n", "sum", "sum_outer"} <= set(keys):
+                return "stats", FeatureStats.load(path)
+            if not keys:
+                raise InputError(f"{path}: the .npz file holds no arrays")
+            key = "videos" if "videos" in keys else keys[0]
+            return "array", z[key]
+    except InputError:
+        raise
+    except Exception as e:  # unreadable / corrupt file
+        raise InputError(f"{path}: cannot read array ({type(e).__name__}: {e})") from None
+
+
+class ClipSource:
+    """One side of the comparison: streams uint8 clips [T,H,W,3] or holds precomputed stats."""
+
+    def __init__(self, path: str, num_frames: int, max_clips: Optional[int], resolution: Optional[int]):
+        self.path, self.num_frames, self.max_clips, self.resolution = path, num_frames, max_clips, resolution
+        self.stats = None
+        self.array = None
+        self.files = None
+        if not os.path.exists(path):
+            raise InputError(f"{path}: no such file or directory")
+        if os.path.isdir(path):
+            self.kind = "folder"
+            self.files = _list_videos(path)
+            if not self.files:
+                raise InputError(f"{path}: no video files ({', '.join(VIDEO_EXTS)}) in this folder")
+        elif path.endswith((".npy", ".npz")):
+            kind, obj = _load_array(path)
+            if kind == "stats":
+                self.kind, self.stats = "stats", obj
+                return
+            self.kind, self.array = "array", obj
+            a = obj
+            if a.dtype != np.uint8 or a.ndim != 5 or a.shape[-1] != 3:
+                raise InputError(f"{path}: expected a uint8 array [N,T,H,W,3], got {a.dtype} {tuple(a.shape)}")
+            if a.shape[0] == 0:
+                raise InputError(f"{path}: the array holds no clips")
+            if a.shape[1] < num_frames:
+                raise InputError(f"{path}: clips have {a.shape[1]} frames, fewer than --num_frames={num_frames}")
+        else:
+            raise InputError(f"{path}: expected a folder of videos or a .npy/.npz file")
+
+    def clips(self) -> Iterator[np.ndarray]:
+        count = 0
+        limit = self.max_clips if self.max_clips else None
+        if self.kind == "array":
+            n = self.array.shape[0] if limit is None else min(limit, self.array.shape[0])
+            for i in range(n):
+                clip = np.asarray(self.array[i, :self.num_frames])
+                yield resize_center_crop(clip, self.resolution) if self.resolution else clip
+            return
+        for f in self.files:
+            if limit is not None and count >= limit:
+                return
+            try:
+                clip = _decode_first_frames(f, self.num_frames)
+            except Exception as e:  # PyAV raises many error types for broken files
+                _warn(f"warning: skipping {f}: cannot decode ({type(e).__name__}: {e})")
+                continue
+            if clip is None:
+                _warn(f"warning: skipping {f}: fewer than {self.num_frames} decodable frames")
+                continue
+            count += 1
+            yield resize_center_crop(clip, self.resolution) if self.resolution else clip
+
+
+def _batches(clips: Iterator[np.ndarray], batch: int) -> Iterator[np.ndarray]:
+    """Groups consecutive clips of the same shape into arrays of at most `batch` clips."""
+    buf = []
+    for c in clips:
+        if buf and (c.shape != buf[0].shape or len(buf) == batch):
+            yield np.stack(buf)
+            buf = []
+        buf.append(c)
+    if buf:
+        yield np.stack(buf)
+
+
+def _stats_for(src: ClipSource, extractor, label: str, batch: int):
+    from larp_jax.evaluation.fvd import FeatureStats
+
+    if src.kind == "stats":
+        return src.stats, None
+    stats = FeatureStats()
+    shapes = set()
+    for b in _batches(src.clips(), batch):
+        shapes.add(tuple(b.shape[2:4]))
+        stats.update(extractor(b))
+        _warn(f"[{label}] {stats.n} clips")
+    if stats.n == 0:
+        raise InputError(f"{src.path}: no decodable videos with at least {src.num_frames} frames")
+    return stats, sorted(shapes)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m larp_jax.fvd", description=__doc__.split("\n\n")[0])
+    ap.add_argument("real", help="folder of videos, .npy/.npz uint8 [N,T,H,W,3], or a stats .npz")
+    ap.add_argument("fake", help="same kinds as REAL")
+    ap.add_argument("--batch", type=int, default=8, help="I3D mini-batch size (default 8)")
+    ap.add_argument("--max_clips", type=int, default=None, help="use at most N clips from each side")
+    ap.add_argument("--num_frames", type=int, default=16, help="frames per clip (default 16, min 9)")
+    ap.add_argument("--resolution", type=int, default=None,
+                    help="resize short side + center crop to RxR before I3D (default: keep size)")
+    ap.add_argument("--save_stats", default=None,
+                    help="optional prefix: write <prefix>_real.npz / <prefix>_fake.npz statistics")
+    args = ap.parse_args(argv)
+
+    try:
+        from larp_jax.evaluation.fvd import MIN_FRAMES
+
+        if args.batch < 1:
+            raise InputError("--batch must be >= 1")
+        if args.max_clips is not None and args.max_clips < 1:
+            raise InputError("--max_clips must be >= 1")
+        if args.num_frames < MIN_FRAMES:
+            raise InputError(f"--num_frames must be >= {MIN_FRAMES} (I3D's temporal receptive field)")
+        if args.resolution is not None and args.resolution < 1:
+            raise InputError("--resolution must be >= 1")
+        real_src = ClipSource(args.real, args.num_frames, args.max_clips, args.resolution)
+        fake_src = ClipSource(args.fake, args.num_frames, args.max_clips, args.resolution)
+
+        from larp_jax.evaluation import fvd as F
+
+        extractor = None
+        if not (real_src.kind == "stats" and fake_src.kind == "stats"):
+            extractor = F.I3DFeatureExtractor(batch_size=args.batch)
+        real, real_shapes = _stats_for(real_src, extractor, "real", args.batch)
+        fake, fake_shapes = _stats_for(fake_src, extractor, "fake", args.batch)
+        if args.save_stats:
+            real.save(args.save_stats + "_real.npz")
+            fake.save(args.save_stats + "_fake.npz")
+        score = F.fvd_from_stats(real, fake)
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    protocol = F.make_protocol(
+        dataset="", split="", n_clips={"real": real.n, "fake": fake.n}, num_frames=args.num_frames,
+        resolution=args.resolution if args.resolution else {"real": real_shapes, "fake": fake_shapes},
+        seed=None, real=os.path.abspath(args.real), fake=os.path.abspath(args.fake),
+        clip_selection="first num_frames frames of each file / array entry",
+        crop=("short side resize (bilinear, antialias) + center crop" if args.resolution else "none"),
+        max_clips=args.max_clips)
+    print(json.dumps({"fvd": score, "n_real": real.n, "n_fake": fake.n, "protocol": protocol}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
