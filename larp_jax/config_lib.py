@@ -1,0 +1,139 @@
+"""Helpers shared by the config files in ``configs/``: argument parsing, presets, validation.
+
+Config files live outside the package (``configs/*.py``) and import only this module, so they
+load the same way from ``python -m larp_jax.main --config=configs/X.py:args``, from tests and
+from notebooks.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+from typing import Any
+
+import ml_collections
+
+# Tokenizer size presets. Only 'L' is published (the released LARP-L / LARP-L-Long: 768 wide,
+# 12 + 12 blocks, 12 heads, 172.18M parameters without the prior). The paper's LARP-S/B sizes are
+# not in the official repo; 'S' and 'B' below are our own choices, scaled like ViT-S/B.
+TOKENIZER_PRESETS = {
+    'S': dict(width=512, encoder_depth=8, decoder_depth=8, num_heads=8),
+    'B': dict(width=768, encoder_depth=8, decoder_depth=8, num_heads=12),
+    'L': dict(width=768, encoder_depth=12, decoder_depth=12, num_heads=12),
+}
+
+# GPTC-S, the released prior (21.70M parameters).
+PRIOR_GPTC_S = dict(prior_depth=12, prior_width=384, prior_heads=6)
+
+# Logical-axis -> mesh-axis rules (STYLE section 4). Names not listed are replicated; the small
+# codebook ('vocab', 'code') therefore stays replicated.
+DEFAULT_SHARDING_RULES = (
+    ('batch', ('data', 'fsdp')),
+    ('embed', 'fsdp'),
+    ('mlp', 'tensor'),
+    ('qkv', 'tensor'),
+    ('heads', 'tensor'),
+)
+
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+  """Parses ``'k1=v1,k2=v2'`` (the part after ``:`` in ``--config=file.py:args``).
+
+  Values are cast to the type of the default; a bare word ``flag`` sets a boolean default to True.
+  Unknown keys raise ValueError naming the accepted ones.
+  """
+  out = ml_collections.ConfigDict(dict(defaults))
+  if not arg:
+    return out
+  for item in arg.split(','):
+    if not item:
+      continue
+    key, sep, value = item.partition('=')
+    key = key.strip()
+    if key not in defaults:
+      raise ValueError(f'unknown config argument {key!r}; accepted: {sorted(defaults)}')
+    default = defaults[key]
+    if not sep:
+      if not isinstance(default, bool):
+        raise ValueError(f'config argument {key!r} needs a value ({key}=...)')
+      out[key] = True
+    elif isinstance(default, bool):
+      if value.lower() not in ('true', 'false', '1', '0'):
+        raise ValueError(f'config argument {key}={value!r} must be true or false')
+      out[key] = value.lower() in ('true', '1')
+    elif default is None or isinstance(default, str):
+      out[key] = value
+    else:
+      try:
+        out[key] = type(default)(value)
+      except ValueError:
+        raise ValueError(f'config argument {key}={value!r} is not a {type(default).__name__}'
+                         ) from None
+  return out
+
+
+def tokenizer_preset(size: str) -> dict:
+  if size not in TOKENIZER_PRESETS:
+    raise ValueError(f'unknown tokenizer size preset {size!r}; choose one of '
+                     f'{sorted(TOKENIZER_PRESETS)}')
+  return dict(TOKENIZER_PRESETS[size])
+
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+  """Loads ``'path/to/config.py[:args]'`` like ``--config`` does (for tests and generator configs
+  that embed a tokenizer config)."""
+  path, _, arg = spec.partition(':')
+  if not os.path.exists(path):
+    raise ValueError(f'config file {path!r} does not exist')
+  name = 'larp_config_' + os.path.splitext(os.path.basename(path))[0]
+  module_spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg or None)
+
+
+def mesh_shape(mesh_cfg, num_devices: int) -> dict:
+  """Resolves ``{'data': -1, 'fsdp': 1, 'tensor': 1}`` (one -1 allowed) for ``num_devices``."""
+  sizes = {k: int(v) for k, v in dict(mesh_cfg).items()}
+  free = [k for k, v in sizes.items() if v == -1]
+  if len(free) > 1:
+    raise ValueError(f'config.mesh may contain at most one -1, got {sizes}')
+  if any(v == 0 or v < -1 for v in sizes.values()):
+    raise ValueError(f'config.mesh sizes must be positive or -1, got {sizes}')
+  fixed = math.prod(v for v in sizes.values() if v != -1)
+  if free:
+    if num_devices % fixed:
+      raise ValueError(f'config.mesh {sizes} does not divide the {num_devices} devices')
+    sizes[free[0]] = num_devices // fixed
+  if math.prod(sizes.values()) != num_devices:
+    raise ValueError(f'config.mesh {sizes} has {math.prod(sizes.values())} devices but '
+                     f'{num_devices} are available; use -1 for one axis')
+  return sizes
+
+
+def validate(config, num_devices: int | None = None) -> None:
+  """Fails fast, with one clear line, on a config that cannot work. Checks the tokenizer
+  kwargs, the batch/mesh arithmetic and the run settings before anything is compiled."""
+  from larp_jax.models.tokenizer import LARPTokenizer  # local: configs import this module
+  try:
+    LARPTokenizer(**config.model)
+  except TypeError as e:
+    raise ValueError(f'config.model has an unknown or missing tokenizer argument: {e}') from None
+  for key in ('batch_size', 'total_steps', 'log_every', 'checkpoint_every'):
+    if key in config and int(config[key]) <= 0:
+      raise ValueError(f'config.{key} must be positive, got {config[key]}')
+  if num_devices is not None and 'mesh' in config:
+    sizes = mesh_shape(config.mesh, num_devices)
+    dp = sizes.get('data', 1) * sizes.get('fsdp', 1)
+    if config.batch_size % dp:
+      raise ValueError(f'config.batch_size={config.batch_size} is not divisible by the '
+                       f'data-parallel size data*fsdp={dp}')
+
+
+def as_kwargs(cfg: Any) -> dict:
+  """ConfigDict -> plain dict with tuples for sequences (Flax module fields)."""
+  out = {}
+  for k, v in dict(cfg).items():
+    out[k] = tuple(v) if isinstance(v, list) else v
+  return out

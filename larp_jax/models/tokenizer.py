@@ -1,0 +1,270 @@
+"""The LARP video tokenizer (LARP_SPEC sections 1-6).
+
+video [B, T, H, W, 3] in [0, 1]
+  -> 3D patches (kt, kh, kw) -> Dense(width) + fixed 3D sin-cos PE            (patch tokens)
+  -> ViT over [patch tokens ; N learned holistic queries], keep the N query outputs
+  -> Dense(width -> code_dim) -> SVQ (straight-through) -> Dense(code_dim -> width)
+  -> + fixed 1D sin-cos PE, ViT over [latents ; patch queries (3D PE + type vector)]
+  -> keep the patch-query outputs -> LayerNorm(1e-6) -> zero-init Dense -> unpatchify.
+
+Patch vectors are flattened in (kt, kh, kw, c) order on both ends; the official Conv3d weight
+[width, 3, kt, kh, kw] maps to our ``patch_embed`` kernel by ``transpose(2, 3, 4, 1, 0)`` and a
+reshape. Token order is t-major, then h, then w, as in the official code.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional, Sequence
+
+import einops
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from larp_jax.models import embeddings, prior as prior_lib, transformer
+from larp_jax.models.quantizer import VQ_TYPES, VectorQuantizer
+
+
+def _as_triple(name, value):
+  value = tuple(int(v) for v in value)
+  if len(value) != 3 or min(value) <= 0:
+    raise ValueError(f'{name} must be three positive ints (T, H, W), got {value}')
+  return value
+
+
+def check_tokenizer_kwargs(video_shape, patch_size, num_latent_tokens, width, num_heads,
+                           codebook_size, code_dim, vq_type, remat, attention_impl,
+                           use_prior, prior_width, prior_heads, prior_max_len):
+  """Raises ValueError (one clear line) for an inconsistent tokenizer configuration."""
+  t, h, w = _as_triple('video_shape', video_shape)
+  pt, ph, pw = _as_triple('patch_size', patch_size)
+  for dim, (size, patch) in zip('THW', ((t, pt), (h, ph), (w, pw))):
+    if size % patch:
+      raise ValueError(f'video_shape {dim}={size} is not divisible by patch_size {dim}={patch}; '
+                       f'choose a {dim} that is a multiple of {patch}')
+  if num_latent_tokens <= 1:
+    raise ValueError(f'num_latent_tokens must be > 1, got {num_latent_tokens}')
+  if width % num_heads:
+    raise ValueError(f'width={width} is not divisible by num_heads={num_heads}')
+  if width % 4:
+    raise ValueError(f'width={width} must be divisible by 4 for the 2D/3D sin-cos embedding')
+  if codebook_size < 2 or code_dim < 1:
+    raise ValueError(f'bad codebook: codebook_size={codebook_size}, code_dim={code_dim}')
+  transformer.check_choice('vq_type', vq_type, VQ_TYPES)
+  transformer.check_choice('remat', remat, transformer.REMAT_CHOICES)
+  transformer.check_choice('attention_impl', attention_impl, transformer.ATTENTION_CHOICES)
+  if use_prior:
+    if prior_width % prior_heads:
+      raise ValueError(f'prior_width={prior_width} is not divisible by prior_heads={prior_heads}')
+    if prior_max_len is not None and prior_max_len < num_latent_tokens - 1:
+      raise ValueError(f'prior_max_len={prior_max_len} is shorter than the '
+                       f'{num_latent_tokens - 1} positions the prior must see')
+
+
+class LARPTokenizer(nn.Module):
+  """LARP tokenizer with its training-time AR prior.
+
+  Build it from explicit keyword arguments (``LARPTokenizer(**config.model)``). Videos are float
+  in [0, 1] (uint8 is accepted and scaled), channels last, of shape [B, *video_shape, 3].
+
+  Methods (call through ``model.apply(variables, ..., method=...)``):
+    __call__(video, train, ...) -> (recon [B,T,H,W,3] float32, aux dict): the training pass.
+    encode(video)              -> int32 tokens [B, N] (deterministic quantization).
+    decode(tokens)             -> video [B, T, H, W, 3] float32 clamped to [0, 1].
+    encode_latents / quantize / decode_latents: the pieces, for custom pipelines.
+  RNG streams: 'vq' (code sampling, scheduled sampling) and 'dropout' (the prior).
+  """
+  video_shape: Sequence[int] = (16, 128, 128)
+  patch_size: Sequence[int] = (4, 8, 8)
+  num_latent_tokens: int = 1024
+  width: int = 768
+  encoder_depth: int = 12
+  decoder_depth: int = 12
+  num_heads: int = 12
+  mlp_ratio: float = 4.0
+  norm_eps: float = 1e-5               # timm < 1.0.16 ViT block (released checkpoints)
+  pe_base: float = 10000.0             # 3D patch PE and 1D latent PE (latent_pe_scale_factor)
+  codebook_size: int = 8192
+  code_dim: int = 16
+  vq_type: str = 'svq'
+  vq_temperature: float = 0.03
+  vq_l2_normalized: bool = True
+  vq_commit_weight: float = 0.25
+  vq_codebook_weight: float = 1.0
+  use_prior: bool = True
+  prior_depth: int = 12
+  prior_width: int = 384
+  prior_heads: int = 6
+  prior_max_len: Optional[int] = None  # None: num_latent_tokens (1024 in the released model)
+  prior_dropout: float = 0.1
+  prior_attn_dropout_in_eval: bool = True   # released-code quirk (LARP_SPEC 5)
+  prior_n_rounds: int = 2
+  prior_ce_temperature: float = 1.0
+  attention_impl: str = 'xla'
+  remat: str = 'none'
+  scan_layers: bool = False
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  def __post_init__(self):
+    check_tokenizer_kwargs(self.video_shape, self.patch_size, self.num_latent_tokens,
+                           self.width, self.num_heads, self.codebook_size, self.code_dim,
+                           self.vq_type, self.remat, self.attention_impl, self.use_prior,
+                           self.prior_width, self.prior_heads, self.prior_max_len)
+    super().__post_init__()
+
+  # ---------------------------------------------------------------- geometry
+  @property
+  def grid(self):
+    """(t, h, w) number of patches along each axis."""
+    return tuple(s // p for s, p in zip(self.video_shape, self.patch_size))
+
+  @property
+  def num_patches(self) -> int:
+    return math.prod(self.grid)
+
+  @property
+  def patch_dim(self) -> int:
+    return math.prod(self.patch_size) * 3
+
+  # ---------------------------------------------------------------- modules
+  def setup(self):
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    stack = dict(num_heads=self.num_heads, mlp_ratio=self.mlp_ratio, norm_eps=self.norm_eps,
+                 attention_impl=self.attention_impl, remat=self.remat, scan=self.scan_layers,
+                 **kw)
+    # Conv3d(kernel=stride=patch) == Dense on flattened patches; the official init is xavier
+    # on the weight viewed as [width, patch_dim], which is the Dense fan_in/fan_out.
+    self.patch_embed = transformer.dense(self.width, ('patch', 'embed'), name='patch_embed', **kw)
+    self.encoder = transformer.ViTStack(self.encoder_depth, name='encoder', **stack)
+    self.latent_queries = self.param(
+        'latent_queries', nn.with_logical_partitioning(nn.initializers.normal(0.02),
+                                                       ('latent', 'embed')),
+        (self.num_latent_tokens, self.width), self.param_dtype)
+    self.in_linear = transformer.dense(self.code_dim, ('embed', 'code'), name='in_linear', **kw)
+    self.quantizer = VectorQuantizer(
+        self.codebook_size, self.code_dim, self.vq_type, self.vq_temperature,
+        self.vq_l2_normalized, self.vq_commit_weight, self.vq_codebook_weight,
+        param_dtype=self.param_dtype, name='quantizer')
+    self.out_linear = transformer.dense(self.width, ('code', 'embed'), name='out_linear', **kw)
+    self.decoder = transformer.ViTStack(self.decoder_depth, name='decoder', **stack)
+    self.query_type_embed = self.param(
+        'query_type_embed', nn.with_logical_partitioning(nn.initializers.normal(0.02),
+                                                         (None, None, 'embed')),
+        (1, 1, self.width), self.param_dtype)
+    self.final_norm = transformer.layer_norm(1e-6, name='final_norm', **kw)
+    self.final_linear = transformer.dense(self.patch_dim, ('embed', 'patch'), name='final_linear',
+                                          kernel_init=transformer.zeros, **kw)
+    if self.use_prior:
+      self.prior = prior_lib.PriorGPT(
+          depth=self.prior_depth, num_heads=self.prior_heads, width=self.prior_width,
+          max_len=self.prior_max_len or self.num_latent_tokens, input_dim=self.code_dim,
+          mlp_ratio=self.mlp_ratio, dropout=self.prior_dropout,
+          attn_dropout_in_eval=self.prior_attn_dropout_in_eval, name='prior', **kw)
+
+  def _patch_pe(self):
+    return jnp.asarray(embeddings.sincos_3d(self.width, *self.grid, base=self.pe_base))
+
+  # ---------------------------------------------------------------- pieces
+  def patchify(self, video):
+    """[B, T, H, W, 3] -> [B, num_patches, patch_dim], patches flattened (kt, kh, kw, c)."""
+    pt, ph, pw = self.patch_size
+    return einops.rearrange(video, 'b (t pt) (h ph) (w pw) c -> b (t h w) (pt ph pw c)',
+                            pt=pt, ph=ph, pw=pw)
+
+  def unpatchify(self, patches):
+    """[B, num_patches, patch_dim] -> [B, T, H, W, 3]."""
+    (gt, gh, gw), (pt, ph, pw) = self.grid, self.patch_size
+    return einops.rearrange(patches, 'b (t h w) (pt ph pw c) -> b (t pt) (h ph) (w pw) c',
+                            t=gt, h=gh, w=gw, pt=pt, ph=ph, pw=pw, c=3)
+
+  def _check_video(self, video):
+    expected = (*self.video_shape, 3)
+    if video.ndim != 5 or tuple(video.shape[1:]) != expected:
+      raise ValueError(f'video must have shape [B, {", ".join(map(str, expected))}] '
+                       f'(channels last), got {tuple(video.shape)}')
+    if video.dtype == jnp.uint8:
+      video = video.astype(jnp.float32) / 255.0
+    return video
+
+  def encode_latents(self, video):
+    """video [B, T, H, W, 3] in [0, 1] -> pre-quantization latents [B, N, code_dim] float32."""
+    video = self._check_video(video)
+    x = self.patch_embed(self.patchify(video.astype(self.dtype)))
+    x = x + self._patch_pe().astype(x.dtype)
+    b = x.shape[0]
+    queries = jnp.broadcast_to(self.latent_queries.astype(x.dtype)[None],
+                               (b, self.num_latent_tokens, self.width))
+    h = self.encoder(jnp.concatenate([x, queries], axis=1))
+    z = h[:, -self.num_latent_tokens:]
+    return self.in_linear(z).astype(jnp.float32)
+
+  def quantize(self, z, *, deterministic: bool = True):
+    """[B, N, code_dim] -> (straight-through codes [B, N, code_dim] float32, aux dict)."""
+    return self.quantizer(z, deterministic=deterministic)
+
+  def decode_latents(self, z_q):
+    """Quantized (normalised) codes [B, N, code_dim] -> reconstruction [B, T, H, W, 3], not clamped."""
+    z = self.out_linear(z_q.astype(self.dtype))
+    z = z + jnp.asarray(embeddings.sincos_1d_table(self.width, self.num_latent_tokens,
+                                                    self.pe_base)).astype(z.dtype)
+    b = z.shape[0]
+    queries = self._patch_pe()[None] + self.query_type_embed.astype(jnp.float32)
+    queries = jnp.broadcast_to(queries.astype(z.dtype), (b, self.num_patches, self.width))
+    h = self.decoder(jnp.concatenate([z, queries], axis=1))
+    h = self.final_norm(h[:, -self.num_patches:])
+    return self.unpatchify(self.final_linear(h).astype(jnp.float32))
+
+  # ---------------------------------------------------------------- public API
+  def encode(self, video):
+    """video [B, T, H, W, 3] in [0, 1] -> int32 tokens [B, N] (argmax quantization)."""
+    _, aux = self.quantize(self.encode_latents(video), deterministic=True)
+    return aux['indices']
+
+  def decode(self, tokens):
+    """int tokens [B, N] -> video [B, T, H, W, 3] float32, clamped to [0, 1]."""
+    if tokens.ndim != 2 or tokens.shape[1] != self.num_latent_tokens:
+      raise ValueError(f'tokens must have shape [B, {self.num_latent_tokens}], '
+                       f'got {tuple(tokens.shape)}')
+    return jnp.clip(self.decode_latents(self.quantizer.lookup(tokens)), 0.0, 1.0)
+
+  def __call__(self, video, *, train: bool = True, vq_deterministic: Optional[bool] = None,
+               mix_ratio: Any = 0.0, with_prior: Optional[bool] = None):
+    """The training / evaluation forward pass.
+
+    Args:
+      video: [B, T, H, W, 3] in [0, 1].
+      train: enables dropout and (by default) code sampling.
+      vq_deterministic: argmax quantization; defaults to ``not train``. (The official eval
+        without ``set_vq_eval_deterministic`` samples: pass False to reproduce it.)
+      mix_ratio: scheduled-sampling ratio for the prior (see ``prior.mix_ratio``).
+      with_prior: compute the prior loss (defaults to ``use_prior``).
+    Returns:
+      (recon, aux): recon [B, T, H, W, 3] float32 (not clamped); aux holds 'tokens' int32 [B, N]
+      and float32 scalars 'vq_loss', 'commitment_loss', 'codebook_loss', 'codebook_usage',
+      'codebook_perplexity' and, with the prior, 'prior_loss', 'prior_top1', 'prior_top5',
+      'prior_ce_round1'.
+    """
+    deterministic = (not train) if vq_deterministic is None else vq_deterministic
+    with_prior = self.use_prior if with_prior is None else with_prior
+    if with_prior and not self.use_prior:
+      raise ValueError('with_prior=True but the tokenizer was built with use_prior=False')
+    z = self.encode_latents(video)
+    z_q, vq_aux = self.quantize(z, deterministic=deterministic)
+    recon = self.decode_latents(z_q)
+    aux = {k: v for k, v in vq_aux.items() if k != 'indices'}
+    aux['tokens'] = vq_aux['indices']
+    if with_prior:
+      predict = lambda x: self.prior(x, deterministic=not train)
+      aux.update(prior_lib.scheduled_sampling_loss(
+          predict, z_q, vq_aux['indices'], self.quantizer.normalized_codebook(),
+          rng=self.make_rng('vq'), mix_ratio=mix_ratio if train else 0.0,
+          n_rounds=self.prior_n_rounds if train else 1,
+          ce_temperature=self.prior_ce_temperature))
+    return recon, aux
+
+
+def count_params(tree) -> int:
+  return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(tree)))

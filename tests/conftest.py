@@ -1,0 +1,30 @@
+"""Shared test fixtures: tiny model kwargs so every test runs in seconds on a 2-core CPU."""
+
+import os
+import sys
+
+import pytest
+
+# The repo root on sys.path so that `configs/` files load in tests as from `python -m`.
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+  sys.path.insert(0, ROOT)
+
+
+def tiny_tokenizer_kwargs(**overrides):
+  kw = dict(video_shape=(4, 16, 16), patch_size=(2, 8, 8), num_latent_tokens=8, width=32,
+            encoder_depth=1, decoder_depth=1, num_heads=2, codebook_size=64, code_dim=8,
+            prior_depth=1, prior_width=16, prior_heads=2)
+  kw.update(overrides)
+  return kw
+
+
+@pytest.fixture
+def tiny_kwargs():
+  return tiny_tokenizer_kwargs()
+
+
+def pytest_configure(config):
+  # Tiny models: XLA's optimisation passes cost more than they save (STYLE section 7).
+  import jax
+  jax.config.update('jax_disable_most_optimizations', True)
