@@ -27,8 +27,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.flip = True                   # random horizontal flip (training only)
   c.eval_chunks = 'first'         # 'first': one clip per video from frame 0; 'all': non-overlapping chunks
   # tf.data knobs.
-  c.shuffle_buffer = 1024         # records/tfds only (index sources shuffle a full permutation per epoch)
-  c.num_parallel_calls = -1       # -1 = tf.data.AUTOTUNE
+  c.shuffle_buffer = 256          # records/tfds: whole videos are buffered (index sources permute fully)
+  c.num_parallel_calls = None     # None = cores (synthetic/folder) or AUTOTUNE (records/tfds); -1 = AUTOTUNE
   c.prefetch = 2                  # batches
   # Synthetic source.
   c.synthetic_num_train = 50_000

@@ -124,8 +124,13 @@ def split_location(cfg, split: str) -> str:
   return sub if os.path.isdir(base) and os.path.exists(sub) else base
 
 
-def _npc(cfg):
-  return AUTOTUNE if int(cfg.num_parallel_calls) < 0 else int(cfg.num_parallel_calls)
+def _npc(cfg, python_decode: bool = False):
+  """Parallel map calls. Default (None): one per core where each call runs Python (it holds the
+  GIL part of the time, and AUTOTUNE over-subscribes small machines), AUTOTUNE for pure TF maps."""
+  n = cfg.num_parallel_calls
+  if n is None:
+    return (os.cpu_count() or 1) if python_decode else AUTOTUNE
+  return AUTOTUNE if int(n) < 0 else max(1, int(n))
 
 
 # ----------------------------------------------------------------------------- synthetic
@@ -164,7 +169,8 @@ def _synthetic(cfg, split, video_shape, seed, skip, pi, pc) -> Built:
         video = tf.cond(u[3] < 0.5, lambda: video[:, :, ::-1, :], lambda: video)
       return {'video': video, 'label': label, 'clip_id': tf.cast(index, tf.int32)}
 
-    ds = index_train_stream(len(ids), seed, skip).map(train_elem, num_parallel_calls=_npc(cfg))
+    ds = index_train_stream(len(ids), seed, skip).map(
+        train_elem, num_parallel_calls=_npc(cfg, python_decode=True))
     return Built(ds, None, video_io.SkipLog())
 
   chunks = int(clips.num_chunks(length, t, stride)) if cfg.eval_chunks == 'all' else 1
@@ -174,7 +180,7 @@ def _synthetic(cfg, split, video_shape, seed, skip, pi, pc) -> Built:
     return {'video': video, 'label': label, 'clip_id': tf.cast(index * chunks + k, tf.int32)}
 
   n = len(ids) * chunks
-  ds = tf.data.Dataset.range(n).map(eval_elem, num_parallel_calls=_npc(cfg))
+  ds = tf.data.Dataset.range(n).map(eval_elem, num_parallel_calls=_npc(cfg, python_decode=True))
   return Built(ds, n, video_io.SkipLog())
 
 
@@ -250,7 +256,8 @@ def _folder(cfg, split, video_shape, seed, skip, pi, pc) -> Built:
     def train_elem(pos, epoch):
       u = clips.clip_uniforms(clips.element_key(seed, epoch, tf.gather(ids_t, pos)))
       return decoded(py_train, [pos, u[0]], u, True)
-    ds = index_train_stream(len(paths), seed, skip).map(train_elem, num_parallel_calls=_npc(cfg))
+    ds = index_train_stream(len(paths), seed, skip).map(
+        train_elem, num_parallel_calls=_npc(cfg, python_decode=True))
     return Built(ds.map(_drop_ok), None, log)
 
   if cfg.eval_chunks == 'all':
@@ -270,7 +277,8 @@ def _folder(cfg, split, video_shape, seed, skip, pi, pc) -> Built:
     pos, starts = np.arange(len(paths)), np.zeros(len(paths), np.int64)
   zero_u = tf.zeros([4])
   ds = tf.data.Dataset.from_tensor_slices((pos, starts)).map(
-      lambda p, s: decoded(py_eval, [p, s], zero_u, False), num_parallel_calls=_npc(cfg))
+      lambda p, s: decoded(py_eval, [p, s], zero_u, False),
+      num_parallel_calls=_npc(cfg, python_decode=True))
   ds = ds.filter(lambda e: e['ok']).map(_drop_ok)
   return Built(ds, len(pos), log)
 
