@@ -1,5 +1,4 @@
 """Folder, CSV and records sources; `prepare` round trip; bad files skipped and counted."""
-import json
 import os
 import subprocess
 import sys
