@@ -76,3 +76,17 @@ def test_lpips_video_is_per_frame_mean(alex):
 def test_bad_net_name():
     with pytest.raises(ValueError):
         perceptual.LPIPS(net="resnet")
+
+
+def test_small_feature_map_conv_matches_xla_conv():
+    """The im2col path used for tiny feature maps gives the same result (and gradient) as XLA."""
+    from larp_jax.losses.perceptual import _conv
+    x = jax.random.normal(jax.random.key(0), (2, 3, 3, 8))
+    w = jax.random.normal(jax.random.key(1), (5, 5, 8, 4))
+    pad = [(2, 2), (2, 2)]
+    ref = lambda x: jax.lax.conv_general_dilated(x, w, (1, 1), pad,
+                                                 dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    ours = lambda x: _conv(x, w, (1, 1), pad, dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    np.testing.assert_allclose(ours(x), ref(x), atol=1e-4)
+    np.testing.assert_allclose(jax.grad(lambda x: ours(x).sum())(x),
+                               jax.grad(lambda x: ref(x).sum())(x), atol=1e-4)

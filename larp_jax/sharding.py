@@ -1,0 +1,70 @@
+"""Device mesh and logical-axis sharding (STYLE section 4).
+
+Models name their parameter and activation axes ('embed', 'mlp', 'batch', ...); the config maps
+those names to mesh axes ('data', 'fsdp', 'tensor'). State is born sharded: the abstract state
+from ``jax.eval_shape`` gives the logical specs, which become ``NamedSharding``s that are the
+``out_shardings`` of the jitted init.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from larp_jax import config_lib
+
+MESH_AXES = ('data', 'fsdp', 'tensor')
+
+
+def make_mesh(mesh_cfg, devices=None) -> Mesh:
+  """A ('data', 'fsdp', 'tensor') mesh; one axis may be -1 (fill the remaining devices)."""
+  devices = jax.devices() if devices is None else devices
+  unknown = set(dict(mesh_cfg)) - set(MESH_AXES)
+  if unknown:
+    raise ValueError(f'config.mesh has unknown axes {sorted(unknown)}; use {MESH_AXES}')
+  sizes = config_lib.mesh_shape({a: dict(mesh_cfg).get(a, 1) for a in MESH_AXES}, len(devices))
+  shape = tuple(sizes[a] for a in MESH_AXES)
+  try:
+    device_array = jax.experimental.mesh_utils.create_device_mesh(shape, devices)
+  except Exception:  # CPU / odd topologies: plain reshape
+    device_array = np.asarray(devices).reshape(shape)
+  return Mesh(device_array, MESH_AXES)
+
+
+def rules(config) -> tuple:
+  return tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in config.sharding_rules)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Leading (batch) axis split over data x fsdp, the rest replicated."""
+  return NamedSharding(mesh, P(('data', 'fsdp')))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+@contextlib.contextmanager
+def logical_context(mesh: Mesh, logical_rules):
+  """Mesh + logical axis rules active, so ``nn.with_logical_constraint`` takes effect."""
+  with mesh, nn.logical_axis_rules(logical_rules):
+    yield
+
+
+def state_shardings(boxed_init: Callable[[], Any], mesh: Mesh, logical_rules):
+  """(abstract unboxed state, NamedSharding tree) for a state built by ``boxed_init``, whose
+  parameters are ``nn.Partitioned`` boxes carrying logical axis names."""
+  abstract = jax.eval_shape(boxed_init)
+  specs = nn.get_partition_spec(abstract)
+  shardings = nn.logical_to_mesh_sharding(specs, mesh, logical_rules)
+  return nn.unbox(abstract), shardings
+
+
+def shard_count(sharding: NamedSharding, shape) -> int:
+  """Number of distinct shards of an array of ``shape`` under ``sharding``."""
+  return int(np.prod([shape[i] // s for i, s in enumerate(sharding.shard_shape(shape))]))
