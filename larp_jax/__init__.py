@@ -1,9 +1,11 @@
 """larp_jax: LARP video tokenizer and AR generator in JAX/Flax.
 
 Library entry points:
-  LARPTokenizer  -- the Flax tokenizer module (``LARPTokenizer(**config.model)``).
+  LARPTokenizer   -- the Flax tokenizer module (``LARPTokenizer(**config.model)``).
+  load_tokenizer  -- a trained tokenizer from a run directory, with jitted encode/decode.
 """
 
+from larp_jax.api import Tokenizer, load_tokenizer
 from larp_jax.models.tokenizer import LARPTokenizer
 
-__all__ = ['LARPTokenizer']
+__all__ = ['LARPTokenizer', 'Tokenizer', 'load_tokenizer']

@@ -167,11 +167,13 @@ class _Preemption:
       signal.signal(sig, handler)
 
 
-def run(config, workdir: str, *, evaluate_fn=None) -> dict:
+def run(config, workdir: str, *, evaluate_fn=None, stop_at: Optional[int] = None) -> dict:
   """Trains the tokenizer described by ``config`` in ``workdir``; returns the last metrics.
 
   ``evaluate_fn(exp, state, workdir, step)``, if given, runs every ``config.eval_every`` steps
-  and at the end (the evaluation module provides it).
+  and at the end (the evaluation module provides it). ``stop_at`` ends the run after that step
+  with a checkpoint, as a preemption would (for notebooks and resume tests); the schedule is
+  still that of ``config.total_steps``.
   """
   exp = build(config)
   workdir = os.path.abspath(workdir)
@@ -221,6 +223,8 @@ def run(config, workdir: str, *, evaluate_fn=None) -> dict:
         state, metrics = train_step(state, batch, key, lpips_params)
         report(step)
         is_last = step == total
+        if stop_at is not None and step >= stop_at:
+          preemption.requested = True
         log_now = step % int(config.log_every) == 0 or is_last or step == start_step + 1
         ckpt_now = step % int(config.checkpoint_every) == 0 or is_last or preemption.requested
         if log_now or ckpt_now:

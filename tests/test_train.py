@@ -1,0 +1,260 @@
+"""Training: schedules, losses, the train step, checkpoint/resume, preemption, NaN, configs."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import larp_jax
+from larp_jax import checkpoint, config_lib
+from larp_jax.losses import gan
+from larp_jax.train import loop, optim
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_config(**run):
+  """All losses on (LPIPS-AlexNet, GAN with LeCam, VQ, prior with scheduled sampling)."""
+  c = config_lib.load_config(os.path.join(ROOT, 'configs/demo.py'))
+  c.model.update(video_shape=(4, 32, 32), patch_size=(2, 8, 8), num_latent_tokens=8, width=32,
+                 encoder_depth=1, decoder_depth=1, num_heads=2, codebook_size=64, code_dim=8,
+                 prior_depth=1, prior_width=16, prior_heads=2)
+  c.disc.update(width=16, depth=1, num_heads=2, patch_size=(2, 8, 8))
+  c.batch_size = 2
+  c.total_steps = 4
+  c.loss.disc_every = 2
+  c.log_every = 1
+  c.checkpoint_every = 2
+  c.eval_every = 0
+  c.data.synthetic_num_train = 64
+  c.data.synthetic_num_frames = 8
+  c.update(run)
+  return c
+
+
+# ---------------------------------------------------------------- schedules and losses
+
+def test_lr_multiplier_matches_the_official_formula():
+  kw = dict(total_steps=100, warmup_steps=10, start_mult=0.01, min_mult=0.01)
+  m = lambda s: float(optim.lr_multiplier(s, **kw))
+  assert m(1) == pytest.approx(0.01 + 0.99 * 0.1)
+  assert m(5) == pytest.approx(0.01 + 0.99 * 0.5)
+  assert m(10) == pytest.approx(1.0)
+  assert m(55) == pytest.approx(0.01 + 0.99 * 0.5 * (1 + np.cos(np.pi * 0.5)))
+  assert m(100) == pytest.approx(0.01)
+
+
+def test_prior_lr_multiplier_scales_only_the_prior():
+  params = {'prior': {'w': jnp.ones(3)}, 'encoder': {'w': jnp.ones(3)}}
+  tx = optim.scale_subtree('prior', 50.0)
+  updates, _ = tx.update(params, tx.init(params))
+  np.testing.assert_allclose(updates['prior']['w'], 50.0)
+  np.testing.assert_allclose(updates['encoder']['w'], 1.0)
+
+
+def test_noisy_labels_stay_in_their_ranges():
+  real, fake = gan.noisy_targets(jax.random.key(0), (10000,), 0.15, 0.3)
+  assert float(real.min()) >= 0.7 - 1e-6 and float(real.max()) <= 1.0
+  assert float(fake.min()) >= 0.0 and float(fake.max()) <= 0.3 + 1e-6
+  assert float(real.mean()) == pytest.approx(1 - 0.15 * np.sqrt(2 / np.pi), abs=0.01)
+
+
+def test_lecam_and_generator_loss_by_hand():
+  real, fake = jnp.array([1.0, 3.0]), jnp.array([-1.0, 0.0])
+  # relu(2 - 0.5)^2 + relu(0.2 - (-0.5))^2
+  assert float(gan.lecam_regularizer(real, fake, 0.2, 0.5)) == pytest.approx(1.5 ** 2 + 0.7 ** 2)
+  assert float(gan.generator_loss(jnp.zeros(4))) == pytest.approx(np.log(2.0))
+
+
+# ---------------------------------------------------------------- the loop
+
+def _params(workdir):
+  return larp_jax.load_tokenizer(workdir).params
+
+
+def test_train_resume_and_load(tmp_path):
+  """3 steps, then a restart to 4, equals 4 uninterrupted steps; outputs are written."""
+  full, part = str(tmp_path / 'full'), str(tmp_path / 'part')
+  loop.run(tiny_config(), full)
+  loop.run(tiny_config(), part, stop_at=3)    # stops with a checkpoint at step 3
+  loop.run(tiny_config(), part)
+  lines = [json.loads(l) for l in open(os.path.join(full, 'metrics.jsonl'))]
+  assert [l['step'] for l in lines] == [1, 2, 3, 4]
+  for key in ('loss', 'l1_loss', 'lpips_loss', 'gan_loss', 'vq_loss', 'prior_loss', 'disc_loss',
+              'codebook_usage', 'lr', 'grad_norm'):
+    assert all(np.isfinite(l[key]) for l in lines), key
+  resumed = [json.loads(l) for l in open(os.path.join(part, 'metrics.jsonl'))]
+  assert resumed[-1]['step'] == 4
+  np.testing.assert_allclose(resumed[-1]['loss'], lines[-1]['loss'], rtol=1e-5)
+  chex_close = jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6),
+                                      _params(full), _params(part))
+  del chex_close
+  tok = larp_jax.load_tokenizer(full)
+  assert tok.step == 4 and tok.video_shape == (4, 32, 32)
+  video = jax.random.uniform(jax.random.key(0), (2, 4, 32, 32, 3))
+  tokens = tok.encode(video)
+  assert tokens.shape == (2, 8) and tokens.dtype == jnp.int32
+  assert tok.decode(tokens).shape == (2, 4, 32, 32, 3)
+
+
+def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
+  workdir = str(tmp_path / 'nan')
+  c = tiny_config(total_steps=6, checkpoint_every=1)
+  c.loss.lpips_weight = 0.0
+  c.optim.lr = 1e38          # Adam steps of 1e38 overflow the weights within a step or two
+  c.optim.warmup_steps = 1
+  with pytest.raises(loop.NonFiniteLossError, match='last good checkpoint'):
+    loop.run(c, workdir)
+  mngr = checkpoint.manager(workdir)
+  last = mngr.latest_step()
+  mngr.close()
+  lines = [json.loads(l) for l in open(os.path.join(workdir, 'metrics.jsonl'))]
+  assert last is not None and last == lines[-1]['step'] < 6
+  assert all(np.isfinite(l['loss']) for l in lines)
+
+
+def test_bad_configs_fail_with_one_line():
+  c = tiny_config(batch_size=6)
+  with pytest.raises(ValueError, match='not divisible by the data-parallel size'):
+    config_lib.validate(c, num_devices=4)
+  with pytest.raises(ValueError, match="unknown tokenizer size preset 'XL'"):
+    config_lib.load_config(os.path.join(ROOT, 'configs/ucf101.py:size=XL'))
+  with pytest.raises(ValueError, match='unknown config argument'):
+    config_lib.load_config(os.path.join(ROOT, 'configs/ucf101.py:sise=L'))
+
+
+def _main(args, **kw):
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  return subprocess.run([sys.executable, '-m', 'larp_jax.main', *args], cwd=ROOT, env=env,
+                        capture_output=True, text=True, **kw)
+
+
+def test_main_reports_config_errors_in_one_line(tmp_path):
+  r = _main(['--config=configs/demo.py', f'--workdir={tmp_path}', '--config.nonexistent=1'])
+  assert r.returncode == 2 and r.stderr.strip().startswith('error:'), r.stderr[-2000:]
+  r = _main(['--config=configs/demo.py', f'--workdir={tmp_path}',
+             '--config.data.source=folder', f'--config.data.path={tmp_path}/missing'])
+  assert r.returncode == 2 and 'path does not exist' in r.stderr, r.stderr[-2000:]
+  assert 'Traceback' not in r.stderr
+
+
+_TRAIN_SCRIPT = r'''
+import sys, jax
+sys.path.insert(0, {root!r})
+from tests.test_train import tiny_config
+from larp_jax.train import loop
+c = tiny_config(total_steps={steps}, checkpoint_every={every})
+c.loss.lpips_weight = 0.0
+loop.run(c, {workdir!r})
+'''
+
+
+def _train_proc(workdir, steps, every):
+  code = _TRAIN_SCRIPT.format(root=ROOT, steps=steps, every=every, workdir=workdir)
+  env = dict(os.environ, JAX_PLATFORMS='cpu', JAX_DISABLE_MOST_OPTIMIZATIONS='1')
+  return subprocess.Popen([sys.executable, '-c', code], cwd=ROOT, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_for_step(workdir, step, proc, timeout=240):
+  path = os.path.join(workdir, 'metrics.jsonl')
+  t0 = time.time()
+  while time.time() - t0 < timeout:
+    if os.path.exists(path) and any(json.loads(l)['step'] >= step for l in open(path)):
+      return
+    if proc.poll() is not None:
+      raise AssertionError(proc.stdout.read()[-3000:])
+    time.sleep(0.2)
+  raise AssertionError('training subprocess too slow')
+
+
+def test_sigterm_checkpoints_and_sigkill_restarts_to_the_same_parameters(tmp_path):
+  """Preemption (SIGTERM) saves and exits 0; a SIGKILLed run restarts from its last checkpoint;
+  the final parameters equal an uninterrupted run's."""
+  steps = 12
+  ref, run = str(tmp_path / 'ref'), str(tmp_path / 'run')
+  c = tiny_config(total_steps=steps, checkpoint_every=4)
+  c.loss.lpips_weight = 0.0
+  loop.run(c, ref)
+
+  p = _train_proc(run, steps, every=4)
+  _wait_for_step(run, 2, p)
+  p.send_signal(signal.SIGTERM)
+  out = p.communicate(timeout=240)[0]
+  assert p.returncode == 0, out[-3000:]
+  mngr = checkpoint.manager(run)
+  preempted_at = mngr.latest_step()
+  mngr.close()
+  assert preempted_at is not None and preempted_at < steps
+
+  p = _train_proc(run, steps, every=4)
+  _wait_for_step(run, preempted_at + 5, p)
+  p.kill()
+  p.wait()
+  p = _train_proc(run, steps, every=4)
+  out = p.communicate(timeout=300)[0]
+  assert p.returncode == 0, out[-3000:]
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6),
+                         _params(ref), _params(run))
+
+
+_MESH_SCRIPT = r'''
+import os, sys, json
+os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=8'
+import jax, numpy as np, flax.linen as nn
+sys.path.insert(0, {root!r})
+from tests.test_train import tiny_config
+from larp_jax import data as data_lib, sharding
+from larp_jax.train import loop
+out = {{}}
+for name, mesh, n in (('one', dict(data=1, fsdp=1, tensor=1), 1),
+                      ('dp8', dict(data=8, fsdp=1, tensor=1), 8),
+                      ('dp2_fsdp4', dict(data=2, fsdp=4, tensor=1), 8)):
+  c = tiny_config(batch_size=8)
+  c.loss.lpips_weight = 0.0
+  c.mesh.update(mesh)
+  exp = loop.build(c, devices=jax.devices()[:n])
+  abstract, shardings = exp.abstract_state()
+  with sharding.logical_context(exp.mesh, exp.rules):
+    state = jax.jit(lambda: nn.unbox(exp.boxed_init(0)), out_shardings=shardings)()
+    if name == 'dp2_fsdp4':
+      big = [x for x in jax.tree_util.tree_leaves(state.params) if x.size >= 2048]
+      out['sharded_big_params'] = sum(len(x.sharding.device_set) > 1 and
+          x.sharding.shard_shape(x.shape) != x.shape for x in big) / len(big)
+    step = loop.make_train_step(exp, shardings)
+    it = data_lib.get_dataset(c.data, 'train', exp.model.video_shape, c.batch_size, seed=0)
+    losses = []
+    for _ in range(3):
+      batch = data_lib.make_global_batch({{'video': next(it)['video']}}, exp.mesh,
+                                         sharding.batch_sharding(exp.mesh))
+      state, m = step(state, batch, jax.random.key(0), {{}})
+      losses.append({{k: float(v) for k, v in m.items()}})
+  out[name] = losses
+  out[name + '_params'] = float(sum(np.abs(np.asarray(x)).sum()
+                                    for x in jax.tree_util.tree_leaves(state.params)))
+print('RESULT' + json.dumps(out))
+'''
+
+
+def test_data_parallel_and_fsdp_meshes_match_one_device():
+  env = dict(os.environ, JAX_PLATFORMS='cpu', JAX_DISABLE_MOST_OPTIMIZATIONS='1')
+  r = subprocess.run([sys.executable, '-c', _MESH_SCRIPT.format(root=ROOT)], cwd=ROOT, env=env,
+                     capture_output=True, text=True, timeout=600)
+  line = [l for l in r.stdout.splitlines() if l.startswith('RESULT')]
+  assert line, r.stdout[-2000:] + r.stderr[-3000:]
+  out = json.loads(line[0][len('RESULT'):])
+  for name in ('dp8', 'dp2_fsdp4'):
+    for step, (a, b) in enumerate(zip(out['one'], out[name])):
+      for key in ('loss', 'l1_loss', 'vq_loss', 'prior_loss', 'gan_loss', 'disc_loss'):
+        np.testing.assert_allclose(b[key], a[key], rtol=2e-4, atol=1e-5,
+                                   err_msg=f'{name} step {step + 1} {key}')
+    np.testing.assert_allclose(out[name + '_params'], out['one_params'], rtol=1e-5)
+  assert out['sharded_big_params'] > 0.5   # FSDP really shards the large weights
