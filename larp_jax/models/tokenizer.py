@@ -86,6 +86,7 @@ class LARPTokenizer(nn.Module):
   mlp_ratio: float = 4.0
   norm_eps: float = 1e-5               # timm < 1.0.16 ViT block (released checkpoints)
   pe_base: float = 10000.0             # 3D patch PE and 1D latent PE (latent_pe_scale_factor)
+  query_init_std: float = 0.02         # latent queries and decoder type vector: randn * std
   codebook_size: int = 8192
   code_dim: int = 16
   vq_type: str = 'svq'
@@ -140,7 +141,7 @@ class LARPTokenizer(nn.Module):
     self.patch_embed = transformer.dense(self.width, ('patch', 'embed'), name='patch_embed', **kw)
     self.encoder = transformer.ViTStack(self.encoder_depth, name='encoder', **stack)
     self.latent_queries = self.param(
-        'latent_queries', nn.with_logical_partitioning(nn.initializers.normal(0.02),
+        'latent_queries', nn.with_logical_partitioning(nn.initializers.normal(self.query_init_std),
                                                        ('latent', 'embed')),
         (self.num_latent_tokens, self.width), self.param_dtype)
     self.in_linear = transformer.dense(self.code_dim, ('embed', 'code'), name='in_linear', **kw)
