@@ -18,6 +18,7 @@ Arguments after ':' (comma separated):
 from larp_jax import config_lib
 from larp_jax import data as data_lib
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 
 def get_config(arg=None):
@@ -32,7 +33,7 @@ def get_config(arg=None):
       mlp_ratio=4.0, norm_eps=1e-5, pe_base=10000.0,
       codebook_size=8192, code_dim=16, vq_type='svq', vq_temperature=0.03,
       vq_l2_normalized=True, vq_commit_weight=0.25, vq_codebook_weight=1.0,
-      use_prior=True, **config_lib.PRIOR_GPTC_S, prior_max_len=None, prior_dropout=0.1,
+      use_prior=True, **config_lib.PRIOR_GPTC_S, prior_max_len=placeholder(int), prior_dropout=0.1,
       # Released code: the prior's attention dropout stays on in eval (SDPA quirk).
       prior_attn_dropout_in_eval=not arg.paper,
       prior_n_rounds=2, prior_ce_temperature=1.0,

@@ -11,6 +11,7 @@ work fails before anything is compiled, with one line on stderr and exit code 2.
 from __future__ import annotations
 
 import logging as py_logging
+import os
 import sys
 
 from absl import app, flags, logging
@@ -54,15 +55,30 @@ def main(argv):
       print(result['summary'])
   except (ValueError, FileNotFoundError, loop.NonFiniteLossError) as e:
     print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
+    _exit(2)
+  _exit(0)
+
+
+def _exit(code: int):
+  """Exits without interpreter teardown. Everything is saved and flushed by now; tearing down a
+  tf.data iterator whose prefetch thread is inside a numpy_function (synthetic and folder
+  sources) can deadlock on the GIL, so the process would never end."""
+  sys.stdout.flush()
+  sys.stderr.flush()
+  py_logging.shutdown()
+  os._exit(code)
 
 
 def _run():
   flags.mark_flags_as_required(['config', 'workdir'])
   try:
     app.run(main)
-  except ValueError as e:   # bad --config / --config.X values raise while flags are parsed
+  except (ValueError, TypeError) as e:   # bad --config / --config.X values, while parsing flags
     print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
+  except (AttributeError, KeyError) as e:   # --config.X where the config has no field X
+    print(f'error: the config has no field {e}; see the config file for the valid names',
+          file=sys.stderr)
     sys.exit(2)
 
 

@@ -28,3 +28,20 @@ def pytest_configure(config):
   # Tiny models: XLA's optimisation passes cost more than they save (STYLE section 7).
   import jax
   jax.config.update('jax_disable_most_optimizations', True)
+
+
+_EXIT_STATUS = [0]
+
+
+def pytest_sessionfinish(session, exitstatus):
+  _EXIT_STATUS[0] = int(exitstatus)
+
+
+def pytest_unconfigure(config):
+  # After pytest has printed its summary: leave without interpreter teardown. Destroying a tf.data
+  # iterator whose prefetch thread is inside a numpy_function can deadlock on the GIL (see
+  # larp_jax/main.py), which would hang CI after all tests passed.
+  import sys
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(_EXIT_STATUS[0])

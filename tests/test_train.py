@@ -154,6 +154,7 @@ from larp_jax.train import loop
 c = tiny_config(total_steps={steps}, checkpoint_every={every})
 c.loss.lpips_weight = 0.0
 loop.run(c, {workdir!r})
+import os; os._exit(0)
 '''
 
 
@@ -240,7 +241,8 @@ for name, mesh, n in (('one', dict(data=1, fsdp=1, tensor=1), 1),
   out[name] = losses
   out[name + '_params'] = float(sum(np.abs(np.asarray(x)).sum()
                                     for x in jax.tree_util.tree_leaves(state.params)))
-print('RESULT' + json.dumps(out))
+print('RESULT' + json.dumps(out), flush=True)
+os._exit(0)
 '''
 
 

@@ -2,27 +2,31 @@
 import os
 
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 SOURCES = ('synthetic', 'tfds', 'folder', 'records')
 SPLITS = ('train', 'eval')
 
 
 def default_config() -> ml_collections.ConfigDict:
-  """Every field the input pipeline reads, with defaults that need nothing on disk."""
+  """Every field the input pipeline reads, with defaults that need nothing on disk.
+
+  Optional fields are typed placeholders (None until set) so `--config.data.path=...` works.
+  """
   c = ml_collections.ConfigDict()
   c.source = 'synthetic'          # one of SOURCES
-  c.path = None                   # folder/records: a directory or CSV (folder), or a `prepare` output dir (records)
-  c.eval_path = None              # eval split location; None = `path` (or `path/<eval_split>` if that exists)
-  c.csv_root = None               # base for relative paths in a CSV; None = the CSV file's directory
+  c.path = placeholder(str)  # folder/records: a directory or CSV (folder), or a `prepare` output dir (records)
+  c.eval_path = placeholder(str)  # eval split location; None = `path` (or `path/<eval_split>` if that exists)
+  c.csv_root = placeholder(str)  # base for relative paths in a CSV; None = the CSV file's directory
   c.tfds_name = 'ucf101'
-  c.tfds_data_dir = None
+  c.tfds_data_dir = placeholder(str)  # None unless set
   c.tfds_video_key = 'video'
   c.tfds_label_key = 'label'
   c.train_split = 'train'
   c.eval_split = 'test'
   # Clip sampling and augmentation (LARP_SPEC section 12).
   c.frame_stride = 1              # temporal stride between the T frames (1 = native fps)
-  c.short_side = None             # resize the short side to this (antialiased); None = smallest cover of (H, W)
+  c.short_side = placeholder(int)  # resize the short side to this (antialiased); None = smallest cover of (H, W)
   c.train_crop = 'center'         # 'center' | 'random'
   c.flip = True                   # random horizontal flip (training only)
   c.eval_chunks = 'first'         # 'first': one clip per video from frame 0; 'all': non-overlapping chunks
