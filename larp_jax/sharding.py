@@ -64,7 +64,3 @@ def state_shardings(boxed_init: Callable[[], Any], mesh: Mesh, logical_rules):
   shardings = nn.logical_to_mesh_sharding(specs, mesh, logical_rules)
   return nn.unbox(abstract), shardings
 
-
-def shard_count(sharding: NamedSharding, shape) -> int:
-  """Number of distinct shards of an array of ``shape`` under ``sharding``."""
-  return int(np.prod([shape[i] // s for i, s in enumerate(sharding.shard_shape(shape))]))

@@ -9,12 +9,11 @@ from __future__ import annotations
 import math
 from typing import Any, Sequence
 
-import einops
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from larp_jax.models import embeddings, transformer
+from larp_jax.models import embeddings, patches, transformer
 
 
 def _torch_xavier_uniform_3d(key, shape, dtype=jnp.float32):
@@ -49,10 +48,8 @@ class TransformerDiscriminator(nn.Module):
   def __call__(self, video):
     """video [B, T, H, W, 3] in [0, 1] (unclamped reconstructions allowed) -> logits [B] float32."""
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    pt, ph, pw = self.patch_size
     grid = [s // p for s, p in zip(self.video_shape, self.patch_size)]
-    x = einops.rearrange(video.astype(self.dtype), 'b (t pt) (h ph) (w pw) c -> b (t h w) (pt ph pw c)',
-                         pt=pt, ph=ph, pw=pw)
+    x = patches.patchify(video.astype(self.dtype), self.patch_size)
     x = transformer.dense(self.width, ('patch', 'embed'), name='patch_embed', **kw)(x)
     x = x + jnp.asarray(embeddings.sincos_3d(self.width, *grid)).astype(x.dtype)
     cls = self.param('cls_token', nn.with_logical_partitioning(_torch_xavier_uniform_3d,

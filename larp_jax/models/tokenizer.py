@@ -17,13 +17,12 @@ from __future__ import annotations
 import math
 from typing import Any, Optional, Sequence
 
-import einops
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from larp_jax.models import embeddings, prior as prior_lib, transformer
+from larp_jax.models import embeddings, patches, prior as prior_lib, transformer
 from larp_jax.models.quantizer import VQ_TYPES, VectorQuantizer
 
 
@@ -171,15 +170,11 @@ class LARPTokenizer(nn.Module):
   # ---------------------------------------------------------------- pieces
   def patchify(self, video):
     """[B, T, H, W, 3] -> [B, num_patches, patch_dim], patches flattened (kt, kh, kw, c)."""
-    pt, ph, pw = self.patch_size
-    return einops.rearrange(video, 'b (t pt) (h ph) (w pw) c -> b (t h w) (pt ph pw c)',
-                            pt=pt, ph=ph, pw=pw)
+    return patches.patchify(video, self.patch_size)
 
-  def unpatchify(self, patches):
+  def unpatchify(self, tokens):
     """[B, num_patches, patch_dim] -> [B, T, H, W, 3]."""
-    (gt, gh, gw), (pt, ph, pw) = self.grid, self.patch_size
-    return einops.rearrange(patches, 'b (t h w) (pt ph pw c) -> b (t pt) (h ph) (w pw) c',
-                            t=gt, h=gh, w=gw, pt=pt, ph=ph, pw=pw, c=3)
+    return patches.unpatchify(tokens, self.grid, self.patch_size)
 
   def _check_video(self, video):
     expected = (*self.video_shape, 3)

@@ -124,10 +124,6 @@ def load_lpips(exp: Experiment):
   return jax.device_put(params, sharding.replicated(exp.mesh))
 
 
-def _host_batch(batch):
-  return {'video': batch['video']}
-
-
 def save_config(config, workdir: str) -> None:
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
@@ -218,7 +214,7 @@ def run(config, workdir: str, *, evaluate_fn=None, stop_at: Optional[int] = None
   with _Preemption() as preemption, sharding.logical_context(exp.mesh, exp.rules):
     try:
       for step in range(start_step + 1, total + 1):
-        batch = data_lib.make_global_batch(_host_batch(next(train_iter)), exp.mesh,
+        batch = data_lib.make_global_batch({'video': next(train_iter)['video']}, exp.mesh,
                                            sharding.batch_sharding(exp.mesh))
         state, metrics = train_step(state, batch, key, lpips_params)
         report(step)

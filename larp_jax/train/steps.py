@@ -143,12 +143,3 @@ def tokenizer_train_step(state: TokenizerTrainState, batch, key, lpips_params, *
                             lecam_ema=lecam_ema, disc_stats=disc_stats, ema_params=ema_params)
   return new_state, metrics
 
-
-def tokenizer_eval_step(params, batch, key, *, model):
-  """Deterministic reconstruction and latent statistics of one eval batch.
-
-  Returns (recon clamped to [0, 1], tokens [B, N], dict of scalar metrics)."""
-  recon, aux = model.apply({'params': params}, batch['video'], train=False,
-                           rngs={'vq': key, 'dropout': key})
-  tokens = aux.pop('tokens')
-  return jnp.clip(recon, 0.0, 1.0), tokens, aux
