@@ -48,6 +48,20 @@ def test_render_is_deterministic_and_moves():
   np.testing.assert_allclose(d[:-1], a[1:], atol=1e-5)
 
 
+def test_simple_style_is_smoother_and_keeps_label_and_motion():
+  tex, label = synthetic.render(0, 'train', 7, 10, 3, (8, 32, 32))
+  simple, label_s = synthetic.render(0, 'train', 7, 10, 3, (8, 32, 32), style='simple')
+  assert label == label_s and simple.shape == tex.shape
+  assert 0.0 <= simple.min() and simple.max() <= 1.0
+  assert np.abs(simple[1:] - simple[:-1]).mean() > 1e-3     # still moves
+  # Less high-frequency detail: mean absolute horizontal pixel difference, over 32 videos.
+  grad = lambda style: np.mean([np.abs(np.diff(synthetic.render(
+      0, 'train', i, 10, 0, (4, 32, 32), style=style)[0], axis=2)).mean() for i in range(32)])
+  assert grad('simple') < 0.5 * grad('textured')
+  with pytest.raises(ValueError, match='style'):
+    synthetic.render(0, 'train', 7, 10, 3, (8, 32, 32), style='fancy')
+
+
 def test_fifty_classes_and_class_names():
   labels = {synthetic.render(0, 'train', i, 50, 0, (2, 16, 16))[1] for i in range(50)}
   assert labels == set(range(50))
@@ -120,7 +134,8 @@ def test_eval_is_unaugmented_and_matches_render():
 
 
 @pytest.mark.parametrize('field,value', [('source', 'nope'), ('train_crop', 'left'),
-                                         ('eval_chunks', 'some'), ('frame_stride', 0)])
+                                         ('eval_chunks', 'some'), ('frame_stride', 0),
+                                         ('synthetic_style', 'fancy')])
 def test_config_errors_are_one_line(field, value):
   cfg = _cfg()
   cfg[field] = value

@@ -242,12 +242,27 @@ def test_prior_is_causal():
   assert not np.allclose(y1[:, 5:], y2[:, 5:])
 
 
+def test_sincos_query_init_is_the_1d_table():
+  model = LARPTokenizer(**tiny_tokenizer_kwargs(query_init='sincos'))
+  params, _ = init(model)
+  q = params['latent_queries']
+  np.testing.assert_allclose(q, embeddings.sincos_1d_table(q.shape[1], q.shape[0]), atol=1e-7)
+
+
+def test_l2_normalize_has_finite_gradient_at_zero():
+  from larp_jax.models.quantizer import l2_normalize
+  g = jax.grad(lambda x: jnp.sum(l2_normalize(x) * jnp.arange(3.0)))(jnp.zeros(3))
+  assert np.isfinite(np.asarray(g)).all()
+  np.testing.assert_allclose(l2_normalize(jnp.array([3.0, 4.0])), [0.6, 0.8], rtol=1e-6)
+
+
 # ---------------------------------------------------------------- bad configs
 
 @pytest.mark.parametrize('overrides,match', [
     (dict(video_shape=(5, 16, 16)), 'not divisible by patch_size T'),
     (dict(num_heads=3), 'not divisible by num_heads'),
     (dict(vq_type='fsq'), 'vq_type'),
+    (dict(query_init='zeros'), 'query_init'),
     (dict(prior_max_len=3), 'prior_max_len'),
 ])
 def test_bad_tokenizer_kwargs_fail_at_construction(overrides, match):

@@ -39,6 +39,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.synthetic_num_eval = 1_000
   c.synthetic_num_classes = 10    # 10 motion classes; up to 50 (motion x hero shape)
   c.synthetic_num_frames = 64     # length of each synthetic video; train clips start at random in it
+  c.synthetic_style = 'textured'  # 'textured' | 'simple' (smooth backgrounds, solid objects)
   c.synthetic_seed = 0            # content seed (the `seed` argument of get_dataset only orders/augments)
   return c
 
@@ -71,6 +72,8 @@ def validate(cfg, split: str, video_shape) -> None:
     bad(f'short_side must be None or >= 1, got {cfg.short_side}')
   if not 2 <= int(cfg.synthetic_num_classes) <= 50:
     bad(f'synthetic_num_classes must be in [2, 50], got {cfg.synthetic_num_classes}')
+  if cfg.synthetic_style not in ('textured', 'simple'):
+    bad(f'synthetic_style must be "textured" or "simple", got {cfg.synthetic_style!r}')
   if cfg.source == 'synthetic' and int(cfg.synthetic_num_frames) < 1:
     bad('synthetic_num_frames must be >= 1')
   if int(cfg.shuffle_buffer) < 1 or int(cfg.prefetch) < 0:

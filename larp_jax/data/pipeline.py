@@ -146,10 +146,11 @@ def _synthetic(cfg, split, video_shape, seed, skip, pi, pc) -> Built:
   length = int(cfg.synthetic_num_frames)
   room = max(length - clips.span(t, stride), 0)
   render_args = (int(cfg.synthetic_seed), split, int(cfg.synthetic_num_classes))
+  style = str(cfg.synthetic_style)
 
   def render(index, t0):
     clip, label = synthetic.render(*render_args[:2], int(index), render_args[2], int(t0),
-                                   video_shape, stride)
+                                   video_shape, stride, style)
     return clip, np.int32(label)
 
   def make(index, t0):

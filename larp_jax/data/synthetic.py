@@ -114,8 +114,10 @@ def _distractor_track(rng, t, r, wn, hn):
   return cx, cy, angle, np.ones(nt, np.float32), np.ones(nt, np.float32)
 
 
-def _background(rng, t, h, w, unit):
+def _background(rng, t, h, w, unit, smooth=False):
   """[T, H, W, 3] float32: a two-colour texture under a camera panning by whole pixels per frame.
+
+  ``smooth`` replaces the texture by a slow colour ramp (under a cycle across the frame).
 
   The texture is evaluated once on the world region the clip sees, then each frame is a shifted
   window of it (a single gather), which is much cheaper than evaluating it per frame.
@@ -128,7 +130,9 @@ def _background(rng, t, h, w, unit):
   kind = rng.integers(3)
   th = rng.uniform(0, np.pi)
   c, s = np.float32(np.cos(th)), np.float32(np.sin(th))
-  if kind == 0:  # stripes
+  if smooth:
+    g = 0.5 + 0.5 * np.sin(np.float32(rng.uniform(1.5, 3.0)) * (c * xs + s * ys) + rng.uniform(0, 6))
+  elif kind == 0:  # stripes
     g = 0.5 + 0.5 * np.sin(np.float32(rng.uniform(10, 30)) * (c * xs + s * ys))
   elif kind == 1:  # rotated checkerboard
     f = np.float32(rng.uniform(4, 10))
@@ -146,9 +150,17 @@ def _background(rng, t, h, w, unit):
   return np.stack([tex[a:a + h, b:b + w] for a, b in zip(oy - y0, ox - x0)])
 
 
+STYLES = ('textured', 'simple')
+
+
 def render(seed: int, split: str, index: int, num_classes: int, t0: int, shape,
-           stride: int = 1) -> tuple[np.ndarray, int]:
+           stride: int = 1, style: str = 'textured') -> tuple[np.ndarray, int]:
   """Frames t0 + i * stride (i < T) of synthetic video `index`, as float32 [T, H, W, 3] in [0, 1].
+
+  style: 'textured' (the default: fine background textures, striped objects, 1-3 distractors) or
+  'simple' (a smooth colour-ramp background, solid objects, at most one distractor): the same
+  motions and classes with little high-frequency detail, which a tiny tokenizer can learn to
+  reconstruct in a few hundred steps (configs/demo.py).
 
   Deterministic in (seed, split, index, t0, stride, shape); label = index % num_classes.
   Returns (clip, label).
@@ -161,12 +173,15 @@ def render(seed: int, split: str, index: int, num_classes: int, t0: int, shape,
   unit = float(min(h, w))
   wn, hn = w / unit, h / unit
   t = (t0 + np.arange(nt) * stride).astype(np.float32)
-  frame = _background(rng, t, h, w, unit)
+  if style not in STYLES:
+    raise ValueError(f'synthetic style must be one of {STYLES}, got {style!r}')
+  simple = style == 'simple'
+  frame = _background(rng, t, h, w, unit, smooth=simple)
 
   objects = []
   r = rng.uniform(0.17, 0.24)
   objects.append((hero_shape, r, _hero_track(rng, motion, t, r, wn, hn)))
-  for _ in range(int(rng.integers(1, 4))):
+  for _ in range(int(rng.integers(0, 2) if simple else rng.integers(1, 4))):
     rd = rng.uniform(0.07, 0.12)
     objects.append((int(rng.integers(len(SHAPES))), rd, _distractor_track(rng, t, rd, wn, hn)))
   order = rng.permutation(len(objects))  # back-to-front; the hero may be in front or behind
@@ -194,7 +209,8 @@ def render(seed: int, split: str, index: int, num_classes: int, t0: int, shape,
     # Soft edge about 1.5 px wide, and the blink on/off factor.
     a = np.clip((1.0 - dist) * (size * unit / 1.5)[:, None, None], 0.0, 1.0)
     a *= np.asarray(al, np.float32)[:, None, None]
-    two_tone = (np.floor(stripe_freq[k] * u + 8.0).astype(np.int32) & 1).astype(np.float32)
+    two_tone = (np.zeros_like(u) if simple else
+                (np.floor(stripe_freq[k] * u + 8.0).astype(np.int32) & 1).astype(np.float32))
     c0, diff = colors[k, 0], colors[k, 1] - colors[k, 0]
     a_hi = (a * two_tone)[..., None]
     a = a[..., None]

@@ -18,9 +18,11 @@ VQ_TYPES = ('svq', 'nearest')
 
 
 def l2_normalize(x, axis=-1, eps=1e-12):
-  """x / max(||x||, eps), like torch.nn.functional.normalize."""
-  norm = jnp.sqrt(jnp.sum(jnp.square(x), axis=axis, keepdims=True))
-  return x / jnp.maximum(norm, eps)
+  """x / max(||x||, eps), like torch.nn.functional.normalize.
+
+  Written as x * rsqrt(max(||x||^2, eps^2)) so that the gradient stays finite at x = 0."""
+  sq = jnp.sum(jnp.square(x), axis=axis, keepdims=True)
+  return x * jax.lax.rsqrt(jnp.maximum(sq, eps * eps))
 
 
 def codebook_stats(indices, codebook_size: int):

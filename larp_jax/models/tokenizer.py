@@ -26,6 +26,9 @@ from larp_jax.models import embeddings, patches, prior as prior_lib, transformer
 from larp_jax.models.quantizer import VQ_TYPES, VectorQuantizer
 
 
+QUERY_INITS = ('normal', 'sincos')
+
+
 def _as_triple(name, value):
   value = tuple(int(v) for v in value)
   if len(value) != 3 or min(value) <= 0:
@@ -34,7 +37,7 @@ def _as_triple(name, value):
 
 
 def check_tokenizer_kwargs(video_shape, patch_size, num_latent_tokens, width, num_heads,
-                           codebook_size, code_dim, vq_type, remat, attention_impl,
+                           codebook_size, code_dim, vq_type, query_init, remat, attention_impl,
                            use_prior, prior_width, prior_heads, prior_max_len):
   """Raises ValueError (one clear line) for an inconsistent tokenizer configuration."""
   t, h, w = _as_triple('video_shape', video_shape)
@@ -52,6 +55,7 @@ def check_tokenizer_kwargs(video_shape, patch_size, num_latent_tokens, width, nu
   if codebook_size < 2 or code_dim < 1:
     raise ValueError(f'bad codebook: codebook_size={codebook_size}, code_dim={code_dim}')
   transformer.check_choice('vq_type', vq_type, VQ_TYPES)
+  transformer.check_choice('query_init', query_init, QUERY_INITS)
   transformer.check_choice('remat', remat, transformer.REMAT_CHOICES)
   transformer.check_choice('attention_impl', attention_impl, transformer.ATTENTION_CHOICES)
   if use_prior:
@@ -86,6 +90,9 @@ class LARPTokenizer(nn.Module):
   norm_eps: float = 1e-5               # timm < 1.0.16 ViT block (released checkpoints)
   pe_base: float = 10000.0             # 3D patch PE and 1D latent PE (latent_pe_scale_factor)
   query_init_std: float = 0.02         # latent queries and decoder type vector: randn * std
+  query_init: str = 'normal'           # latent queries: 'normal' (randn * query_init_std, released)
+                                       # or 'sincos' (1D sin-cos table; official
+                                       # encoder_query_gaussian_init=False)
   codebook_size: int = 8192
   code_dim: int = 16
   vq_type: str = 'svq'
@@ -111,7 +118,8 @@ class LARPTokenizer(nn.Module):
   def __post_init__(self):
     check_tokenizer_kwargs(self.video_shape, self.patch_size, self.num_latent_tokens,
                            self.width, self.num_heads, self.codebook_size, self.code_dim,
-                           self.vq_type, self.remat, self.attention_impl, self.use_prior,
+                           self.vq_type, self.query_init, self.remat, self.attention_impl,
+                           self.use_prior,
                            self.prior_width, self.prior_heads, self.prior_max_len)
     super().__post_init__()
 
@@ -139,9 +147,13 @@ class LARPTokenizer(nn.Module):
     # on the weight viewed as [width, patch_dim], which is the Dense fan_in/fan_out.
     self.patch_embed = transformer.dense(self.width, ('patch', 'embed'), name='patch_embed', **kw)
     self.encoder = transformer.ViTStack(self.encoder_depth, name='encoder', **stack)
+    if self.query_init == 'sincos':
+      query_init = lambda key, shape, dtype: jnp.asarray(
+          embeddings.sincos_1d_table(shape[1], shape[0]), dtype)
+    else:
+      query_init = nn.initializers.normal(self.query_init_std)
     self.latent_queries = self.param(
-        'latent_queries', nn.with_logical_partitioning(nn.initializers.normal(self.query_init_std),
-                                                       ('latent', 'embed')),
+        'latent_queries', nn.with_logical_partitioning(query_init, ('latent', 'embed')),
         (self.num_latent_tokens, self.width), self.param_dtype)
     self.in_linear = transformer.dense(self.code_dim, ('embed', 'code'), name='in_linear', **kw)
     self.quantizer = VectorQuantizer(
