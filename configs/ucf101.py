@@ -37,7 +37,7 @@ def get_config(arg=None):
       # Released code: the prior's attention dropout stays on in eval (SDPA quirk).
       prior_attn_dropout_in_eval=not arg.paper,
       prior_n_rounds=2, prior_ce_temperature=1.0,
-      attention_impl='xla', remat='none', scan_layers=False,
+      attention_impl='auto', remat='none', scan_layers=False,   # GPU bf16: 'dot_product_attention'
       dtype='float32', param_dtype='float32')
 
   # ---- data (larp_jax.data.default_config documents every field).

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import optax
 
 from larp_jax.models import transformer
-from larp_jax.models.quantizer import l2_normalize
+from larp_jax.models.quantizer import l2_normalize, sample_categorical
 
 
 class PriorGPT(nn.Module):
@@ -105,8 +105,8 @@ def scheduled_sampling_loss(predict: Callable, x, targets, codebook, *, rng,
                'prior_top1': jnp.mean((top5[..., 0] == labels).astype(jnp.float32)),
                'prior_top5': jnp.mean(jnp.any(top5 == labels[..., None], -1).astype(jnp.float32))}
     if r + 1 < n_rounds:
-      sampled = jax.random.categorical(jax.random.fold_in(sample_rng, r),
-                                       jax.lax.stop_gradient(logits), axis=-1)
+      sampled = sample_categorical(jax.random.fold_in(sample_rng, r),
+                                   jax.lax.stop_gradient(logits))
       sampled_codes = jnp.take(cb, sampled, axis=0)
       inputs = x.at[:, 1:].set(jnp.where(mask[..., None], sampled_codes, x[:, 1:]))
   return {'prior_loss': jnp.mean(jnp.stack(losses)), **first}

@@ -25,6 +25,20 @@ def l2_normalize(x, axis=-1, eps=1e-12):
   return x * jax.lax.rsqrt(jnp.maximum(sq, eps * eps))
 
 
+def sample_categorical(key, logits):
+  """One sample per row of ``logits`` [..., K] from softmax(logits), as int32 [...].
+
+  Inverse-CDF sampling: one uniform per row against the cumulative softmax, instead of the K
+  Gumbel variates per row that ``jax.random.categorical`` draws (16 ms vs ~1 ms for
+  4x256x1024 logits on a 2-core CPU). Same distribution, different random stream.
+  """
+  probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+  cdf = jnp.cumsum(probs, axis=-1)
+  u = jax.random.uniform(key, logits.shape[:-1] + (1,), jnp.float32) * cdf[..., -1:]
+  index = jnp.sum((cdf <= u).astype(jnp.int32), axis=-1)
+  return jnp.minimum(index, logits.shape[-1] - 1)
+
+
 def codebook_stats(indices, codebook_size: int):
   """Fraction of codes used and perplexity of the code histogram of ``indices`` (any shape)."""
   counts = jnp.zeros((codebook_size,), jnp.float32).at[indices.reshape(-1)].add(1.0)
@@ -104,7 +118,7 @@ class VectorQuantizer(nn.Module):
     if deterministic or self.vq_type == 'nearest':
       indices = jnp.argmax(logits, axis=-1)
     else:
-      indices = jax.random.categorical(self.make_rng('vq'), logits, axis=-1)
+      indices = sample_categorical(self.make_rng('vq'), logits)
     indices = indices.astype(jnp.int32)
     q = self.lookup(indices)
     commitment = jnp.mean(jnp.square(jax.lax.stop_gradient(q) - zn))
