@@ -48,6 +48,7 @@ from larp_jax import data as data_lib
 from larp_jax.evaluation import fvd as fvd_lib
 from larp_jax.evaluation import recon_metrics
 from larp_jax.losses import perceptual
+from larp_jax.models import prior as prior_lib
 from larp_jax.models.quantizer import l2_normalize
 
 LPIPS_NET = 'vgg'            # LARP reports LPIPS with VGG
@@ -80,11 +81,10 @@ def _eval_forward(module, video):
     cb = jax.lax.stop_gradient(module.quantizer.normalized_codebook())
     logits = jnp.einsum('bld,kd->blk', pred, cb) / module.prior_ce_temperature
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-    top5 = jax.lax.top_k(logits, min(5, cb.shape[0]))[1]
+    rank = prior_lib.label_rank(logits, labels)
     per_clip['prior_ce'] = jnp.mean(ce, axis=1)
-    per_clip['prior_top1'] = jnp.mean((top5[..., 0] == labels).astype(jnp.float32), axis=1)
-    per_clip['prior_top5'] = jnp.mean(
-        jnp.any(top5 == labels[..., None], -1).astype(jnp.float32), axis=1)
+    per_clip['prior_top1'] = jnp.mean((rank < 1).astype(jnp.float32), axis=1)
+    per_clip['prior_top5'] = jnp.mean((rank < 5).astype(jnp.float32), axis=1)
   return recon.astype(jnp.float32), tokens, per_clip
 
 

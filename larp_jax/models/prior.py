@@ -48,7 +48,7 @@ class PriorGPT(nn.Module):
         nn.initializers.normal(0.02), (None, 'length', 'embed')),
         (1, self.max_len, self.width), self.param_dtype)
     h = h + pos[:, :l].astype(h.dtype)
-    h = nn.Dropout(self.dropout)(h, deterministic=deterministic)
+    h = transformer.Dropout(self.dropout)(h, deterministic=deterministic)
     for i in range(self.depth):
       h, _ = transformer.GPTBlock(
           self.num_heads, self.mlp_ratio, self.norm_eps, self.dropout, self.attn_dropout_in_eval,
@@ -64,6 +64,16 @@ def mix_ratio(step, total_steps, max_ratio: float = 0.5, ramp_fraction: float = 
   step = jnp.asarray(step, jnp.float32)
   ramp = jnp.maximum(ramp_fraction * total_steps, 1.0)
   return jnp.minimum(max_ratio * step / ramp, max_ratio)
+
+
+def label_rank(logits, labels):
+  """How many logits beat the label's: int32 [...] for logits [..., K] and int labels [...].
+
+  ``rank < k`` is a top-k hit. One compare-and-count pass over K instead of ``lax.top_k``,
+  whose sort costs ~0.3 s a step on a 2-core CPU for [4, 255, 1024] logits. Ties count in the
+  label's favour (``top_k`` would break them by index; with float logits they do not occur)."""
+  label_logit = jnp.take_along_axis(logits, labels[..., None], axis=-1)
+  return jnp.sum((logits > label_logit).astype(jnp.int32), axis=-1)
 
 
 def scheduled_sampling_loss(predict: Callable, x, targets, codebook, *, rng,
@@ -100,10 +110,10 @@ def scheduled_sampling_loss(predict: Callable, x, targets, codebook, *, rng,
     logits = round_logits(inputs)
     losses.append(optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean())
     if r == 0:
-      top5 = jax.lax.top_k(logits, min(5, cb.shape[0]))[1]
+      rank = label_rank(jax.lax.stop_gradient(logits), labels)
       first = {'prior_ce_round1': losses[0],
-               'prior_top1': jnp.mean((top5[..., 0] == labels).astype(jnp.float32)),
-               'prior_top5': jnp.mean(jnp.any(top5 == labels[..., None], -1).astype(jnp.float32))}
+               'prior_top1': jnp.mean((rank < 1).astype(jnp.float32)),
+               'prior_top5': jnp.mean((rank < 5).astype(jnp.float32))}
     if r + 1 < n_rounds:
       sampled = sample_categorical(jax.random.fold_in(sample_rng, r),
                                    jax.lax.stop_gradient(logits))
