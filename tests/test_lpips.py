@@ -90,3 +90,16 @@ def test_small_feature_map_conv_matches_xla_conv():
     np.testing.assert_allclose(ours(x), ref(x), atol=1e-4)
     np.testing.assert_allclose(jax.grad(lambda x: ours(x).sum())(x),
                                jax.grad(lambda x: ref(x).sum())(x), atol=1e-4)
+
+
+def test_reshape_max_pool_matches_flax_max_pool_values_and_gradients():
+  import flax.linen as nn
+  # After a ReLU, as in VGG: many exact zeros (ties), odd sizes drop the last row/column.
+  x = jax.nn.relu(jax.random.normal(jax.random.key(0), (2, 9, 7, 5)))
+  g = jax.random.normal(jax.random.key(1), (2, 4, 3, 5))
+  ref = lambda x: nn.max_pool(x, (2, 2), strides=(2, 2))
+  np.testing.assert_array_equal(perceptual._max_pool_2x2(x), ref(x))
+  relu_then = lambda pool: jax.grad(lambda x: jnp.sum(pool(jax.nn.relu(x)) * g))
+  x_raw = jax.random.normal(jax.random.key(2), (2, 9, 7, 5))
+  np.testing.assert_allclose(relu_then(perceptual._max_pool_2x2)(x_raw), relu_then(ref)(x_raw),
+                             atol=1e-6)
