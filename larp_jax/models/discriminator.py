@@ -58,6 +58,7 @@ class TransformerDiscriminator(nn.Module):
     cls = jnp.broadcast_to(cls.astype(x.dtype), (x.shape[0], 1, self.width))
     x = jnp.concatenate([cls, x], axis=1)
     x = transformer.ViTStack(self.depth, self.num_heads, self.mlp_ratio, self.norm_eps,
-                             self.attention_impl, self.remat, name='blocks', **kw)(x)
+                             self.attention_impl, self.remat, name='blocks', **kw)(
+                                 x, out_slice=(0, 1))       # only the CLS output is used
     x = transformer.layer_norm(1e-6, name='norm', **kw)(x[:, 0])
     return transformer.dense(1, ('embed', None), name='head', **kw)(x)[:, 0].astype(jnp.float32)

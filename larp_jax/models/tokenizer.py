@@ -205,8 +205,10 @@ class LARPTokenizer(nn.Module):
     b = x.shape[0]
     queries = jnp.broadcast_to(self.latent_queries.astype(x.dtype)[None],
                                (b, self.num_latent_tokens, self.width))
-    h = self.encoder(jnp.concatenate([x, queries], axis=1))
-    z = h[:, -self.num_latent_tokens:]
+    length = x.shape[1] + self.num_latent_tokens
+    # Only the query outputs are kept: the last block computes just those rows.
+    z = self.encoder(jnp.concatenate([x, queries], axis=1),
+                     out_slice=(length - self.num_latent_tokens, length))
     return self.in_linear(z).astype(jnp.float32)
 
   def quantize(self, z, *, deterministic: bool = True):
@@ -221,8 +223,10 @@ class LARPTokenizer(nn.Module):
     b = z.shape[0]
     queries = self._patch_pe()[None] + self.query_type_embed.astype(jnp.float32)
     queries = jnp.broadcast_to(queries.astype(z.dtype), (b, self.num_patches, self.width))
-    h = self.decoder(jnp.concatenate([z, queries], axis=1))
-    h = self.final_norm(h[:, -self.num_patches:])
+    length = self.num_latent_tokens + self.num_patches
+    h = self.decoder(jnp.concatenate([z, queries], axis=1),
+                     out_slice=(length - self.num_patches, length))
+    h = self.final_norm(h)
     return self.unpatchify(self.final_linear(h).astype(jnp.float32))
 
   # ---------------------------------------------------------------- public API

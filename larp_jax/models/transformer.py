@@ -13,7 +13,8 @@ and the attention softmax always runs in float32.
 
 from __future__ import annotations
 
-from typing import Any
+import functools
+from typing import Any, Optional, Tuple
 
 import flax.linen as nn
 import jax
@@ -47,6 +48,33 @@ def constrain(x, axes=('batch', 'length', 'embed')):
   return nn.with_logical_constraint(x, axes)
 
 
+def dropout(x, rate: float, rng):
+  """Inverted dropout drawing 16 random bits per element instead of jax.random.bernoulli's 32
+  (a float uniform), which halves the threefry work (the prior's [B, H, L, L] attention dropout
+  dominates its cost on CPU). An element is dropped when its bits fall below
+  round(rate * 2^16), i.e. with probability rate to within 2^-17, and kept elements are scaled
+  by the exact inverse of the keep probability."""
+  if rate <= 0.0:
+    return x
+  threshold = min(int(round(rate * 65536)), 65536)
+  if threshold >= 65536:
+    return jnp.zeros_like(x)
+  keep = jax.random.bits(rng, x.shape, jnp.uint16) >= jnp.uint16(threshold)
+  return jnp.where(keep, x * jnp.asarray(65536.0 / (65536 - threshold), x.dtype),
+                   jnp.zeros_like(x))
+
+
+class Dropout(nn.Module):
+  """``nn.Dropout`` with the cheaper mask of ``dropout`` (same 'dropout' RNG stream)."""
+  rate: float
+
+  @nn.compact
+  def __call__(self, x, *, deterministic: bool):
+    if deterministic or self.rate <= 0.0:
+      return x
+    return dropout(x, self.rate, self.make_rng('dropout'))
+
+
 def _softmax_attention(q, k, v, *, causal: bool, dropout_rng=None, dropout_rate: float = 0.0):
   """Reference attention on [B, L, H, Dh]: einsum scores, float32 softmax, einsum output."""
   scale = q.shape[-1] ** -0.5
@@ -58,51 +86,115 @@ def _softmax_attention(q, k, v, *, causal: bool, dropout_rng=None, dropout_rate:
     logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(logits, axis=-1)
   if dropout_rng is not None and dropout_rate > 0:
-    keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
-    probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0)
+    probs = dropout(probs, dropout_rate, dropout_rng)
   return jnp.einsum('bhqk,bkhd->bqhd', probs.astype(v.dtype), v)
 
 
-def _query_chunk(length: int, budget: int = 1 << 18) -> int:
-  """Largest divisor of ``length`` whose [chunk, length] float32 scores fit in ~1 MiB."""
-  target = max(1, budget // max(length, 1))
-  best = max((c for c in range(1, min(target, length) + 1) if length % c == 0), default=length)
-  return best if best >= 16 else length
+def _query_chunk(q_len: int, k_len: int, budget: int = 1 << 18) -> int:
+  """Largest divisor of ``q_len`` whose [chunk, k_len] float32 scores fit in ~1 MiB."""
+  target = max(1, budget // max(k_len, 1))
+  best = max((c for c in range(1, min(target, q_len) + 1) if q_len % c == 0), default=q_len)
+  return best if best >= 16 else q_len
+
+
+def _causal_keep(rows, cols):
+  """[len(rows), len(cols)] bool: key ``col`` is visible from query ``row``."""
+  return cols[None, :] <= rows[:, None]
+
+
+def _flash_forward(q, k, v, causal):
+  """Per (head, query chunk) softmax attention on [BH, L, Dh] (q already scaled): returns the
+  output and the row log-sum-exp of the scores, [BH, Lq] float32."""
+  bh, lq, d = q.shape
+  lk = k.shape[1]
+  qc = _query_chunk(lq, lk)
+  nq = lq // qc
+  neg = jnp.finfo(jnp.float32).min
+
+  def one_head(args):
+    qi, ki, vi = args                                                  # [Lq | Lk, Dh]
+
+    def block(c):
+      qb, start = c                                                    # [qc, Dh]
+      s = (qb @ ki.T).astype(jnp.float32)                              # [qc, Lk]
+      if causal:
+        s = jnp.where(_causal_keep(start + jnp.arange(qc), jnp.arange(lk)), s, neg)
+      m = jnp.max(s, axis=-1, keepdims=True)
+      p = jnp.exp(s - m)
+      total = jnp.sum(p, axis=-1, keepdims=True)
+      o = (p.astype(vi.dtype) @ vi) / total.astype(vi.dtype)           # normalise [qc, Dh]
+      return o, (m + jnp.log(total))[:, 0]
+
+    o, lse = jax.lax.map(block, (qi.reshape(nq, qc, d), jnp.arange(nq, dtype=jnp.int32) * qc))
+    return o.reshape(lq, d), lse.reshape(lq)
+
+  return jax.lax.map(one_head, (q, k, v))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _flash(q, k, v, causal):
+  return _flash_forward(q, k, v, causal)[0]
+
+
+def _flash_fwd(q, k, v, causal):
+  o, lse = _flash_forward(q, k, v, causal)
+  return o, (q, k, v, o, lse)
+
+
+def _flash_bwd(causal, residuals, do):
+  """Flash-attention backward per (head, query chunk) from the saved log-sum-exp, in the
+  transposed layout: with [Lk, qc] score blocks, dV += P^T dO and dK += dS^T Q are plain
+  matmuls (no transposed copies on XLA:CPU) and only dQ = dS K contracts over rows."""
+  q, k, v, o, lse = residuals
+  bh, lq, d = q.shape
+  lk = k.shape[1]
+  qc = _query_chunk(lq, lk)
+  nq = lq // qc
+
+  def one_head(args):
+    qi, ki, vi, oi, lsei, doi = args
+    delta = jnp.sum(oi.astype(jnp.float32) * doi.astype(jnp.float32), axis=-1)    # [Lq]
+
+    def block(carry, c):
+      dk, dv = carry                                                   # [Lk, Dh] float32
+      qb, dob, lse_b, delta_b, start = c
+      s_t = (ki @ qb.T).astype(jnp.float32)                            # [Lk, qc]
+      p_t = jnp.exp(s_t - lse_b[None, :])
+      if causal:
+        p_t = jnp.where(_causal_keep(start + jnp.arange(qc), jnp.arange(lk)).T, p_t, 0.0)
+      dv = dv + (p_t.astype(dob.dtype) @ dob).astype(jnp.float32)
+      dp_t = (vi @ dob.T).astype(jnp.float32)                          # [Lk, qc]
+      ds_t = (p_t * (dp_t - delta_b[None, :])).astype(qb.dtype)
+      dk = dk + (ds_t @ qb).astype(jnp.float32)
+      return (dk, dv), ds_t.T @ ki                                     # dq block [qc, Dh]
+
+    zeros = jnp.zeros((lk, d), jnp.float32)
+    chunks = (qi.reshape(nq, qc, d), doi.reshape(nq, qc, d), lsei.reshape(nq, qc),
+              delta.reshape(nq, qc), jnp.arange(nq, dtype=jnp.int32) * qc)
+    (dk, dv), dq = jax.lax.scan(block, (zeros, zeros), chunks)
+    return dq.reshape(lq, d), dk.astype(ki.dtype), dv.astype(vi.dtype)
+
+  return jax.lax.map(one_head, (q, k, v, o, lse, do))
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
 
 
 def _chunked_attention(q, k, v, *, causal: bool):
-  """Attention computed one (example, head, query chunk) block at a time.
+  """Flash-style attention computed one (example, head, query chunk) block at a time.
 
-  Each block's [chunk, L] scores (at most ~1 MiB) and its head's K and V stay in cache, and the
-  block is recomputed in the backward pass (``jax.checkpoint``) instead of storing every score
-  matrix. On CPU, where attention is bound by memory traffic over the [B, H, L, L] scores, this
-  is about 1.4x faster forward+backward than 'xla' (see BENCHMARKS.md). The loops are
-  sequential (``lax.map``): accelerators should use 'xla' or 'dot_product_attention'.
+  Each block's [chunk, Lk] scores (at most ~1 MiB) stay in cache; the forward pass keeps only
+  the output and the row log-sum-exp, and the backward pass recomputes the probabilities of
+  one block at a time from them (``_flash_bwd``) instead of storing every score matrix. On CPU,
+  where attention is bound by memory traffic over the [B, H, L, L] scores, this is ~1.3x faster
+  forward + backward than 'xla' (see BENCHMARKS.md). The loops are sequential (``lax.map``):
+  accelerators should use 'xla' or 'dot_product_attention'.
   """
-  b, l, h, d = q.shape
-  qc = _query_chunk(l)
-  nq = l // qc
+  b, lq, h, d = q.shape
   scale = jnp.asarray(d ** -0.5, q.dtype)
-  per_head = lambda x: jnp.transpose(x, (0, 2, 1, 3)).reshape(b * h, l, d)
-  qh, kh, vh = per_head(q * scale), per_head(k), per_head(v)
-
-  @jax.checkpoint
-  def block(qb, kb, vb, start):                                      # qb [qc, Dh]
-    logits = (qb @ kb.T).astype(jnp.float32)                         # [qc, L]
-    if causal:
-      rows = start + jnp.arange(qb.shape[0])[:, None]
-      logits = jnp.where(jnp.arange(kb.shape[0])[None, :] <= rows, logits,
-                         jnp.finfo(jnp.float32).min)
-    return jax.nn.softmax(logits, axis=-1).astype(vb.dtype) @ vb     # [qc, Dh]
-
-  def one_head(args):
-    qi, ki, vi = args                                                # [L, Dh]
-    out = jax.lax.map(lambda c: block(c[0], ki, vi, c[1]),
-                      (qi.reshape(nq, qc, d), jnp.arange(nq, dtype=jnp.int32) * qc))
-    return out.reshape(l, d)
-
-  out = jax.lax.map(one_head, (qh, kh, vh))                          # [B*H, L, Dh]
-  return jnp.transpose(out.reshape(b, h, l, d), (0, 2, 1, 3))
+  per_head = lambda x: jnp.transpose(x, (0, 2, 1, 3)).reshape(b * h, x.shape[1], d)
+  out = _flash(per_head(q * scale), per_head(k), per_head(v), causal)  # [B*H, Lq, Dh]
+  return jnp.transpose(out.reshape(b, h, lq, d), (0, 2, 1, 3))
 
 
 def attention(q, k, v, *, causal: bool, dropout_rng=None, dropout_rate: float = 0.0,
@@ -110,8 +202,9 @@ def attention(q, k, v, *, causal: bool, dropout_rng=None, dropout_rate: float = 
   """Multi-head scaled dot-product attention.
 
   Args:
-    q, k, v: [B, L, H, Dh].
-    causal: apply a lower-triangular mask.
+    q: [B, Lq, H, Dh]; k, v: [B, Lk, H, Dh] (Lq may be shorter than Lk: queries for a subset
+      of the tokens, e.g. the outputs a model keeps from its last block).
+    causal: apply a lower-triangular mask (needs Lq == Lk).
     dropout_rng / dropout_rate: dropout on the attention probabilities (rate 0 disables).
     impl: 'xla' (explicit einsum + float32 softmax), 'dot_product_attention'
       (``jax.nn.dot_product_attention``: cuDNN flash attention on GPU), 'chunked' (one head and
@@ -119,12 +212,15 @@ def attention(q, k, v, *, causal: bool, dropout_rng=None, dropout_rate: float = 
       ('chunked' on CPU, 'xla' elsewhere). Only 'xla' applies attention dropout; the others
       fall back to it when dropout is active.
   Returns:
-    [B, L, H, Dh] in q's dtype.
+    [B, Lq, H, Dh] in q's dtype.
   """
   if impl not in ATTENTION_CHOICES:
     raise ValueError(f'unknown attention impl {impl!r}; use one of {ATTENTION_CHOICES}')
   if impl == 'auto':
     impl = 'chunked' if jax.default_backend() == 'cpu' else 'xla'
+  if causal and q.shape[1] != k.shape[1]:
+    raise ValueError(f'causal attention needs as many queries as keys, got {q.shape[1]} queries '
+                     f'and {k.shape[1]} keys')
   dropout_on = dropout_rng is not None and dropout_rate > 0
   if impl == 'dot_product_attention' and not dropout_on:
     return jax.nn.dot_product_attention(q, k, v, is_causal=causal).astype(q.dtype)
@@ -132,6 +228,33 @@ def attention(q, k, v, *, causal: bool, dropout_rng=None, dropout_rate: float = 
     return _chunked_attention(q, k, v, causal=causal)
   return _softmax_attention(q, k, v, causal=causal, dropout_rng=dropout_rng,
                             dropout_rate=dropout_rate)
+
+
+_SQRT_HALF = 0.7071067811865476
+_INV_SQRT_2PI = 0.3989422804014327
+
+
+@jax.custom_vjp
+def gelu(x):
+  """Exact GELU written as torch's ``nn.GELU()``: x * (1 + erf(x / sqrt 2)) / 2.
+
+  The backward pass is one fused elementwise pass, g * (Phi(x) + x * phi(x)), from the saved
+  input: XLA's own derivative of ``jax.nn.gelu`` (erfc-based) takes several passes over the
+  [B, L, 4D] hidden activations and made the MLP's forward + backward ~20% slower on CPU."""
+  return x * (0.5 + 0.5 * jax.lax.erf(x * jnp.asarray(_SQRT_HALF, x.dtype)))
+
+
+def _gelu_fwd(x):
+  return gelu(x), x
+
+
+def _gelu_bwd(x, g):
+  cdf = 0.5 + 0.5 * jax.lax.erf(x * jnp.asarray(_SQRT_HALF, x.dtype))
+  pdf = jnp.exp(-0.5 * x * x) * jnp.asarray(_INV_SQRT_2PI, x.dtype)
+  return (g * (cdf + x * pdf),)
+
+
+gelu.defvjp(_gelu_fwd, _gelu_bwd)
 
 
 class Mlp(nn.Module):
@@ -145,16 +268,21 @@ class Mlp(nn.Module):
   def __call__(self, x, *, deterministic: bool = True):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     h = dense(self.hidden, ('embed', 'mlp'), name='fc1', **kw)(x)
-    h = nn.gelu(h, approximate=False)
+    h = gelu(h)
     h = constrain(h, ('batch', 'length', 'mlp'))
     out = dense(x.shape[-1], ('mlp', 'embed'), name='fc2', **kw)(h)
-    return nn.Dropout(self.dropout)(out, deterministic=deterministic)
+    return Dropout(self.dropout)(out, deterministic=deterministic)
 
 
 class ViTAttention(nn.Module):
-  """Bidirectional MHA with a fused bias-free qkv projection laid out [q | k | v]."""
+  """Bidirectional MHA with a fused bias-free qkv projection laid out [q | k | v].
+
+  With ``out_slice=(start, stop)`` only the tokens ``start:stop`` query (all tokens still give
+  keys and values) and the output is [B, stop - start, D]: the same rows as the full output,
+  without computing the others."""
   num_heads: int
   impl: str = 'xla'
+  out_slice: Optional[Tuple[int, int]] = None
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -164,16 +292,22 @@ class ViTAttention(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     qkv = dense(3 * d, ('embed', 'qkv'), use_bias=False, name='qkv', **kw)(x)
     q, k, v = jnp.split(qkv.reshape(b, l, 3 * self.num_heads, d // self.num_heads), 3, axis=2)
-    out = attention(q, k, v, causal=False, impl=self.impl).reshape(b, l, d)
+    if self.out_slice is not None:
+      q = q[:, self.out_slice[0]:self.out_slice[1]]
+    out = attention(q, k, v, causal=False, impl=self.impl).reshape(b, q.shape[1], d)
     return dense(d, ('qkv', 'embed'), name='proj', **kw)(out)
 
 
 class ViTBlock(nn.Module):
-  """timm ViT block: x += Attn(LN1(x)); x += MLP(LN2(x)). No LayerScale, drop-path or dropout."""
+  """timm ViT block: x += Attn(LN1(x)); x += MLP(LN2(x)). No LayerScale, drop-path or dropout.
+
+  ``out_slice=(start, stop)``: compute and return only the tokens ``start:stop`` (attending to
+  all tokens), for a last block whose other outputs are discarded."""
   num_heads: int
   mlp_ratio: float = 4.0
   norm_eps: float = 1e-5
   attention_impl: str = 'xla'
+  out_slice: Optional[Tuple[int, int]] = None
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -182,8 +316,11 @@ class ViTBlock(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     d = x.shape[-1]
     x = constrain(x)
-    x = x + ViTAttention(self.num_heads, self.attention_impl, name='attn', **kw)(
+    a = ViTAttention(self.num_heads, self.attention_impl, self.out_slice, name='attn', **kw)(
         layer_norm(self.norm_eps, name='norm1', **kw)(x))
+    if self.out_slice is not None:
+      x = x[:, self.out_slice[0]:self.out_slice[1]]
+    x = x + a
     x = x + Mlp(int(d * self.mlp_ratio), name='mlp', **kw)(
         layer_norm(self.norm_eps, name='norm2', **kw)(x))
     return constrain(x), None
@@ -214,7 +351,7 @@ class GPTBlock(nn.Module):
     rng = self.make_rng('dropout') if (attn_on and self.dropout > 0) else None
     a = attention(q, k, v, causal=True, dropout_rng=rng, dropout_rate=self.dropout)
     a = dense(d, ('qkv', 'embed'), name='proj', **kw)(a.reshape(b, l, d))
-    x = x + nn.Dropout(self.dropout)(a, deterministic=deterministic)
+    x = x + Dropout(self.dropout)(a, deterministic=deterministic)
     h = layer_norm(self.norm_eps, name='ln_2', **kw)(x)
     x = x + Mlp(int(d * self.mlp_ratio), dropout=self.dropout, name='mlp', **kw)(
         h, deterministic=deterministic)
@@ -239,7 +376,9 @@ class ViTStack(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, out_slice: Optional[Tuple[int, int]] = None):
+    """x [B, L, D] -> [B, L, D], or only the tokens ``out_slice=(start, stop)`` of the last
+    block's output (that block then computes only those rows; the same values)."""
     block = ViTBlock
     if self.remat != 'none':
       policy = {'full': None,
@@ -251,9 +390,10 @@ class ViTStack(nn.Module):
       scanned = nn.scan(block, variable_axes={'params': 0}, split_rngs={'params': True},
                         length=self.depth, metadata_params={nn.PARTITION_NAME: 'layers'})
       x, _ = scanned(name='blocks', **kw)(x, None)
-      return x
+      return x if out_slice is None else x[:, out_slice[0]:out_slice[1]]
     for i in range(self.depth):
-      x, _ = block(name=f'blocks_{i}', **kw)(x, None)
+      last = out_slice if i == self.depth - 1 else None
+      x, _ = block(name=f'blocks_{i}', out_slice=last, **kw)(x, None)
     return x
 
 
