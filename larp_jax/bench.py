@@ -92,7 +92,21 @@ def vit_layer_flops(batch: int, length: int, width: int, mlp_ratio: float = 4.0)
   i.e. 2*B*L*12*d^2 at mlp_ratio 4) plus attention scores and values (4*B*L^2*d). Norms,
   biases, softmax and GELU are not counted; causal attention counts the full L^2 (as computed)."""
   hidden = int(width * mlp_ratio)
-  return 2 * batch * length * (4 * width * width + 2 * width * hidden) + 4 * batch * length ** 2 * width
+  return (2 * batch * length * (4 * width * width + 2 * width * hidden)
+          + 4 * batch * length ** 2 * width)
+
+
+def vit_stack_flops(depth: int, batch: int, length: int, width: int, mlp_ratio: float = 4.0,
+                    kept: Optional[int] = None) -> int:
+  """Forward matmul FLOPs of ``depth`` blocks whose last block computes only ``kept`` output
+  tokens (``ViTStack(out_slice=...)``): its qkv still runs on all ``length`` tokens (keys and
+  values), its attention has ``kept`` queries, and proj and MLP run on ``kept`` rows."""
+  if kept is None or kept == length or depth == 0:
+    return depth * vit_layer_flops(batch, length, width, mlp_ratio)
+  hidden = int(width * mlp_ratio)
+  last = (2 * batch * length * 3 * width * width + 4 * batch * kept * length * width
+          + 2 * batch * kept * (width * width + 2 * width * hidden))
+  return (depth - 1) * vit_layer_flops(batch, length, width, mlp_ratio) + last
 
 
 def _taps(size: int, k: int, stride: int, pad: int) -> tuple:
@@ -116,8 +130,8 @@ def _conv_flops(n, h, w, k, cin, cout, stride=1, pad=None):
 
 
 def lpips_flops(frames: int, height: int, width: int, net: str = 'vgg') -> int:
-  """Forward FLOPs of LPIPS on ``frames`` image pairs: the backbone on 2*frames images (the pair
-  is concatenated) plus the 1x1 linear heads; convolutions only, multiply-adds on the zero
+  """Forward FLOPs of LPIPS on ``frames`` image pairs: the backbone on 2*frames images (one
+  pass on each side of the pair) plus the 1x1 linear heads; convolutions only, multiply-adds on the zero
   padding not counted (XLA's convention)."""
   n = 2 * frames
   total, heads = 0, 0
@@ -159,11 +173,11 @@ def tokenizer_forward_flops(model, batch: int) -> dict:
   k, cd, r = model.codebook_size, model.code_dim, model.mlp_ratio
   out = {
       'patch_embed': 2 * b * p * pd * d,
-      'encoder': model.encoder_depth * vit_layer_flops(b, p + n, d, r),
+      'encoder': vit_stack_flops(model.encoder_depth, b, p + n, d, r, kept=n),
       'in_linear': 2 * b * n * d * cd,
       'vq_logits': 2 * b * n * k * cd,
       'out_linear': 2 * b * n * cd * d,
-      'decoder': model.decoder_depth * vit_layer_flops(b, n + p, d, r),
+      'decoder': vit_stack_flops(model.decoder_depth, b, n + p, d, r, kept=p),
       'final_linear': 2 * b * p * d * pd,
   }
   if model.use_prior:
@@ -178,7 +192,7 @@ def discriminator_forward_flops(disc, batch: int) -> int:
   p = math.prod(s // q for s, q in zip(disc.video_shape, disc.patch_size))
   pd = math.prod(disc.patch_size) * 3
   return (2 * batch * p * pd * disc.width
-          + disc.depth * vit_layer_flops(batch, p + 1, disc.width, disc.mlp_ratio)
+          + vit_stack_flops(disc.depth, batch, p + 1, disc.width, disc.mlp_ratio, kept=1)
           + 2 * batch * disc.width)
 
 
@@ -214,7 +228,9 @@ def analytic_flops(what: str, model, disc, loss_cfg, batch: int) -> dict:
   lp = 0
   if loss_cfg.lpips_weight > 0:
     t, h, w = model.video_shape
-    lp = 2 * lpips_flops(batch * t, h, w, loss_cfg.lpips_net)   # forward + input gradients
+    # Forward on reconstructions and targets; input gradients for the reconstructions only
+    # (their own backbone pass), i.e. half the forward (the 1x1 heads, <0.1%, counted at half).
+    lp = 3 * lpips_flops(batch * t, h, w, loss_cfg.lpips_net) // 2
   return {'transformer': int(total), 'lpips': int(lp), 'total': int(total + lp)}
 
 
@@ -406,7 +422,7 @@ def _disc_update_flops(exp, state, video) -> Optional[float]:
 
 TWIN_NOTE = ("XLA's cost analysis counts a loop body once (scan_layers, 'chunked' attention) and "
              "custom calls (cuDNN attention) as 0, so these FLOPs are those of the same program "
-             "with scan_layers=False and attention_impl='xla' (lowered for cost analysis only)")
+             "with scan_layers=False and attention_impl='xla' (compiled for cost analysis only)")
 
 
 def needs_cost_twin(model) -> bool:
@@ -426,11 +442,15 @@ def _cost_twin(config):
 
 
 def _step_flops(exp, batch_in, key, lpips, period: int) -> tuple:
-  """(global XLA FLOPs of one train step of ``exp``'s cost twin, lowered only, with the
-  discriminator update amortised over ``period``; XLA FLOPs of one discriminator update).
+  """(global XLA FLOPs of one train step of ``exp``'s cost twin, compiled but never run, or
+  None if ``exp`` needs no twin; XLA FLOPs of one discriminator update, or None if
+  ``period`` is 1).
 
   XLA counts the ``lax.cond`` around the discriminator update as its larger branch, i.e. as if
-  the update ran every step, so ``(1 - 1/period)`` updates are subtracted."""
+  the update ran every step; the caller subtracts ``(1 - 1/period)`` updates. The update's
+  count comes from the lowered (unoptimised) program, which is accurate for it (plain matmuls);
+  a lowered step would not be: ``jnp.cumsum`` (code sampling) is a quadratic reduce-window
+  before XLA's optimisations."""
   from larp_jax import sharding
   from larp_jax.train import loop
   twin = loop.build(_cost_twin(exp.config)) if needs_cost_twin(exp.model) else exp
@@ -438,8 +458,9 @@ def _step_flops(exp, batch_in, key, lpips, period: int) -> tuple:
   with sharding.logical_context(twin.mesh, twin.rules):
     flops = None
     if twin is not exp:
-      flops = xla_flops(loop.make_train_step(twin, shardings).lower(abstract, batch_in, key,
-                                                                    lpips))
+      flops = xla_flops(loop.make_train_step(twin, shardings).lower(
+          abstract, batch_in, key, lpips).compile())
+      flops = flops * twin.mesh.devices.size if flops is not None else None
     disc = _disc_update_flops(twin, abstract, batch_in['video']) if period > 1 else None
   return flops, disc
 
@@ -530,7 +551,9 @@ def bench_model_fns(config, whats: Sequence[str], *, batch: int, runs: int, warm
     xla_total = per_device * n_dev if per_device is not None else None
     if twin is not None:
       with sharding.logical_context(twin.mesh, twin.rules):
-        xla_total = xla_flops(jax.jit(_model_fns(twin.model)[what]).lower(twin_params, arg))
+        twin_flops = xla_flops(jax.jit(_model_fns(twin.model)[what]).lower(
+            twin_params, arg).compile())
+      xla_total = twin_flops * n_dev if twin_flops is not None else None
     error = host_memory_error(compiled)
     times = None if error else time_runs(lambda: compiled(params, arg), period=1, runs=runs,
                                          warmup=warmup)
@@ -665,7 +688,8 @@ def run(config, *, what: Sequence[str] = MEASUREMENTS, batch: Optional[int] = No
   if measure_input:
     _log(f'input pipeline ({config.data.source})')
   record = {
-      'config': config_spec, 'config_name': config_name(config_spec.split(' ')[0]) if config_spec else None,
+      'config': config_spec,
+      'config_name': config_name(config_spec.split(' ')[0]) if config_spec else None,
       'batch': batch, 'dtype': model_dtype, 'param_dtype': jnp.dtype(config.model.param_dtype).name,
       'video_shape': list(config.model.video_shape), 'seed': seed, 'runs': runs,
       'warmup': warmup, 'what': list(what),
@@ -675,7 +699,8 @@ def run(config, *, what: Sequence[str] = MEASUREMENTS, batch: Optional[int] = No
                    'python': platform.python_version()},
       'git': _git_state(),
       'xla': {'XLA_FLAGS': os.environ.get('XLA_FLAGS', ''),
-              'jax_disable_most_optimizations': bool(jax.config.read('jax_disable_most_optimizations'))},
+              'jax_disable_most_optimizations':
+                  bool(jax.config.read('jax_disable_most_optimizations'))},
       'peak': {'measured': peaks, 'rechecks_flops_per_s': rechecks,
                'best_flops_per_s': best,
                'used_for_mfu': {'dtype': model_dtype if model_dtype in best else 'float32',

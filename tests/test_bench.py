@@ -32,22 +32,26 @@ def test_tokenizer_flops_by_hand():
   f = bench.tokenizer_forward_flops(M, batch=1)
   layer6 = 2 * 6 * 12 * 16 + 4 * 36 * 4            # L = P + N = 6, d = 4: 2304 + 576
   assert layer6 == 2880
-  assert f['encoder'] == 2880 and f['decoder'] == 5760
+  # A last block keeping k of the 6 tokens: qkv on all 6 (576), attention with k queries
+  # (4*k*6*4), proj + MLP on k rows (2*k*(16 + 128)). Encoder keeps N = 2, decoder P = 4.
+  last = lambda k: 576 + 4 * k * 6 * 4 + 2 * k * 144
+  assert last(6) == layer6 and bench.vit_stack_flops(2, 1, 6, 4, 4.0, kept=2) == 2880 + 1344
+  assert f['encoder'] == last(2) == 1344 and f['decoder'] == 2880 + last(4) == 4992
   assert f['patch_embed'] == f['final_linear'] == 2 * 4 * 48 * 4 == 1536
   assert f['in_linear'] == f['out_linear'] == 2 * 2 * 4 * 3 == 48
   assert f['vq_logits'] == 2 * 2 * 10 * 3 == 120
   # Prior on L = N - 1 = 1: proj 2*1*3*4 + block (2*1*12*16 + 4*1*1*4) + head 2*1*4*3.
   assert f['prior'] == 24 + 384 + 16 + 24 == 448 and f['prior_logits'] == 2 * 1 * 10 * 3 == 60
-  assert bench.analytic_flops('encode', M, None, None, 1)['total'] == 1536 + 2880 + 48 + 120
-  assert bench.analytic_flops('decode', M, None, None, 1)['total'] == 48 + 5760 + 1536
-  assert bench.analytic_flops('forward', M, None, None, 1)['total'] == 4584 + 7344
+  assert bench.analytic_flops('encode', M, None, None, 1)['total'] == 1536 + 1344 + 48 + 120
+  assert bench.analytic_flops('decode', M, None, None, 1)['total'] == 48 + 4992 + 1536
+  assert bench.analytic_flops('forward', M, None, None, 1)['total'] == 3048 + 6576
 
   class Loss:
     gan_weight = lpips_weight = 0.0
   # Generator step: 3x the trained pieces, 1x the VQ logits (codes are sampled), per prior
   # round 3x the prior and 2x its logits against the detached codebook.
   gen = bench.analytic_flops('gen', M, None, Loss, 1)
-  assert gen['total'] == 3 * (11928 - 120) + 120 + 2 * (3 * 448 + 2 * 60) == 38472
+  assert gen['total'] == 3 * (9624 - 120) + 120 + 2 * (3 * 448 + 2 * 60) == 31560
   assert gen['lpips'] == 0
 
 
