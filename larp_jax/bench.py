@@ -202,8 +202,9 @@ def analytic_flops(what: str, model, disc, loss_cfg, batch: int) -> dict:
   Returns {'transformer': matmul FLOPs of the tokenizer, prior and discriminator,
   'lpips': the LPIPS estimate (0 without LPIPS), 'total': their sum}. For training steps:
   backward = 2x forward for the trained networks (input and weight gradients); 1x where only
-  input gradients flow (the frozen discriminator in the generator's GAN loss, LPIPS, the prior's
-  cosine logits against the detached codebook); none for the VQ logits (codes are sampled). The
+  input gradients flow (the frozen discriminator in the generator's GAN loss, the prior's
+  cosine logits against the detached codebook); LPIPS 1.5x (input gradients of the
+  reconstructions' backbone pass only); none for the VQ logits (codes are sampled). The
   discriminator update (real and fake forward + backward) is amortised over ``disc_every``."""
   f = tokenizer_forward_flops(model, batch)
   enc = f['patch_embed'] + f['encoder'] + f['in_linear'] + f['vq_logits']
