@@ -87,26 +87,29 @@ def xla_flops(compiled_or_lowered) -> Optional[float]:
   return sum(flops) if flops else None
 
 
-def vit_layer_flops(batch: int, length: int, width: int, mlp_ratio: float = 4.0) -> int:
+def vit_layer_flops(batch: int, length: int, width: int, mlp_ratio: float = 4.0,
+                    queries: Optional[int] = None) -> int:
   """Forward matmul FLOPs of one transformer block: qkv + proj + MLP (2*B*L*(4d^2 + 2*d*hidden),
   i.e. 2*B*L*12*d^2 at mlp_ratio 4) plus attention scores and values (4*B*L^2*d). Norms,
-  biases, softmax and GELU are not counted; causal attention counts the full L^2 (as computed)."""
+  biases, softmax and GELU are not counted; causal attention counts the full L^2 (as computed).
+
+  ``queries``: a block that computes only that many output rows (``ViTBlock(out_slice=...)``):
+  qkv still runs on all ``length`` tokens, attention has ``queries`` queries, and proj and MLP
+  run on ``queries`` rows."""
+  q = length if queries is None else queries
   hidden = int(width * mlp_ratio)
-  return (2 * batch * length * (4 * width * width + 2 * width * hidden)
-          + 4 * batch * length ** 2 * width)
+  return (2 * batch * length * 3 * width * width + 4 * batch * q * length * width
+          + 2 * batch * q * (width * width + 2 * width * hidden))
 
 
 def vit_stack_flops(depth: int, batch: int, length: int, width: int, mlp_ratio: float = 4.0,
                     kept: Optional[int] = None) -> int:
   """Forward matmul FLOPs of ``depth`` blocks whose last block computes only ``kept`` output
-  tokens (``ViTStack(out_slice=...)``): its qkv still runs on all ``length`` tokens (keys and
-  values), its attention has ``kept`` queries, and proj and MLP run on ``kept`` rows."""
-  if kept is None or kept == length or depth == 0:
-    return depth * vit_layer_flops(batch, length, width, mlp_ratio)
-  hidden = int(width * mlp_ratio)
-  last = (2 * batch * length * 3 * width * width + 4 * batch * kept * length * width
-          + 2 * batch * kept * (width * width + 2 * width * hidden))
-  return (depth - 1) * vit_layer_flops(batch, length, width, mlp_ratio) + last
+  tokens (``ViTStack(out_slice=...)``)."""
+  if depth == 0:
+    return 0
+  return ((depth - 1) * vit_layer_flops(batch, length, width, mlp_ratio)
+          + vit_layer_flops(batch, length, width, mlp_ratio, queries=kept))
 
 
 def _taps(size: int, k: int, stride: int, pad: int) -> tuple:
@@ -131,8 +134,8 @@ def _conv_flops(n, h, w, k, cin, cout, stride=1, pad=None):
 
 def lpips_flops(frames: int, height: int, width: int, net: str = 'vgg') -> int:
   """Forward FLOPs of LPIPS on ``frames`` image pairs: the backbone on 2*frames images (one
-  pass on each side of the pair) plus the 1x1 linear heads; convolutions only, multiply-adds on the zero
-  padding not counted (XLA's convention)."""
+  pass on each side of the pair) plus the 1x1 linear heads; convolutions only, multiply-adds on
+  the zero padding not counted (XLA's convention)."""
   n = 2 * frames
   total, heads = 0, 0
   h, w = height, width

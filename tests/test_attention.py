@@ -61,7 +61,7 @@ def test_label_rank_gives_the_top_k_accuracies_of_lax_top_k():
 
 
 @pytest.mark.parametrize('impl', ['xla', 'chunked'])
-@pytest.mark.parametrize('out_slice', [(0, 1), (16, 40)])
+@pytest.mark.parametrize('out_slice', [(0, 1), (16, 40), (-24, None)])
 def test_vit_stack_out_slice_equals_slicing_the_full_output(impl, out_slice):
   """The last block computing only the kept rows gives the rows (and gradients) of the full
   computation; the encoder keeps its query outputs, the decoder its patch queries and the

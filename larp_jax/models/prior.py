@@ -110,7 +110,7 @@ def scheduled_sampling_loss(predict: Callable, x, targets, codebook, *, rng,
     logits = round_logits(inputs)
     losses.append(optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean())
     if r == 0:
-      rank = label_rank(jax.lax.stop_gradient(logits), labels)
+      rank = label_rank(logits, labels)
       first = {'prior_ce_round1': losses[0],
                'prior_top1': jnp.mean((rank < 1).astype(jnp.float32)),
                'prior_top5': jnp.mean((rank < 5).astype(jnp.float32))}

@@ -205,10 +205,9 @@ class LARPTokenizer(nn.Module):
     b = x.shape[0]
     queries = jnp.broadcast_to(self.latent_queries.astype(x.dtype)[None],
                                (b, self.num_latent_tokens, self.width))
-    length = x.shape[1] + self.num_latent_tokens
     # Only the query outputs are kept: the last block computes just those rows.
     z = self.encoder(jnp.concatenate([x, queries], axis=1),
-                     out_slice=(length - self.num_latent_tokens, length))
+                     out_slice=(-self.num_latent_tokens, None))
     return self.in_linear(z).astype(jnp.float32)
 
   def quantize(self, z, *, deterministic: bool = True):
@@ -223,9 +222,8 @@ class LARPTokenizer(nn.Module):
     b = z.shape[0]
     queries = self._patch_pe()[None] + self.query_type_embed.astype(jnp.float32)
     queries = jnp.broadcast_to(queries.astype(z.dtype), (b, self.num_patches, self.width))
-    length = self.num_latent_tokens + self.num_patches
     h = self.decoder(jnp.concatenate([z, queries], axis=1),
-                     out_slice=(length - self.num_patches, length))
+                     out_slice=(-self.num_patches, None))
     h = self.final_norm(h)
     return self.unpatchify(self.final_linear(h).astype(jnp.float32))
 

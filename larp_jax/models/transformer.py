@@ -56,7 +56,7 @@ def dropout(x, rate: float, rng):
   by the exact inverse of the keep probability."""
   if rate <= 0.0:
     return x
-  threshold = min(int(round(rate * 65536)), 65536)
+  threshold = int(round(rate * 65536))
   if threshold >= 65536:
     return jnp.zeros_like(x)
   keep = jax.random.bits(rng, x.shape, jnp.uint16) >= jnp.uint16(threshold)
@@ -97,6 +97,13 @@ def _query_chunk(q_len: int, k_len: int, budget: int = 1 << 18) -> int:
   return best if best >= 16 else q_len
 
 
+def _chunks(q, k):
+  """(Lq, Lk, query chunk, number of chunks) of per-head [BH, L, Dh] queries and keys."""
+  lq, lk = q.shape[1], k.shape[1]
+  qc = _query_chunk(lq, lk)
+  return lq, lk, qc, lq // qc
+
+
 def _causal_keep(rows, cols):
   """[len(rows), len(cols)] bool: key ``col`` is visible from query ``row``."""
   return cols[None, :] <= rows[:, None]
@@ -105,10 +112,8 @@ def _causal_keep(rows, cols):
 def _flash_forward(q, k, v, causal):
   """Per (head, query chunk) softmax attention on [BH, L, Dh] (q already scaled): returns the
   output and the row log-sum-exp of the scores, [BH, Lq] float32."""
-  bh, lq, d = q.shape
-  lk = k.shape[1]
-  qc = _query_chunk(lq, lk)
-  nq = lq // qc
+  d = q.shape[-1]
+  lq, lk, qc, nq = _chunks(q, k)
   neg = jnp.finfo(jnp.float32).min
 
   def one_head(args):
@@ -146,10 +151,8 @@ def _flash_bwd(causal, residuals, do):
   transposed layout: with [Lk, qc] score blocks, dV += P^T dO and dK += dS^T Q are plain
   matmuls (no transposed copies on XLA:CPU) and only dQ = dS K contracts over rows."""
   q, k, v, o, lse = residuals
-  bh, lq, d = q.shape
-  lk = k.shape[1]
-  qc = _query_chunk(lq, lk)
-  nq = lq // qc
+  d = q.shape[-1]
+  lq, lk, qc, nq = _chunks(q, k)
 
   def one_head(args):
     qi, ki, vi, oi, lsei, doi = args
@@ -234,6 +237,10 @@ _SQRT_HALF = 0.7071067811865476
 _INV_SQRT_2PI = 0.3989422804014327
 
 
+def _gelu_cdf(x):
+  return 0.5 + 0.5 * jax.lax.erf(x * jnp.asarray(_SQRT_HALF, x.dtype))
+
+
 @jax.custom_vjp
 def gelu(x):
   """Exact GELU written as torch's ``nn.GELU()``: x * (1 + erf(x / sqrt 2)) / 2.
@@ -241,7 +248,7 @@ def gelu(x):
   The backward pass is one fused elementwise pass, g * (Phi(x) + x * phi(x)), from the saved
   input: XLA's own derivative of ``jax.nn.gelu`` (erfc-based) takes several passes over the
   [B, L, 4D] hidden activations and made the MLP's forward + backward ~20% slower on CPU."""
-  return x * (0.5 + 0.5 * jax.lax.erf(x * jnp.asarray(_SQRT_HALF, x.dtype)))
+  return x * _gelu_cdf(x)
 
 
 def _gelu_fwd(x):
@@ -249,9 +256,8 @@ def _gelu_fwd(x):
 
 
 def _gelu_bwd(x, g):
-  cdf = 0.5 + 0.5 * jax.lax.erf(x * jnp.asarray(_SQRT_HALF, x.dtype))
   pdf = jnp.exp(-0.5 * x * x) * jnp.asarray(_INV_SQRT_2PI, x.dtype)
-  return (g * (cdf + x * pdf),)
+  return (g * (_gelu_cdf(x) + x * pdf),)
 
 
 gelu.defvjp(_gelu_fwd, _gelu_bwd)
@@ -277,12 +283,12 @@ class Mlp(nn.Module):
 class ViTAttention(nn.Module):
   """Bidirectional MHA with a fused bias-free qkv projection laid out [q | k | v].
 
-  With ``out_slice=(start, stop)`` only the tokens ``start:stop`` query (all tokens still give
-  keys and values) and the output is [B, stop - start, D]: the same rows as the full output,
-  without computing the others."""
+  With ``out_slice=(start, stop)`` (Python slice bounds: ``(-n, None)`` is the last n tokens)
+  only the tokens ``start:stop`` query (all tokens still give keys and values) and the output
+  holds just those rows: the same rows as the full output, without computing the others."""
   num_heads: int
   impl: str = 'xla'
-  out_slice: Optional[Tuple[int, int]] = None
+  out_slice: Optional[Tuple[int, Optional[int]]] = None
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -307,7 +313,7 @@ class ViTBlock(nn.Module):
   mlp_ratio: float = 4.0
   norm_eps: float = 1e-5
   attention_impl: str = 'xla'
-  out_slice: Optional[Tuple[int, int]] = None
+  out_slice: Optional[Tuple[int, Optional[int]]] = None
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -376,9 +382,10 @@ class ViTStack(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, out_slice: Optional[Tuple[int, int]] = None):
+  def __call__(self, x, out_slice: Optional[Tuple[int, Optional[int]]] = None):
     """x [B, L, D] -> [B, L, D], or only the tokens ``out_slice=(start, stop)`` of the last
-    block's output (that block then computes only those rows; the same values)."""
+    block's output. Unscanned, that block computes only those rows (the same values); with
+    ``scan=True`` the full output is sliced."""
     block = ViTBlock
     if self.remat != 'none':
       policy = {'full': None,
