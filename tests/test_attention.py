@@ -11,29 +11,53 @@ from larp_jax.models.quantizer import sample_categorical
 
 @pytest.mark.parametrize('causal', [False, True])
 @pytest.mark.parametrize('length', [24, 1024 + 8, 1536])   # one chunk, odd length, 3 chunks
-def test_chunked_attention_matches_reference(causal, length):
+@pytest.mark.parametrize('rate', [0.0, 0.3])
+def test_chunked_attention_matches_reference(causal, length, rate):
+  """Values and gradients of the flash kernel against the einsum reference, with the causal
+  mask (blocks above the diagonal skipped) and with attention dropout (the same counter-based
+  mask in both)."""
   ks = jax.random.split(jax.random.key(length), 4)
   q, k, v, dout = (jax.random.normal(kk, (2, length, 2, 8)) for kk in ks)
 
   def run(impl):
     out, pullback = jax.vjp(
-        lambda q, k, v: transformer.attention(q, k, v, causal=causal, impl=impl), q, k, v)
+        lambda q, k, v: transformer.attention(q, k, v, causal=causal, impl=impl,
+                                              dropout_rng=jax.random.key(3), dropout_rate=rate),
+        q, k, v)
     return out, pullback(dout)
 
   (o_ref, g_ref), (o, g) = run('xla'), run('chunked')
   np.testing.assert_allclose(o, o_ref, atol=2e-6)
   for a, b in zip(g, g_ref):
     np.testing.assert_allclose(a, b, atol=2e-5)
+  if rate:
+    no_drop = transformer.attention(q, k, v, causal=causal, impl='chunked')
+    assert not np.allclose(o, no_drop, atol=1e-3)           # the mask did act
 
 
-def test_auto_attention_is_chunked_on_cpu_and_dropout_falls_back():
+def test_attention_dropout_mask_rate_and_causal_rows():
+  """Dropped probabilities are zero at the rate; a row's kept weights are rescaled by
+  1 / (1 - rate), and masked (future) keys never leak in."""
+  rate, length = 0.25, 64
+  v = jnp.eye(length)[None, :, None, :]                    # value j = one-hot j: output = P row
+  q = jnp.zeros((1, length, 1, length))                    # equal scores: P = 1 / (row + 1)
+  for impl in ('xla', 'chunked'):
+    p = np.asarray(transformer.attention(q, q, v, causal=True, impl=impl, dropout_rate=rate,
+                                         dropout_rng=jax.random.key(0)))[0, :, 0]
+    assert np.all(np.triu(p, 1) == 0)
+    lower = p[np.tril_indices(length)]
+    assert abs(np.mean(lower == 0) - rate) < 0.04
+    expected = (1 / (1 - rate)) / (np.arange(length) + 1)
+    np.testing.assert_allclose(np.where(p > 0, p, np.nan), np.broadcast_to(
+        expected[:, None], p.shape) * np.where(p > 0, 1, np.nan), rtol=1e-5)
+
+
+def test_auto_attention_is_chunked_on_cpu():
   q = jax.random.normal(jax.random.key(0), (1, 16, 2, 8))
   np.testing.assert_allclose(transformer.attention(q, q, q, causal=False, impl='auto'),
                              transformer.attention(q, q, q, causal=False, impl='xla'), atol=1e-6)
-  with_dropout = transformer.attention(q, q, q, causal=True, impl='chunked',
-                                       dropout_rng=jax.random.key(1), dropout_rate=0.5)
-  np.testing.assert_allclose(with_dropout, transformer.attention(
-      q, q, q, causal=True, impl='xla', dropout_rng=jax.random.key(1), dropout_rate=0.5))
+  np.testing.assert_array_equal(transformer.attention(
+      q, q, q, causal=True, impl='chunked', dropout_rng=jax.random.key(1), dropout_rate=1.0), 0)
   with pytest.raises(ValueError, match='attention impl'):
     transformer.attention(q, q, q, causal=False, impl='flash')
 
@@ -90,9 +114,60 @@ def test_gelu_matches_jax_exact_gelu_values_and_gradients():
 def test_dropout_drops_at_the_rate_and_keeps_the_mean():
   x = jnp.ones((400, 1000))
   y = np.asarray(transformer.dropout(x, 0.1, jax.random.key(0)))
-  dropped = np.mean(y == 0)
-  assert abs(dropped - 0.1) < 0.0015                       # ~3 standard errors of 4e5 draws
-  assert abs(y.mean() - 1.0) < 0.005 and np.allclose(y[y != 0], 1 / (1 - 6554 / 65536))
+  keep = y != 0
+  assert abs(np.mean(~keep) - 0.1) < 0.0015                # ~3 standard errors of 4e5 draws
+  assert abs(y.mean() - 1.0) < 0.005 and np.allclose(y[keep], 1 / 0.9)
+  # Neighbouring counters give independent draws: P(both kept) = 0.9^2 along rows and columns.
+  assert abs(np.mean(keep[:, 1:] & keep[:, :-1]) - 0.81) < 0.003
+  assert abs(np.mean(keep[1:] & keep[:-1]) - 0.81) < 0.003
   np.testing.assert_array_equal(y, transformer.dropout(x, 0.1, jax.random.key(0)))
-  assert not np.array_equal(y, transformer.dropout(x, 0.1, jax.random.key(1)))
+  other = np.asarray(transformer.dropout(x, 0.1, jax.random.key(1))) != 0
+  assert abs(np.mean(keep & other) - 0.81) < 0.003          # another key: an independent mask
   np.testing.assert_array_equal(transformer.dropout(x, 0.0, jax.random.key(0)), x)
+  np.testing.assert_array_equal(transformer.dropout(x, 1.0, jax.random.key(0)), 0)
+
+
+def test_prior_attention_impls_agree_in_training_mode():
+  """The prior's GPT blocks with dropout on: 'chunked' and 'xla' give the same predictions and
+  gradients for the same 'dropout' key."""
+  from larp_jax.models.prior import PriorGPT
+  x = jax.random.normal(jax.random.key(0), (2, 40, 4))
+  make = lambda impl: PriorGPT(depth=2, num_heads=2, width=16, max_len=40, input_dim=4,
+                               dropout=0.2, attention_impl=impl)
+  params = make('xla').init(jax.random.key(1), x, deterministic=True)
+
+  def loss(p, impl):
+    out = make(impl).apply(p, x, deterministic=False, rngs={'dropout': jax.random.key(2)})
+    return jnp.sum(jnp.sin(out))
+
+  (lx, gx), (lc, gc) = (jax.value_and_grad(loss)(params, impl) for impl in ('xla', 'chunked'))
+  np.testing.assert_allclose(lc, lx, rtol=1e-5)
+  for a, b in zip(jax.tree_util.tree_leaves(gc), jax.tree_util.tree_leaves(gx)):
+    np.testing.assert_allclose(a, b, atol=1e-5 * max(1.0, np.max(np.abs(b))))   # sum order
+
+
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+def test_layer_norm_matches_flax_values_and_gradients(dtype):
+  """The custom-VJP LayerNorm against flax's nn.LayerNorm: same parameters (names, init), same
+  outputs and gradients for the input, scale and bias."""
+  import flax.linen as nn
+  x = 3.0 + 2.0 * jax.random.normal(jax.random.key(0), (3, 40, 32))
+  w = jax.random.normal(jax.random.key(1), x.shape)
+  ours, ref = (transformer.LayerNorm(epsilon=1e-6, dtype=dtype),
+               nn.LayerNorm(epsilon=1e-6, dtype=dtype))
+  params = ref.init(jax.random.key(2), x)
+  assert jax.tree_util.tree_structure(nn.unbox(ours.init(jax.random.key(2), x))) == \
+      jax.tree_util.tree_structure(params)
+  params = jax.tree_util.tree_map(              # non-trivial scale and bias
+      lambda p: p + jax.random.normal(jax.random.key(3), p.shape), params)
+  for m in (ours, ref):
+    assert m.apply(params, x).dtype == dtype
+  tol = 1e-5 if dtype == jnp.float32 else 3e-2
+  np.testing.assert_allclose(np.asarray(ours.apply(params, x), np.float32),
+                             np.asarray(ref.apply(params, x), np.float32), atol=tol, rtol=tol)
+  loss = lambda m: lambda p, x: jnp.sum(m.apply(p, x).astype(jnp.float32) * w)
+  for a, b in zip(jax.tree_util.tree_leaves(jax.grad(loss(ours), argnums=(0, 1))(params, x)),
+                  jax.tree_util.tree_leaves(jax.grad(loss(ref), argnums=(0, 1))(params, x))):
+    assert a.dtype == b.dtype
+    np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
+                               atol=tol * max(1.0, float(np.max(np.abs(np.asarray(b, np.float32))))))

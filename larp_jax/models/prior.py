@@ -34,6 +34,7 @@ class PriorGPT(nn.Module):
   dropout: float = 0.1
   attn_dropout_in_eval: bool = True
   norm_eps: float = 1e-5
+  attention_impl: str = 'auto'     # transformer.attention impl: 'auto' = 'chunked' on CPU
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -52,7 +53,7 @@ class PriorGPT(nn.Module):
     for i in range(self.depth):
       h, _ = transformer.GPTBlock(
           self.num_heads, self.mlp_ratio, self.norm_eps, self.dropout, self.attn_dropout_in_eval,
-          name=f'blocks_{i}', **kw)(h, deterministic)
+          self.attention_impl, name=f'blocks_{i}', **kw)(h, deterministic)
     h = transformer.layer_norm(self.norm_eps, name='ln_f', **kw)(h)
     out = transformer.dense(self.input_dim, ('embed', 'code'), name='head', **kw)(h)
     return out.astype(jnp.float32)

@@ -174,7 +174,8 @@ class LARPTokenizer(nn.Module):
           depth=self.prior_depth, num_heads=self.prior_heads, width=self.prior_width,
           max_len=self.prior_max_len or self.num_latent_tokens, input_dim=self.code_dim,
           mlp_ratio=self.mlp_ratio, dropout=self.prior_dropout,
-          attn_dropout_in_eval=self.prior_attn_dropout_in_eval, name='prior', **kw)
+          attn_dropout_in_eval=self.prior_attn_dropout_in_eval,
+          attention_impl=self.attention_impl, name='prior', **kw)
 
   def _patch_pe(self):
     return jnp.asarray(embeddings.sincos_3d(self.width, *self.grid, base=self.pe_base))
