@@ -871,6 +871,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
 
 def _run():
+  from larp_jax import host_malloc
+  host_malloc.reexec_if_needed()       # CPU: keep XLA's step buffers mapped (host_malloc.py)
   try:
     main()
     code = 0

@@ -70,6 +70,8 @@ def _exit(code: int):
 
 
 def _run():
+  from larp_jax import host_malloc
+  host_malloc.reexec_if_needed()       # CPU: keep XLA's step buffers mapped (host_malloc.py)
   flags.mark_flags_as_required(['config', 'workdir'])
   try:
     app.run(main)
