@@ -91,7 +91,8 @@ def vit_layer_flops(batch: int, length: int, width: int, mlp_ratio: float = 4.0,
                     queries: Optional[int] = None) -> int:
   """Forward matmul FLOPs of one transformer block: qkv + proj + MLP (2*B*L*(4d^2 + 2*d*hidden),
   i.e. 2*B*L*12*d^2 at mlp_ratio 4) plus attention scores and values (4*B*L^2*d). Norms,
-  biases, softmax and GELU are not counted; causal attention counts the full L^2 (as computed).
+  biases, softmax and GELU are not counted; causal attention counts the full L^2 (model
+  FLOPs: 'xla' computes them all, 'chunked' skips the masked blocks).
 
   ``queries``: a block that computes only that many output rows (``ViTBlock(out_slice=...)``):
   qkv still runs on all ``length`` tokens, attention has ``queries`` queries, and proj and MLP
