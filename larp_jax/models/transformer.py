@@ -368,10 +368,14 @@ def _chunked_attention(q, k, v, *, causal: bool, seeds=None, dropout_rate: float
   the output and the row log-sum-exp, and the backward pass recomputes the probabilities of
   one block at a time from them (``_flash_bwd``) instead of storing every score matrix. With a
   causal mask the blocks above the diagonal are skipped, and attention dropout is drawn inside
-  the blocks from counters (the same mask as 'xla'). On CPU, where attention is bound by memory
-  traffic over the [B, H, L, L] scores, this is ~1.3x faster forward + backward than 'xla' (see
-  BENCHMARKS.md). The loops are sequential (``lax.map``): accelerators should use 'xla' or
-  'dot_product_attention'.
+  the blocks from counters (the same mask as 'xla'). On a 2-core CPU with the malloc tunables of
+  ``larp_jax.host_malloc`` it is 15-20% faster than 'xla' forward at [1, 2048, 12, 64], 3-15%
+  slower forward + backward in isolation, level in the tiny training step, and 1.35x faster
+  with the prior's causal dropout; its memory does not grow with L^2, where 'xla' stores every
+  [B, H, L, L] probability matrix for the backward pass (the LARP-L generator step needs 6.9 GB
+  with 'chunked', 19.6 GB with 'xla'). See BENCHMARKS.md and ``python -m
+  larp_jax.bench_attention``. The loops are sequential (``lax.map``): accelerators should use
+  'xla' or 'dot_product_attention'.
   """
   b, lq, h, d = q.shape
   scale = jnp.asarray(d ** -0.5, q.dtype)
@@ -394,8 +398,9 @@ def attention(q, k, v, *, causal: bool, dropout_rng=None, dropout_rate: float = 
     dropout_rng / dropout_rate: dropout on the attention probabilities (rate 0 disables). The
       mask is counter-based (``_attention_keep``): 'xla' and 'chunked' drop the same elements.
     impl: 'xla' (explicit einsum + float32 softmax), 'dot_product_attention'
-      (``jax.nn.dot_product_attention``: cuDNN flash attention on GPU), 'chunked' (one head and
-      query chunk at a time, recomputed in the backward pass: fastest on CPU) or 'auto'
+      (``jax.nn.dot_product_attention``: cuDNN flash attention on GPU), 'chunked' (a few heads and
+      a query chunk at a time, recomputed in the backward pass: the CPU default, fast and
+      with memory linear in L) or 'auto'
       ('chunked' on CPU, 'xla' elsewhere). 'dot_product_attention' has no dropout and falls
       back to 'xla' when dropout is active.
   Returns:
