@@ -15,10 +15,12 @@ Library users get the same effect by exporting the variable themselves::
 
   export GLIBC_TUNABLES=glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736
 
-The single arena has a cost: forward-only programs run ~10% slower with it (a LARP-L encode +
-decode: 7.6-8.9 s against 6.7-7.3 s on the bench machine), while the LARP-L generator step is
-2-7% faster (27.96 against 29.96 s in one bench run). Training steps dominate a run, so the
-default keeps it; a job that only encodes or evaluates can opt out (below).
+The single arena has a cost: a forward program that runs after a training step in the same
+process is slower with it (a LARP-L encode + decode after a generator step: 7.6-8.0 s against
+6.7-7.2 s on the bench machine; 9.3-10.2 s inside ``larp_jax.bench``, which compiles more in
+between). Alone in a fresh process the difference is within noise (7.14-7.32 against
+6.95-7.22 s), and the LARP-L generator step is 2-7% faster with it (27.96 against 29.96 s in
+one bench run), so the default keeps it.
 
 ``LARP_JAX_MALLOC_TUNING=0`` turns the re-execution off. Accelerator hosts are left alone: there
 the step's buffers live on the device, and a single arena could slow a many-threaded input
