@@ -10,7 +10,8 @@ its temporaries in again: ~120k minor faults and ~0.3 s of kernel time per tiny 
 Three glibc tunables stop that: one malloc arena (so large blocks come from the main heap),
 no ``mmap`` for large blocks, and no trimming of the heap's free top. They only take effect
 when set before the process starts, so the command-line entry points (``larp_jax.main``,
-``larp_jax.bench``) re-execute themselves once with them set when they run on a CPU backend.
+``larp_jax.bench``, ``larp_jax.bench_attention``) re-execute themselves once with them set when
+they run on a CPU backend.
 Library users get the same effect by exporting the variable themselves::
 
   export GLIBC_TUNABLES=glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736

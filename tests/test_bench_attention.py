@@ -20,12 +20,36 @@ def test_kernels_agree_and_are_timed(causal, dropout):
   rec = bench_attention.run(shape=(1, 64, 2, 16), causal=causal, dropout=dropout,
                             impls=('chunked', 'xla'), runs=2, warmup=0, peak=False)
   assert set(rec['impls']) == {'chunked', 'xla'}
+  flops = bench_attention.attention_flops(1, 64, 64, 2, 16, causal)
   for r in rec['impls'].values():
     assert max(r['max_abs_diff_vs_xla_f32'].values()) < 1e-4
     for what in ('forward', 'forward_backward'):
       assert len(r[what]['seconds']['all']) == 2 and r[what]['flops_per_s'] > 0
+      assert r[what]['flops'] == flops[what]
       assert r[what]['fraction_of_peak'] is None
   assert 'chunked' in bench_attention.format_table(rec)
+
+
+def test_dropout_reaches_the_kernels():
+  """The programs it times really drop (else the agreement above would prove nothing)."""
+  import jax
+  q, k, v, _ = bench_attention._inputs((1, 64, 2, 16), 64, jax.numpy.float32, 0)
+  rng = jax.random.key(1)
+  for impl in ('chunked', 'xla'):
+    on = bench_attention._programs(impl, causal=True, rate=0.5, rng=rng)[0](q, k, v)
+    off = bench_attention._programs(impl, causal=True, rate=0.0, rng=rng)[0](q, k, v)
+    assert float(jax.numpy.max(jax.numpy.abs(on - off))) > 1e-2
+
+
+def test_bfloat16_inputs_and_the_dpa_fallback_label():
+  rec = bench_attention.run(shape=(1, 64, 2, 16), dropout=0.1, dtype='bfloat16',
+                            impls=('chunked', 'dot_product_attention'), runs=1, warmup=0,
+                            peak=False)
+  assert rec['dtype'] == 'bfloat16'
+  assert rec['impls']['dot_product_attention']['ran_as'] == 'xla'
+  assert 'dot_product_attention (ran xla)' in bench_attention.format_table(rec)
+  diff = max(rec['impls']['chunked']['max_abs_diff_vs_xla_f32'].values())
+  assert 0 < diff < 0.1        # bf16 rounding against the float32 reference, nothing worse
 
 
 def test_main_writes_json(tmp_path, capsys):
@@ -43,6 +67,7 @@ def test_main_writes_json(tmp_path, capsys):
     (dict(shape=(1, 64, 2)), 'four positive sizes'),
     (dict(impls=('flash',)), 'not one of'),
     (dict(causal=True, q_len=32), 'q_len == L'),
+    (dict(q_len=0), 'q_len=0'),
     (dict(dropout=1.0), 'dropout'),
 ])
 def test_bad_arguments(kwargs, match):

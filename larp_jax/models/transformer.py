@@ -369,10 +369,12 @@ def _chunked_attention(q, k, v, *, causal: bool, seeds=None, dropout_rate: float
   one block at a time from them (``_flash_bwd``) instead of storing every score matrix. With a
   causal mask the blocks above the diagonal are skipped, and attention dropout is drawn inside
   the blocks from counters (the same mask as 'xla'). On a 2-core CPU with the malloc tunables of
-  ``larp_jax.host_malloc`` it is 15-20% faster than 'xla' forward at [1, 2048, 12, 64], 3-15%
-  slower forward + backward in isolation, level in the tiny training step, and 1.35x faster
-  with the prior's causal dropout; its memory does not grow with L^2, where 'xla' stores every
-  [B, H, L, L] probability matrix for the backward pass (the LARP-L generator step needs 6.9 GB
+  ``larp_jax.host_malloc``, at [1, 2048, 12, 64] it takes 15-28% less time than 'xla' forward
+  and from 2% less to 17% more forward + backward in isolation (it recomputes the
+  probabilities); the tiny generator step was no faster with 'xla'; with the prior's causal
+  dropout it is 1.65x faster forward and 1.35x forward + backward. Its memory does not grow
+  with L^2, where 'xla' stores every [B, H, L, L] probability matrix for the backward pass
+  (the LARP-L generator step needs 6.9 GB
   with 'chunked', 19.6 GB with 'xla'). See BENCHMARKS.md and ``python -m
   larp_jax.bench_attention``. The loops are sequential (``lax.map``): accelerators should use
   'xla' or 'dot_product_attention'.
