@@ -432,10 +432,9 @@ TWIN_NOTE = ("XLA's cost analysis counts a loop body once (scan_layers, 'chunked
 
 def needs_cost_twin(model) -> bool:
   """True if XLA's FLOP count of ``model``'s programs would miss work (loops, custom calls)."""
-  impl = model.attention_impl
-  if impl == 'auto':
-    impl = 'xla' if jax.default_backend() != 'cpu' else 'chunked'
-  return bool(model.scan_layers) or impl != 'xla'
+  from larp_jax.models import transformer
+  return (bool(model.scan_layers)
+          or transformer.resolve_attention_impl(model.attention_impl) != 'xla')
 
 
 def _cost_twin(config):

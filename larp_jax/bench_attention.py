@@ -73,7 +73,7 @@ def run(*, shape: Sequence[int] = DEFAULT_SHAPE, q_len: Optional[int] = None,
   if len(shape) != 4 or min(shape) < 1:
     raise ValueError(f'shape must be four positive sizes B,L,H,Dh, got {list(shape)}')
   for impl in impls:
-    transformer.check_choice('impl', impl, transformer.ATTENTION_CHOICES)
+    transformer.resolve_attention_impl(impl)            # a clear error for an unknown name
   if not 0.0 <= dropout < 1.0:
     raise ValueError(f'dropout={dropout} must be in [0, 1)')
   b, l, h, d = shape
@@ -104,8 +104,7 @@ def run(*, shape: Sequence[int] = DEFAULT_SHAPE, q_len: Optional[int] = None,
     out, gr = cf(q, k, v), cg(q, k, v, g)
     results[impl] = {
         'compile_s': compile_s,
-        # 'dot_product_attention' has no dropout: with dropout on, attention() runs 'xla'.
-        'ran_as': 'xla' if (impl == 'dot_product_attention' and dropout > 0) else impl,
+        'ran_as': transformer.resolve_attention_impl(impl, dropout=dropout > 0),
         'max_abs_diff_vs_xla_f32': {
             'out': _max_diff(out, ref_out),
             **{f'd{n}': _max_diff(a, r) for n, a, r in zip('qkv', gr, ref_g)}},

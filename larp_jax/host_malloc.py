@@ -11,8 +11,8 @@ Three glibc tunables stop that: one malloc arena (so large blocks come from the 
 no ``mmap`` for large blocks, and no trimming of the heap's free top. They only take effect
 when set before the process starts, so the command-line entry points (``larp_jax.main``,
 ``larp_jax.bench``, ``larp_jax.bench_attention``) re-execute themselves once with them set when
-they run on a CPU backend.
-Library users get the same effect by exporting the variable themselves::
+they run on a CPU backend. Library users get the same effect by exporting the variable
+themselves::
 
   export GLIBC_TUNABLES=glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736
 

@@ -373,11 +373,10 @@ def _chunked_attention(q, k, v, *, causal: bool, seeds=None, dropout_rate: float
   and from 2% less to 17% more forward + backward in isolation (it recomputes the
   probabilities); the tiny generator step was no faster with 'xla'; with the prior's causal
   dropout it is 1.65x faster forward and 1.35x forward + backward. Its memory does not grow
-  with L^2, where 'xla' stores every [B, H, L, L] probability matrix for the backward pass
-  (the LARP-L generator step needs 6.9 GB
-  with 'chunked', 19.6 GB with 'xla'). See BENCHMARKS.md and ``python -m
-  larp_jax.bench_attention``. The loops are sequential (``lax.map``): accelerators should use
-  'xla' or 'dot_product_attention'.
+  with L^2, where 'xla' stores every [B, H, L, L] probability matrix for the backward pass (the
+  LARP-L generator step needs 6.9 GB with 'chunked', 19.6 GB with 'xla'). See BENCHMARKS.md and
+  ``python -m larp_jax.bench_attention``. The loops are sequential (``lax.map``): accelerators
+  should use 'xla' or 'dot_product_attention'.
   """
   b, lq, h, d = q.shape
   scale = jnp.asarray(d ** -0.5, q.dtype)
@@ -387,6 +386,18 @@ def _chunked_attention(q, k, v, *, causal: bool, seeds=None, dropout_rate: float
   out = _flash(per_head(q * scale), per_head(k), per_head(v), seeds, causal,
                float(dropout_rate))                                    # [B*H, Lq, Dh]
   return jnp.transpose(out.reshape(b, h, lq, d), (0, 2, 1, 3))
+
+
+def resolve_attention_impl(impl: str, *, dropout: bool = False) -> str:
+  """The kernel ``attention(impl=impl)`` runs on the default backend: 'auto' is 'chunked' on
+  CPU and 'xla' elsewhere; 'dot_product_attention' has no dropout, so with dropout on it is
+  'xla'."""
+  check_choice('attention impl', impl, ATTENTION_CHOICES)
+  if impl == 'auto':
+    return 'chunked' if jax.default_backend() == 'cpu' else 'xla'
+  if impl == 'dot_product_attention' and dropout:
+    return 'xla'
+  return impl
 
 
 def attention(q, k, v, *, causal: bool, dropout_rng=None, dropout_rate: float = 0.0,
@@ -408,19 +419,16 @@ def attention(q, k, v, *, causal: bool, dropout_rng=None, dropout_rate: float = 
   Returns:
     [B, Lq, H, Dh] in q's dtype.
   """
-  if impl not in ATTENTION_CHOICES:
-    raise ValueError(f'unknown attention impl {impl!r}; use one of {ATTENTION_CHOICES}')
-  if impl == 'auto':
-    impl = 'chunked' if jax.default_backend() == 'cpu' else 'xla'
   if causal and q.shape[1] != k.shape[1]:
     raise ValueError(f'causal attention needs as many queries as keys, got {q.shape[1]} queries '
                      f'and {k.shape[1]} keys')
   dropout_on = dropout_rng is not None and dropout_rate > 0
+  impl = resolve_attention_impl(impl, dropout=dropout_on)
   if dropout_on and dropout_rate >= 1.0:
     return jnp.zeros_like(q)
   seeds = dropout_seeds(dropout_rng) if dropout_on else None
   rate = float(dropout_rate) if dropout_on else 0.0
-  if impl == 'dot_product_attention' and not dropout_on:
+  if impl == 'dot_product_attention':
     return jax.nn.dot_product_attention(q, k, v, is_causal=causal).astype(q.dtype)
   if impl == 'chunked':
     return _chunked_attention(q, k, v, causal=causal, seeds=seeds, dropout_rate=rate)
