@@ -65,11 +65,18 @@ def _max_diff(a, b) -> float:
   return float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32))))
 
 
+def default_impls() -> list:
+  from larp_jax.native import flash_attention as native
+  return (['cpu_flash'] if native.available() else []) + ['chunked', 'xla']
+
+
 def run(*, shape: Sequence[int] = DEFAULT_SHAPE, q_len: Optional[int] = None,
-        causal: bool = False, dropout: float = 0.0, impls: Sequence[str] = ('chunked', 'xla'),
+        causal: bool = False, dropout: float = 0.0, impls: Optional[Sequence[str]] = None,
         dtype: str = 'float32', runs: int = 10, warmup: int = 2, peak: bool = True,
         seed: int = 0) -> dict:
-  """Times every impl and returns the JSON record (see the module docstring)."""
+  """Times every impl (default: ``default_impls()``) and returns the JSON record (see the
+  module docstring)."""
+  impls = default_impls() if impls is None else list(impls)
   if len(shape) != 4 or min(shape) < 1:
     raise ValueError(f'shape must be four positive sizes B,L,H,Dh, got {list(shape)}')
   for impl in impls:
@@ -104,7 +111,7 @@ def run(*, shape: Sequence[int] = DEFAULT_SHAPE, q_len: Optional[int] = None,
     out, gr = cf(q, k, v), cg(q, k, v, g)
     results[impl] = {
         'compile_s': compile_s,
-        'ran_as': transformer.resolve_attention_impl(impl, dropout=dropout > 0),
+        'ran_as': transformer.select_attention_impl(impl, q, k, dropout=dropout > 0),
         'max_abs_diff_vs_xla_f32': {
             'out': _max_diff(out, ref_out),
             **{f'd{n}': _max_diff(a, r) for n, a, r in zip('qkv', gr, ref_g)}},
@@ -171,8 +178,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                        'block).', flag_values=fv)
   flags.DEFINE_bool('causal', False, 'Lower-triangular mask (the prior).', flag_values=fv)
   flags.DEFINE_float('dropout', 0.0, 'Attention-dropout rate (the prior: 0.1).', flag_values=fv)
-  flags.DEFINE_list('impls', ['chunked', 'xla'], f'Any of {transformer.ATTENTION_CHOICES}.',
-                    flag_values=fv)
+  flags.DEFINE_list('impls', default_impls(), f'Any of {transformer.ATTENTION_CHOICES} '
+                    "(default: 'cpu_flash' where it builds, 'chunked', 'xla').", flag_values=fv)
   flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], 'q, k, v dtype.',
                     flag_values=fv)
   flags.DEFINE_integer('runs', 10, 'Interleaved timed rounds.', flag_values=fv)

@@ -389,15 +389,42 @@ def _chunked_attention(q, k, v, *, causal: bool, seeds=None, dropout_rate: float
 
 
 def resolve_attention_impl(impl: str, *, dropout: bool = False) -> str:
-  """The kernel ``attention(impl=impl)`` runs on the default backend: 'auto' is 'chunked' on
-  CPU and 'xla' elsewhere; 'dot_product_attention' has no dropout, so with dropout on it is
-  'xla'."""
+  """The kernel ``attention(impl=impl)`` runs on the default backend: 'auto' is 'cpu_flash' on
+  CPU when the C++ kernel builds here (``larp_jax.native.flash_attention``), else 'chunked',
+  and 'xla' elsewhere; 'dot_product_attention' has no dropout, so with dropout on it is 'xla'.
+  ``select_attention_impl`` refines this for given inputs."""
   check_choice('attention impl', impl, ATTENTION_CHOICES)
   if impl == 'auto':
-    return 'chunked' if jax.default_backend() == 'cpu' else 'xla'
+    if jax.default_backend() != 'cpu':
+      return 'xla'
+    from larp_jax.native import flash_attention as native
+    return 'cpu_flash' if native.available() else 'chunked'
   if impl == 'dot_product_attention' and dropout:
     return 'xla'
   return impl
+
+
+def select_attention_impl(impl: str, q, k, *, dropout: bool = False) -> str:
+  """The kernel ``attention`` runs for these q, k: ``resolve_attention_impl``, except that an
+  'auto' resolved to 'cpu_flash' becomes 'chunked' for inputs the C++ kernel does not take,
+  and an explicit 'cpu_flash' that cannot run raises ValueError saying why."""
+  requested, impl = impl, resolve_attention_impl(impl, dropout=dropout)
+  if impl == 'cpu_flash':
+    from larp_jax.native import flash_attention as native
+    why = native.unavailable_reason() or native.supports(q, k)
+    if why and requested == 'auto':
+      return 'chunked'
+    if why:
+      raise ValueError(f"attention impl 'cpu_flash' cannot run here: {why}. Use "
+                       "attention_impl='auto' or 'chunked'.")
+  return impl
+
+
+def _cpu_flash_attention(q, k, v, *, causal: bool, seeds=None, dropout_rate: float = 0.0):
+  from larp_jax.native import flash_attention as native
+  if seeds is None:
+    seeds = jnp.zeros((2,), jnp.uint32)
+  return native.flash_attention(q, k, v, seeds, causal, float(dropout_rate))
 
 
 def attention(q, k, v, *, causal: bool, dropout_rng=None, dropout_rate: float = 0.0,
@@ -411,11 +438,12 @@ def attention(q, k, v, *, causal: bool, dropout_rng=None, dropout_rate: float = 
     dropout_rng / dropout_rate: dropout on the attention probabilities (rate 0 disables). The
       mask is counter-based (``_attention_keep``): 'xla' and 'chunked' drop the same elements.
     impl: 'xla' (explicit einsum + float32 softmax), 'dot_product_attention'
-      (``jax.nn.dot_product_attention``: cuDNN flash attention on GPU), 'chunked' (a few heads and
-      a query chunk at a time, recomputed in the backward pass: the CPU default, fast and
-      with memory linear in L) or 'auto'
-      ('chunked' on CPU, 'xla' elsewhere). 'dot_product_attention' has no dropout and falls
-      back to 'xla' when dropout is active.
+      (``jax.nn.dot_product_attention``: cuDNN flash attention on GPU), 'chunked' (pure JAX, a few
+      heads and a query chunk at a time, recomputed in the backward pass: memory linear in
+      L), 'cpu_flash' (the C++ flash kernel of ``larp_jax.native``, an XLA FFI call: the
+      fastest on CPU, float32, head dim a multiple of 16) or 'auto' ('cpu_flash' on CPU where
+      it builds and takes the inputs, else 'chunked'; 'xla' elsewhere).
+      'dot_product_attention' has no dropout and falls back to 'xla' when dropout is active.
   Returns:
     [B, Lq, H, Dh] in q's dtype.
   """
@@ -423,7 +451,7 @@ def attention(q, k, v, *, causal: bool, dropout_rng=None, dropout_rate: float = 
     raise ValueError(f'causal attention needs as many queries as keys, got {q.shape[1]} queries '
                      f'and {k.shape[1]} keys')
   dropout_on = dropout_rng is not None and dropout_rate > 0
-  impl = resolve_attention_impl(impl, dropout=dropout_on)
+  impl = select_attention_impl(impl, q, k, dropout=dropout_on)
   if dropout_on and dropout_rate >= 1.0:
     return jnp.zeros_like(q)
   seeds = dropout_seeds(dropout_rng) if dropout_on else None
@@ -432,6 +460,8 @@ def attention(q, k, v, *, causal: bool, dropout_rng=None, dropout_rate: float = 
     return jax.nn.dot_product_attention(q, k, v, is_causal=causal).astype(q.dtype)
   if impl == 'chunked':
     return _chunked_attention(q, k, v, causal=causal, seeds=seeds, dropout_rate=rate)
+  if impl == 'cpu_flash':
+    return _cpu_flash_attention(q, k, v, causal=causal, seeds=seeds, dropout_rate=rate)
   return _softmax_attention(q, k, v, causal=causal, seeds=seeds, dropout_rate=rate)
 
 
@@ -609,7 +639,7 @@ class ViTStack(nn.Module):
 
 
 REMAT_CHOICES = ('none', 'full', 'dots')
-ATTENTION_CHOICES = ('xla', 'dot_product_attention', 'chunked', 'auto')
+ATTENTION_CHOICES = ('xla', 'dot_product_attention', 'chunked', 'cpu_flash', 'auto')
 
 
 def check_choice(name, value, choices):

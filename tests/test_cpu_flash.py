@@ -1,0 +1,120 @@
+"""The C++ CPU flash-attention kernel (attention_impl='cpu_flash'): builds where a C++ compiler
+exists, agrees with the einsum reference (values, gradients, causal mask, dropout), and 'auto'
+falls back to 'chunked' where it cannot run."""
+
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from larp_jax.models import transformer
+from larp_jax.native import flash_attention as native
+
+HAVE_CXX = shutil.which('c++') is not None
+
+
+def test_kernel_builds_where_a_compiler_exists():
+  if not HAVE_CXX:
+    pytest.skip('no C++ compiler on this machine')
+  assert native.unavailable_reason() is None
+  assert native.build().exists()                           # cached: same library again
+  assert transformer.resolve_attention_impl('auto') == 'cpu_flash'
+
+
+needs_kernel = pytest.mark.skipif(not HAVE_CXX, reason='no C++ compiler on this machine')
+
+
+def _run(impl, q, k, v, dout, causal, rate, seed=3):
+  def f(q, k, v):
+    return transformer.attention(q, k, v, causal=causal, impl=impl, dropout_rate=rate,
+                                 dropout_rng=jax.random.key(seed))
+  out, pullback = jax.vjp(f, q, k, v)
+  return out, pullback(dout)
+
+
+@needs_kernel
+@pytest.mark.parametrize('causal,rate', [(False, 0.0), (True, 0.0), (True, 0.3), (False, 0.1)])
+@pytest.mark.parametrize('shape', [(2, 37, 3, 16), (1, 300, 2, 64), (1, 130, 1, 32)])
+def test_cpu_flash_matches_reference(shape, causal, rate):
+  """Lengths that fill no block evenly, several heads and batch elements, head dims 16-64: the
+  output and all three gradients equal the 'xla' reference, dropout mask included."""
+  ks = jax.random.split(jax.random.key(sum(shape)), 4)
+  q, k, v, dout = (jax.random.normal(kk, shape) for kk in ks)
+  (o_ref, g_ref), (o, g) = (_run(i, q, k, v, dout, causal, rate) for i in ('xla', 'cpu_flash'))
+  np.testing.assert_allclose(o, o_ref, atol=3e-6)
+  for a, b in zip(g, g_ref):
+    np.testing.assert_allclose(a, b, atol=3e-5)
+  if rate:
+    no_drop = transformer.attention(q, k, v, causal=causal, impl='cpu_flash')
+    assert not np.allclose(o, no_drop, atol=1e-3)           # the mask did act
+
+
+@needs_kernel
+def test_cpu_flash_fewer_queries_than_keys():
+  """The last-block case (out_slice): 40 queries over 200 keys, under jit and vmap."""
+  ks = jax.random.split(jax.random.key(7), 4)
+  q, dout = (jax.random.normal(kk, (3, 1, 40, 2, 32)) for kk in ks[:2])
+  k, v = (jax.random.normal(kk, (3, 1, 200, 2, 32)) for kk in ks[2:])
+
+  def loss(impl):
+    f = lambda q, k, v: jnp.sum(transformer.attention(q, k, v, causal=False, impl=impl) * dout)
+    return jax.jit(jax.vmap(jax.value_and_grad(f, argnums=(0, 1, 2))))(q, k, v)
+
+  (l_ref, g_ref), (l, g) = loss('xla'), loss('cpu_flash')
+  np.testing.assert_allclose(l, l_ref, rtol=1e-5)
+  for a, b in zip(g, g_ref):
+    np.testing.assert_allclose(a, b, atol=3e-5)
+
+
+@needs_kernel
+def test_cpu_flash_is_deterministic_and_follows_the_key():
+  q = jax.random.normal(jax.random.key(0), (1, 64, 2, 16))
+  run = jax.jit(lambda r: transformer.attention(q, q, q, causal=True, impl='cpu_flash',
+                                                dropout_rate=0.5, dropout_rng=r))
+  a, b, c = run(jax.random.key(1)), run(jax.random.key(1)), run(jax.random.key(2))
+  np.testing.assert_array_equal(a, b)
+  assert not np.allclose(a, c)
+
+
+def test_auto_falls_back_to_chunked_for_inputs_the_kernel_does_not_take():
+  """bfloat16 and a head dim of 8: 'auto' runs 'chunked' (same values), an explicit
+  'cpu_flash' says why it cannot run."""
+  q = jax.random.normal(jax.random.key(0), (1, 32, 2, 8))
+  np.testing.assert_array_equal(transformer.attention(q, q, q, causal=True, impl='auto'),
+                                transformer.attention(q, q, q, causal=True, impl='chunked'))
+  with pytest.raises(ValueError, match='multiple of 16'):
+    transformer.attention(q, q, q, causal=True, impl='cpu_flash')
+  qb = jnp.ones((1, 32, 2, 16), jnp.bfloat16)
+  assert transformer.attention(qb, qb, qb, causal=False, impl='auto').dtype == jnp.bfloat16
+  with pytest.raises(ValueError, match='float32'):
+    transformer.attention(qb, qb, qb, causal=False, impl='cpu_flash')
+
+
+def test_unavailable_kernel_gives_a_reason_and_auto_uses_chunked(monkeypatch, tmp_path, capsys):
+  """No compiler (CXX that fails) or LARP_JAX_NATIVE=0: a one-line reason on stderr, 'auto'
+  resolves to 'chunked', an explicit 'cpu_flash' raises with the reason."""
+  monkeypatch.setattr(native, '_state', {})
+  monkeypatch.setenv('LARP_JAX_NATIVE_CACHE', str(tmp_path))
+  monkeypatch.setenv('CXX', 'false')
+  assert 'failed' in native.unavailable_reason()
+  assert 'unavailable' in capsys.readouterr().err
+  assert transformer.resolve_attention_impl('auto') == 'chunked'
+  q = jnp.ones((1, 8, 1, 16))
+  with pytest.raises(ValueError, match="'cpu_flash' cannot run here"):
+    transformer.attention(q, q, q, causal=False, impl='cpu_flash')
+  monkeypatch.setattr(native, '_state', {})
+  monkeypatch.setenv('LARP_JAX_NATIVE', '0')
+  assert 'LARP_JAX_NATIVE=0' in native.unavailable_reason()
+
+
+@needs_kernel
+def test_compiler_errors_are_reported(monkeypatch, tmp_path):
+  bad = tmp_path / 'broken.cc'
+  bad.write_text('this is not C++\n')
+  monkeypatch.setattr(native, 'SOURCE', bad)
+  monkeypatch.setenv('LARP_JAX_NATIVE_CACHE', str(tmp_path / 'cache'))
+  with pytest.raises(RuntimeError, match='compiling broken.cc failed'):
+    native.build()
+  assert not list((tmp_path / 'cache').glob('*.so'))       # no half-written library left
