@@ -41,6 +41,7 @@ constexpr int kMR = 6;    // micro-kernel rows
 inline v8f load8(const float* p) { v8f v; std::memcpy(&v, p, sizeof(v)); return v; }
 inline void store8(float* p, v8f v) { std::memcpy(p, &v, sizeof(v)); }
 inline v8f splat(float x) { return v8f{x, x, x, x, x, x, x, x}; }
+const v8i kLane = {0, 1, 2, 3, 4, 5, 6, 7};
 
 // C[r][0:16] (+)= sum_k A(r, k) * B[k][0:16] for r < MR, where A(r, k) = a[r*sr + k*sk] and
 // B's row k starts at b + k*ldb.
@@ -134,10 +135,10 @@ void pack_transposed(const float* x, int64_t ldx, int64_t rows, int64_t d, int64
   }
 }
 
-// exp(x) for x <= 0 (softmax arguments), relative error ~2e-7; exp(x) = 0 below -87.
+// exp(x) for x <= 0 (softmax arguments), relative error < 1e-7 on [-87, 0]; below -87 it returns
+// exp(-87) ~ 1.6e-38 instead of smaller numbers (nothing next to a row maximum's exp(0) = 1).
 inline v8f exp_nonpos(v8f x) {
   const v8f lo = splat(-87.f);
-  const v8i under = x < lo;
   x = x < lo ? lo : x;
   const v8f t = x * splat(1.44269504088896341f) - splat(0.5f);
   const v8i n = __builtin_convertvector(t, v8i);            // trunc(t - 1/2) = round(t), t <= 0
@@ -154,8 +155,7 @@ inline v8f exp_nonpos(v8f x) {
   const v8i bits = (n + 127) << 23;
   v8f scale;
   std::memcpy(&scale, &bits, sizeof(scale));
-  y = y * scale;
-  return under ? splat(0.f) : y;
+  return y * scale;
 }
 
 inline v8u mix32(v8u x) {
@@ -300,14 +300,17 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ff
       const float m = row_max(sr, valid) * scale;
       const uint32_t base = (uint32_t)(((uint64_t)bh * g.lq + q0 + r) * g.lk);
       v8f sum = splat(0.f);
-      const v8i lane = {0, 1, 2, 3, 4, 5, 6, 7};
-      for (int64_t j = 0; j < lds; j += 8) {
+      auto term = [&](int64_t j, v8i in) {
         v8f p = exp_nonpos(load8(sr + j) * splat(scale) - splat(m));
-        p = (lane + (int32_t)j) < (int32_t)valid ? p : splat(0.f);
+        p = in ? p : splat(0.f);
         sum += p;
         if (drop.on()) p = drop.keep(base + (uint32_t)j) ? p * splat(drop.scale) : splat(0.f);
         store8(sr + j, p);
-      }
+      };
+      const int64_t full = valid / 8 * 8;
+      for (int64_t j = 0; j < full; j += 8) term(j, ~v8i{});
+      if (full < valid) term(full, kLane < (int32_t)(valid - full));
+      for (int64_t j = (valid + 7) / 8 * 8; j < lds; j += 8) store8(sr + j, splat(0.f));
       const float total = hsum(sum);
       sc.rows[r] = 1.f / total;
       lp[bh * g.lq + q0 + r] = m + std::log(total);
@@ -366,7 +369,6 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
       for (int64_t c = 0; c < d; c += 8) t += load8(o + c) * load8(gr + c);
       delta[r] = hsum(t);
     }
-    const v8i lane = {0, 1, 2, 3, 4, 5, 6, 7};
     for (int64_t k0 = 0; k0 < g.lk; k0 += kBwdKeys) {
       const int64_t nk = std::min(kBwdKeys, g.lk - k0), np = g.panels(nk), lds = np * kNR;
       float *s = sc.s.data(), *ds = sc.ds.data(), *dkb = sc.dk.data(), *dvb = sc.dv.data();
@@ -389,9 +391,9 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
           }
           const float shift = lp[bh * g.lq + row], dl = delta[row];
           const uint32_t base = (uint32_t)(((uint64_t)bh * g.lq + row) * g.lk + k0);
-          for (int64_t j = 0; j < lds; j += 8) {
+          auto term = [&](int64_t j, v8i in) {
             v8f p = exp_nonpos(load8(sr + j) * splat(scale) - splat(shift));
-            p = (lane + (int32_t)j) < (int32_t)valid ? p : splat(0.f);
+            p = in ? p : splat(0.f);
             v8f dp = load8(dsr + j), pd = p;
             if (drop.on()) {
               const v8i keep = drop.keep(base + (uint32_t)j);
@@ -400,6 +402,13 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
             }
             store8(sr + j, pd);                                       // dropped P, for dV
             store8(dsr + j, p * (dp - splat(dl)) * splat(scale));      // dS of scaled scores
+          };
+          const int64_t full = valid / 8 * 8;
+          for (int64_t j = 0; j < full; j += 8) term(j, ~v8i{});
+          if (full < valid) term(full, kLane < (int32_t)(valid - full));
+          for (int64_t j = (valid + 7) / 8 * 8; j < lds; j += 8) {
+            store8(sr + j, splat(0.f));
+            store8(dsr + j, splat(0.f));
           }
         }
         // dV_blk += Pd^T dO_b, dK_blk += dS^T Q_b, dQ_b += dS K_blk.
