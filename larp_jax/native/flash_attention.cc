@@ -135,27 +135,29 @@ void pack_transposed(const float* x, int64_t ldx, int64_t rows, int64_t d, int64
   }
 }
 
-// exp(x) for x <= 0 (softmax arguments), relative error < 1e-7 on [-87, 0]; below -87 it returns
-// exp(-87) ~ 1.6e-38 instead of smaller numbers (nothing next to a row maximum's exp(0) = 1).
+// exp(x) for x <= 0 (softmax arguments) as 2^t, t = x log2(e): t = n + f with n = round(t)
+// (the 1.5 * 2^23 rounding trick, whose low bits also hold n) and |f| <= 1/2, 2^f from a
+// degree-6 fit. Relative error (against double exp): 1.2e-7 on [-1, 0], 5e-7 on [-10, -1],
+// 1e-6 on [-20, -10], 4e-6 below: the rounding of t, the size of float32's own spacing at x.
+// Below t = -126 it returns 2^-126 ~ 1.2e-38 (nothing next to a row maximum's exp(0) = 1).
 inline v8f exp_nonpos(v8f x) {
-  const v8f lo = splat(-87.f);
-  x = x < lo ? lo : x;
-  const v8f t = x * splat(1.44269504088896341f) - splat(0.5f);
-  const v8i n = __builtin_convertvector(t, v8i);            // trunc(t - 1/2) = round(t), t <= 0
-  const v8f nf = __builtin_convertvector(n, v8f);
-  v8f r = x - nf * splat(0.693359375f);
-  r = r - nf * splat(-2.12194440e-4f);
-  v8f y = splat(1.9875691500e-4f);
-  y = y * r + splat(1.3981999507e-3f);
-  y = y * r + splat(8.3334519073e-3f);
-  y = y * r + splat(4.1665795894e-2f);
-  y = y * r + splat(1.6666665459e-1f);
-  y = y * r + splat(5.0000001201e-1f);
-  y = y * r * r + r + splat(1.f);
-  const v8i bits = (n + 127) << 23;
-  v8f scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return y * scale;
+  v8f t = x * splat(1.44269504088896341f);
+  t = t < splat(-126.f) ? splat(-126.f) : t;
+  const v8f shifted = t + splat(12582912.f);                 // 1.5 * 2^23
+  const v8f f = t - (shifted - splat(12582912.f));
+  v8f y = splat(1.5345806605182588e-4f);
+  y = y * f + splat(1.3399930903688073e-3f);
+  y = y * f + splat(9.618489071726799e-3f);
+  y = y * f + splat(5.550328642129898e-2f);
+  y = y * f + splat(0.24022646248340607f);
+  y = y * f + splat(0.6931471824645996f);
+  y = y * f + splat(1.f);
+  v8i bits, n;
+  std::memcpy(&bits, &y, sizeof(y));
+  std::memcpy(&n, &shifted, sizeof(n));
+  bits += n << 23;                                           // y * 2^n
+  std::memcpy(&y, &bits, sizeof(y));
+  return y;
 }
 
 inline v8u mix32(v8u x) {
