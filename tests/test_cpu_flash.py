@@ -2,7 +2,10 @@
 exists, agrees with the einsum reference (values, gradients, causal mask, dropout), and 'auto'
 falls back to 'chunked' where it cannot run."""
 
+import os
 import shutil
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -118,3 +121,30 @@ def test_compiler_errors_are_reported(monkeypatch, tmp_path):
   with pytest.raises(RuntimeError, match='compiling broken.cc failed'):
     native.build()
   assert not list((tmp_path / 'cache').glob('*.so'))       # no half-written library left
+
+
+_SHARDED = r'''
+import os
+os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=4'
+import jax, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from larp_jax.models import transformer
+print('AUTO', transformer.resolve_attention_impl('auto'))
+mesh = Mesh(np.array(jax.devices()), ('data',))
+q = jax.random.normal(jax.random.key(0), (4, 48, 2, 16))
+spec = NamedSharding(mesh, P('data'))
+f = jax.jit(lambda q: transformer.attention(q, q, q, causal=True, impl='cpu_flash'),
+            out_shardings=spec)
+ref = transformer.attention(q, q, q, causal=True, impl='xla')
+print('DIFF', float(np.abs(np.asarray(f(jax.device_put(q, spec))) - np.asarray(ref)).max()))
+'''
+
+
+@needs_kernel
+def test_several_cpu_devices_auto_is_chunked_and_explicit_cpu_flash_is_still_right():
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  r = subprocess.run([sys.executable, '-c', _SHARDED], cwd=root, capture_output=True, text=True,
+                     timeout=300, env=dict(os.environ, JAX_PLATFORMS='cpu'))
+  lines = dict(l.split(' ', 1) for l in r.stdout.splitlines() if l.startswith(('AUTO', 'DIFF')))
+  assert lines.get('AUTO') == 'chunked', r.stdout + r.stderr[-2000:]
+  assert float(lines['DIFF']) < 1e-5

@@ -390,13 +390,19 @@ def _chunked_attention(q, k, v, *, causal: bool, seeds=None, dropout_rate: float
 
 def resolve_attention_impl(impl: str, *, dropout: bool = False) -> str:
   """The kernel ``attention(impl=impl)`` runs on the default backend: 'auto' is 'cpu_flash' on
-  CPU when the C++ kernel builds here (``larp_jax.native.flash_attention``), else 'chunked',
-  and 'xla' elsewhere; 'dot_product_attention' has no dropout, so with dropout on it is 'xla'.
-  ``select_attention_impl`` refines this for given inputs."""
+  a single CPU device when the C++ kernel builds here (``larp_jax.native.flash_attention``),
+  else 'chunked', and 'xla' elsewhere; 'dot_product_attention' has no dropout, so with dropout
+  on it is 'xla'. ``select_attention_impl`` refines this for given inputs.
+
+  With several CPU devices 'auto' stays on 'chunked': XLA cannot partition the C++ custom call,
+  so under a sharded jit it would all-gather q, k, v and compute the whole attention on every
+  device (an explicit 'cpu_flash' still does that, correctly)."""
   check_choice('attention impl', impl, ATTENTION_CHOICES)
   if impl == 'auto':
     if jax.default_backend() != 'cpu':
       return 'xla'
+    if jax.device_count() > 1:
+      return 'chunked'
     from larp_jax.native import flash_attention as native
     return 'cpu_flash' if native.available() else 'chunked'
   if impl == 'dot_product_attention' and dropout:
@@ -441,8 +447,8 @@ def attention(q, k, v, *, causal: bool, dropout_rng=None, dropout_rate: float = 
       (``jax.nn.dot_product_attention``: cuDNN flash attention on GPU), 'chunked' (pure JAX, a few
       heads and a query chunk at a time, recomputed in the backward pass: memory linear in
       L), 'cpu_flash' (the C++ flash kernel of ``larp_jax.native``, an XLA FFI call: the
-      fastest on CPU, float32, head dim a multiple of 16) or 'auto' ('cpu_flash' on CPU where
-      it builds and takes the inputs, else 'chunked'; 'xla' elsewhere).
+      fastest on CPU, float32, head dim a multiple of 16) or 'auto' ('cpu_flash' on a single
+      CPU device where it builds and takes the inputs, else 'chunked'; 'xla' elsewhere).
       'dot_product_attention' has no dropout and falls back to 'xla' when dropout is active.
   Returns:
     [B, Lq, H, Dh] in q's dtype.
