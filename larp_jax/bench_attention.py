@@ -65,9 +65,16 @@ def _max_diff(a, b) -> float:
   return float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32))))
 
 
-def default_impls() -> list:
+def default_impls(shape: Sequence[int] = DEFAULT_SHAPE, dtype: str = 'float32') -> list:
+  """'cpu_flash' (where it runs: CPU, built, float32, head dim a multiple of 16), 'chunked',
+  'xla'."""
   from larp_jax.native import flash_attention as native
-  return (['cpu_flash'] if native.available() else []) + ['chunked', 'xla']
+  impls = ['chunked', 'xla']
+  if jax.default_backend() == 'cpu' and native.available():
+    x = jax.ShapeDtypeStruct(tuple(shape), jnp.dtype(dtype))
+    if native.supports(x, x) is None:
+      impls.insert(0, 'cpu_flash')
+  return impls
 
 
 def run(*, shape: Sequence[int] = DEFAULT_SHAPE, q_len: Optional[int] = None,
@@ -76,11 +83,8 @@ def run(*, shape: Sequence[int] = DEFAULT_SHAPE, q_len: Optional[int] = None,
         seed: int = 0) -> dict:
   """Times every impl (default: ``default_impls()``) and returns the JSON record (see the
   module docstring)."""
-  impls = default_impls() if impls is None else list(impls)
   if len(shape) != 4 or min(shape) < 1:
     raise ValueError(f'shape must be four positive sizes B,L,H,Dh, got {list(shape)}')
-  for impl in impls:
-    transformer.resolve_attention_impl(impl)            # a clear error for an unknown name
   if not 0.0 <= dropout < 1.0:
     raise ValueError(f'dropout={dropout} must be in [0, 1)')
   b, l, h, d = shape
@@ -92,7 +96,10 @@ def run(*, shape: Sequence[int] = DEFAULT_SHAPE, q_len: Optional[int] = None,
                      '--q_len or --causal')
   if runs < 1 or warmup < 0:
     raise ValueError(f'runs={runs} must be >= 1 and warmup={warmup} >= 0')
+  impls = default_impls(shape, dtype) if impls is None else list(impls)
   q, k, v, g = _inputs(shape, q_len, jnp.dtype(dtype), seed)
+  for impl in impls:      # a clear error now for an unknown name or a kernel that cannot run
+    transformer.select_attention_impl(impl, q, k, v, dropout=dropout > 0)
   rng = jax.random.key(seed + 1)
   flops = attention_flops(b, q_len, l, h, d, causal)
 
@@ -111,7 +118,7 @@ def run(*, shape: Sequence[int] = DEFAULT_SHAPE, q_len: Optional[int] = None,
     out, gr = cf(q, k, v), cg(q, k, v, g)
     results[impl] = {
         'compile_s': compile_s,
-        'ran_as': transformer.select_attention_impl(impl, q, k, dropout=dropout > 0),
+        'ran_as': transformer.select_attention_impl(impl, q, k, v, dropout=dropout > 0),
         'max_abs_diff_vs_xla_f32': {
             'out': _max_diff(out, ref_out),
             **{f'd{n}': _max_diff(a, r) for n, a, r in zip('qkv', gr, ref_g)}},
@@ -178,8 +185,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                        'block).', flag_values=fv)
   flags.DEFINE_bool('causal', False, 'Lower-triangular mask (the prior).', flag_values=fv)
   flags.DEFINE_float('dropout', 0.0, 'Attention-dropout rate (the prior: 0.1).', flag_values=fv)
-  flags.DEFINE_list('impls', default_impls(), f'Any of {transformer.ATTENTION_CHOICES} '
-                    "(default: 'cpu_flash' where it builds, 'chunked', 'xla').", flag_values=fv)
+  flags.DEFINE_list('impls', None, f'Any of {transformer.ATTENTION_CHOICES} (default: '
+                    "'cpu_flash' where it runs: CPU, float32, head dim % 16 == 0; 'chunked', "
+                    "'xla').", flag_values=fv)
   flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], 'q, k, v dtype.',
                     flag_values=fv)
   flags.DEFINE_integer('runs', 10, 'Interleaved timed rounds.', flag_values=fv)

@@ -53,7 +53,7 @@ def test_attention_dropout_mask_rate_and_causal_rows():
 
 
 def test_auto_attention_matches_xla():
-  q = jax.random.normal(jax.random.key(0), (1, 16, 2, 8))
+  q = jax.random.normal(jax.random.key(0), (1, 16, 2, 16))   # head dim 16: 'cpu_flash' on CPU
   np.testing.assert_allclose(transformer.attention(q, q, q, causal=False, impl='auto'),
                              transformer.attention(q, q, q, causal=False, impl='xla'), atol=1e-6)
   np.testing.assert_array_equal(transformer.attention(

@@ -52,6 +52,18 @@ def test_bfloat16_inputs_and_the_dpa_fallback_label():
   assert 0 < diff < 0.1        # bf16 rounding against the float32 reference, nothing worse
 
 
+def test_default_impls_take_cpu_flash_only_where_it_runs():
+  """float32 with a head dim of 16: the C++ kernel first (where it builds);
+  bfloat16 or a head dim of 8: only the pure-JAX kernels, and the default run does not fail."""
+  from larp_jax.native import flash_attention as native
+  expect = ['cpu_flash'] if native.available() else []
+  assert bench_attention.default_impls((1, 32, 2, 16), 'float32')[:1] == expect
+  assert bench_attention.default_impls((1, 32, 2, 16), 'bfloat16') == ['chunked', 'xla']
+  assert bench_attention.default_impls((1, 32, 2, 8), 'float32') == ['chunked', 'xla']
+  rec = bench_attention.run(shape=(1, 32, 2, 16), dtype='bfloat16', runs=1, warmup=0, peak=False)
+  assert list(rec['impls']) == ['chunked', 'xla']
+
+
 def test_main_writes_json(tmp_path, capsys):
   out = tmp_path / 'a.json'
   bench_attention.main(['prog', '--shape=1,32,2,8', '--q_len=16', '--runs=1', '--warmup=0',
@@ -69,6 +81,7 @@ def test_main_writes_json(tmp_path, capsys):
     (dict(causal=True, q_len=32), 'q_len == L'),
     (dict(q_len=0), 'q_len=0'),
     (dict(dropout=1.0), 'dropout'),
+    (dict(impls=('cpu_flash',), dtype='bfloat16'), 'float32|cannot run'),
 ])
 def test_bad_arguments(kwargs, match):
   with pytest.raises(ValueError, match=match):

@@ -3,6 +3,7 @@ exists, agrees with the einsum reference (values, gradients, causal mask, dropou
 falls back to 'chunked' where it cannot run."""
 
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -15,15 +16,19 @@ import pytest
 from larp_jax.models import transformer
 from larp_jax.native import flash_attention as native
 
-HAVE_CXX = shutil.which('c++') is not None
+HAVE_CXX = shutil.which(shlex.split(os.environ.get('CXX', 'c++'))[0]) is not None
 
 
 def test_kernel_builds_where_a_compiler_exists():
   if not HAVE_CXX:
     pytest.skip('no C++ compiler on this machine')
   assert native.unavailable_reason() is None
-  assert native.build().exists()                           # cached: same library again
-  assert transformer.resolve_attention_impl('auto') == 'cpu_flash'
+  lib = native.build()
+  stamp = lib.stat().st_mtime_ns
+  assert native.build() == lib and lib.stat().st_mtime_ns == stamp   # cached, not rebuilt
+  assert os.access(lib, os.R_OK | os.X_OK)
+  if jax.device_count() == 1:
+    assert transformer.resolve_attention_impl('auto') == 'cpu_flash'
 
 
 needs_kernel = pytest.mark.skipif(not HAVE_CXX, reason='no C++ compiler on this machine')
@@ -67,6 +72,18 @@ def test_cpu_flash_fewer_queries_than_keys():
 
   (l_ref, g_ref), (l, g) = loss('xla'), loss('cpu_flash')
   np.testing.assert_allclose(l, l_ref, rtol=1e-5)
+  for a, b in zip(g, g_ref):
+    np.testing.assert_allclose(a, b, atol=3e-5)
+
+
+@needs_kernel
+def test_cpu_flash_dropout_with_fewer_queries_than_keys():
+  """The dropout counters use both lengths: (head * Lq + row) * Lk + col."""
+  ks = jax.random.split(jax.random.key(9), 4)
+  q, dout = (jax.random.normal(kk, (2, 24, 2, 16)) for kk in ks[:2])
+  k, v = (jax.random.normal(kk, (2, 70, 2, 16)) for kk in ks[2:])
+  (o_ref, g_ref), (o, g) = (_run(i, q, k, v, dout, False, 0.25) for i in ('xla', 'cpu_flash'))
+  np.testing.assert_allclose(o, o_ref, atol=3e-6)
   for a, b in zip(g, g_ref):
     np.testing.assert_allclose(a, b, atol=3e-5)
 
@@ -129,6 +146,11 @@ os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=4'
 import jax, numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from larp_jax.models import transformer
+from larp_jax.native import flash_attention as native
+x = jax.random.normal(jax.random.key(1), (1, 20, 1, 16))      # the module on its own, first
+direct = native.flash_attention(x, x, x, jax.numpy.zeros((2,), jax.numpy.uint32), False, 0.0)
+print('DIRECT', float(np.abs(np.asarray(direct) - np.asarray(
+    transformer.attention(x, x, x, causal=False, impl='xla'))).max()))
 print('AUTO', transformer.resolve_attention_impl('auto'))
 mesh = Mesh(np.array(jax.devices()), ('data',))
 q = jax.random.normal(jax.random.key(0), (4, 48, 2, 16))
@@ -142,9 +164,12 @@ print('DIFF', float(np.abs(np.asarray(f(jax.device_put(q, spec))) - np.asarray(r
 
 @needs_kernel
 def test_several_cpu_devices_auto_is_chunked_and_explicit_cpu_flash_is_still_right():
+  """In a fresh process: the module called directly (it loads itself), 'auto' with 4 CPU
+  devices, and an explicit 'cpu_flash' under a sharded jit."""
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   r = subprocess.run([sys.executable, '-c', _SHARDED], cwd=root, capture_output=True, text=True,
                      timeout=300, env=dict(os.environ, JAX_PLATFORMS='cpu'))
-  lines = dict(l.split(' ', 1) for l in r.stdout.splitlines() if l.startswith(('AUTO', 'DIFF')))
+  lines = dict(l.split(' ', 1) for l in r.stdout.splitlines()
+               if l.startswith(('AUTO', 'DIFF', 'DIRECT')))
   assert lines.get('AUTO') == 'chunked', r.stdout + r.stderr[-2000:]
-  assert float(lines['DIFF']) < 1e-5
+  assert float(lines['DIFF']) < 1e-5 and float(lines['DIRECT']) < 1e-5

@@ -30,7 +30,7 @@ class TransformerDiscriminator(nn.Module):
   num_heads: int = 8
   mlp_ratio: float = 4.0
   norm_eps: float = 1e-5
-  attention_impl: str = 'auto'         # 'auto': 'cpu_flash' (else 'chunked') on CPU, 'xla' elsewhere
+  attention_impl: str = 'auto'         # see transformer.resolve_attention_impl
   remat: str = 'none'
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32

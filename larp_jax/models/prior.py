@@ -34,7 +34,7 @@ class PriorGPT(nn.Module):
   dropout: float = 0.1
   attn_dropout_in_eval: bool = True
   norm_eps: float = 1e-5
-  attention_impl: str = 'auto'     # transformer.attention impl: 'auto' = 'cpu_flash' on CPU
+  attention_impl: str = 'auto'     # transformer.attention impl (see resolve_attention_impl)
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 

@@ -109,7 +109,7 @@ class LARPTokenizer(nn.Module):
   prior_attn_dropout_in_eval: bool = True   # released-code quirk (LARP_SPEC 5)
   prior_n_rounds: int = 2
   prior_ce_temperature: float = 1.0
-  attention_impl: str = 'auto'         # 'auto': 'cpu_flash' (else 'chunked') on CPU, 'xla' elsewhere
+  attention_impl: str = 'auto'         # see transformer.resolve_attention_impl
   remat: str = 'none'
   scan_layers: bool = False
   dtype: Any = jnp.float32

@@ -410,14 +410,14 @@ def resolve_attention_impl(impl: str, *, dropout: bool = False) -> str:
   return impl
 
 
-def select_attention_impl(impl: str, q, k, *, dropout: bool = False) -> str:
+def select_attention_impl(impl: str, q, k, v=None, *, dropout: bool = False) -> str:
   """The kernel ``attention`` runs for these q, k: ``resolve_attention_impl``, except that an
   'auto' resolved to 'cpu_flash' becomes 'chunked' for inputs the C++ kernel does not take,
   and an explicit 'cpu_flash' that cannot run raises ValueError saying why."""
   requested, impl = impl, resolve_attention_impl(impl, dropout=dropout)
   if impl == 'cpu_flash':
     from larp_jax.native import flash_attention as native
-    why = native.unavailable_reason() or native.supports(q, k)
+    why = native.unavailable_reason() or native.supports(q, k, v)
     if why and requested == 'auto':
       return 'chunked'
     if why:
@@ -447,8 +447,9 @@ def attention(q, k, v, *, causal: bool, dropout_rng=None, dropout_rate: float = 
       (``jax.nn.dot_product_attention``: cuDNN flash attention on GPU), 'chunked' (pure JAX, a few
       heads and a query chunk at a time, recomputed in the backward pass: memory linear in
       L), 'cpu_flash' (the C++ flash kernel of ``larp_jax.native``, an XLA FFI call: the
-      fastest on CPU, float32, head dim a multiple of 16) or 'auto' ('cpu_flash' on a single
-      CPU device where it builds and takes the inputs, else 'chunked'; 'xla' elsewhere).
+      fastest on CPU, float32, head dim a multiple of 16; differentiable once, not twice) or
+      'auto' ('cpu_flash' on a single CPU device where it builds and takes the inputs, else
+      'chunked'; 'xla' elsewhere).
       'dot_product_attention' has no dropout and falls back to 'xla' when dropout is active.
   Returns:
     [B, Lq, H, Dh] in q's dtype.
@@ -457,7 +458,7 @@ def attention(q, k, v, *, causal: bool, dropout_rng=None, dropout_rate: float = 
     raise ValueError(f'causal attention needs as many queries as keys, got {q.shape[1]} queries '
                      f'and {k.shape[1]} keys')
   dropout_on = dropout_rng is not None and dropout_rate > 0
-  impl = select_attention_impl(impl, q, k, dropout=dropout_on)
+  impl = select_attention_impl(impl, q, k, v, dropout=dropout_on)
   if dropout_on and dropout_rate >= 1.0:
     return jnp.zeros_like(q)
   seeds = dropout_seeds(dropout_rng) if dropout_on else None

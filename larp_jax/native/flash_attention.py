@@ -22,6 +22,7 @@ import functools
 import hashlib
 import os
 import platform
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -53,11 +54,12 @@ def _cpu_flags() -> str:
   return platform.processor() or platform.machine()
 
 
-def _compiler() -> Tuple[str, str]:
-  cxx = os.environ.get('CXX', 'c++')
-  out = subprocess.run([cxx, '--version'], capture_output=True, text=True, timeout=60)
+def _compiler() -> Tuple[list, str]:
+  """($CXX, else c++) split like a shell would (e.g. 'ccache g++'), and its version line."""
+  cxx = shlex.split(os.environ.get('CXX', 'c++'))
+  out = subprocess.run([*cxx, '--version'], capture_output=True, text=True, timeout=60)
   if out.returncode != 0:
-    raise OSError(f'{cxx} --version failed: {out.stderr.strip()[-300:]}')
+    raise OSError(f'{" ".join(cxx)} --version failed: {out.stderr.strip()[-300:]}')
   return cxx, out.stdout.strip().splitlines()[0]
 
 
@@ -81,13 +83,19 @@ def build() -> Path:
   lib.parent.mkdir(parents=True, exist_ok=True)
   fd, tmp = tempfile.mkstemp(suffix='.so', dir=lib.parent)
   os.close(fd)
-  cmd = [cxx, *FLAGS, '-I', jax.ffi.include_dir(), str(SOURCE), '-o', tmp]
-  out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-  if out.returncode != 0:
-    os.unlink(tmp)
-    raise RuntimeError(f'compiling {SOURCE.name} failed ({" ".join(cmd)}):\n'
-                       f'{out.stderr.strip()[-2000:]}')
-  os.replace(tmp, lib)          # atomic: concurrent processes see a whole library or none
+  try:
+    cmd = [*cxx, *FLAGS, '-I', jax.ffi.include_dir(), str(SOURCE), '-o', tmp]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    if out.returncode != 0:
+      raise RuntimeError(f'compiling {SOURCE.name} failed ({" ".join(cmd)}):\n'
+                         f'{out.stderr.strip()[-2000:]}')
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o755 & ~umask)   # mkstemp's 0600 would hide a shared cache from other users
+    os.replace(tmp, lib)            # atomic: concurrent processes see a whole library or none
+  finally:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
   return lib
 
 
@@ -120,15 +128,27 @@ def available() -> bool:
   return unavailable_reason() is None
 
 
-def supports(q, k) -> Optional[str]:
-  """None if the kernel takes these [B, L, H, Dh] arrays, else why not."""
-  if q.dtype != jnp.float32 or k.dtype != jnp.float32:
-    return f'it computes in float32 only (got {q.dtype})'
-  if q.shape[-1] % 16:
-    return f'the head dim must be a multiple of 16 (got {q.shape[-1]})'
+def supports(q, k, v=None) -> Optional[str]:
+  """None if the kernel takes these [B, L, H, Dh] arrays (v defaults to k's shape and dtype),
+  else why not."""
+  v = k if v is None else v
+  if any(x.dtype != jnp.float32 for x in (q, k, v)):
+    return f'it computes in float32 only (got {q.dtype}, {k.dtype}, {v.dtype})'
+  same = lambda x: (x.shape[0], x.shape[2], x.shape[3])
+  if q.ndim != 4 or k.ndim != 4 or k.shape != v.shape or same(q) != same(k):
+    return (f'it needs q [B, Lq, H, Dh] and k, v [B, Lk, H, Dh] (got {q.shape}, {k.shape}, '
+            f'{v.shape})')
+  if q.shape[-1] % 16 or q.shape[-1] == 0:
+    return f'the head dim must be a positive multiple of 16 (got {q.shape[-1]})'
   if k.shape[1] == 0:
     return 'there are no keys'
   return None
+
+
+def _require():
+  why = unavailable_reason()
+  if why is not None:
+    raise RuntimeError(f'the C++ CPU attention kernel is unavailable: {why}')
 
 
 def _attrs(causal: bool, rate: float) -> dict:
@@ -139,6 +159,7 @@ def _attrs(causal: bool, rate: float) -> dict:
 
 
 def _forward(q, k, v, seeds, causal, rate):
+  _require()
   b, lq, h, _ = q.shape
   call = jax.ffi.ffi_call(
       'larp_cpu_flash_forward',
@@ -149,7 +170,10 @@ def _forward(q, k, v, seeds, causal, rate):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
 def flash_attention(q, k, v, seeds, causal: bool, rate: float):
-  """softmax(q k^T / sqrt(Dh), causal mask, dropout ``rate`` from ``seeds``) v, [B, Lq, H, Dh]."""
+  """softmax(q k^T / sqrt(Dh), causal mask, dropout ``rate`` from ``seeds``) v, [B, Lq, H, Dh].
+
+  Differentiable once: its backward pass is the second FFI handler, which JAX cannot
+  differentiate again (for gradients of gradients use attention_impl='chunked')."""
   return _forward(q, k, v, seeds, causal, rate)[0]
 
 
