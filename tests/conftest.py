@@ -11,6 +11,14 @@ if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 
 
+def assert_vjp_close(got, ref, *, atol_out, atol_grad):
+  """``got`` and ``ref`` are (output, (gradients...)) of two kernels: equal within the atols."""
+  import numpy as np
+  np.testing.assert_allclose(got[0], ref[0], atol=atol_out)
+  for a, b in zip(got[1], ref[1]):
+    np.testing.assert_allclose(a, b, atol=atol_grad)
+
+
 def tiny_tokenizer_kwargs(**overrides):
   kw = dict(video_shape=(4, 16, 16), patch_size=(2, 8, 8), num_latent_tokens=8, width=32,
             encoder_depth=1, decoder_depth=1, num_heads=2, codebook_size=64, code_dim=8,
