@@ -427,7 +427,8 @@ def _disc_update_flops(exp, state, video) -> Optional[float]:
 
 TWIN_NOTE = ("XLA's cost analysis counts a loop body once (scan_layers, 'chunked' attention) and "
              "custom calls (cuDNN attention, 'cpu_flash') as 0, so these FLOPs are those of the "
-             "same program with scan_layers=False and attention_impl='xla' (compiled for cost analysis only)")
+             "same program with scan_layers=False and attention_impl='xla' (compiled for cost "
+             "analysis only)")
 
 
 def needs_cost_twin(model) -> bool:

@@ -160,7 +160,7 @@ class Dropout(nn.Module):
     return dropout(x, self.rate, self.make_rng('dropout'))
 
 
-def _softmax_attention(q, k, v, *, causal: bool, seeds=None, dropout_rate: float = 0.0):
+def _softmax_attention(q, k, v, *, causal: bool, seeds, dropout_rate: float = 0.0):
   """Reference attention on [B, L, H, Dh]: einsum scores, float32 softmax, einsum output, and
   the counter-based attention-dropout mask of ``_attention_keep`` when ``dropout_rate > 0``."""
   b, lq, h, _ = q.shape
@@ -361,7 +361,7 @@ def _flash_bwd(causal, rate, residuals, do):
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
-def _chunked_attention(q, k, v, *, causal: bool, seeds=None, dropout_rate: float = 0.0):
+def _chunked_attention(q, k, v, *, causal: bool, seeds, dropout_rate: float = 0.0):
   """Flash-style attention computed one (example, head, query chunk) block at a time.
 
   Each block's [chunk, Lk] scores (at most ~1 MiB) stay in cache; the forward pass keeps only
@@ -381,8 +381,6 @@ def _chunked_attention(q, k, v, *, causal: bool, seeds=None, dropout_rate: float
   b, lq, h, d = q.shape
   scale = jnp.asarray(d ** -0.5, q.dtype)
   per_head = lambda x: jnp.transpose(x, (0, 2, 1, 3)).reshape(b * h, x.shape[1], d)
-  if seeds is None:
-    seeds = jnp.zeros((2,), jnp.uint32)
   out = _flash(per_head(q * scale), per_head(k), per_head(v), seeds, causal,
                float(dropout_rate))                                    # [B*H, Lq, Dh]
   return jnp.transpose(out.reshape(b, h, lq, d), (0, 2, 1, 3))
@@ -426,13 +424,6 @@ def select_attention_impl(impl: str, q, k, v=None, *, dropout: bool = False) -> 
   return impl
 
 
-def _cpu_flash_attention(q, k, v, *, causal: bool, seeds=None, dropout_rate: float = 0.0):
-  from larp_jax.native import flash_attention as native
-  if seeds is None:
-    seeds = jnp.zeros((2,), jnp.uint32)
-  return native.flash_attention(q, k, v, seeds, causal, float(dropout_rate))
-
-
 def attention(q, k, v, *, causal: bool, dropout_rng=None, dropout_rate: float = 0.0,
               impl: str = 'xla'):
   """Multi-head scaled dot-product attention.
@@ -461,14 +452,16 @@ def attention(q, k, v, *, causal: bool, dropout_rng=None, dropout_rate: float = 
   impl = select_attention_impl(impl, q, k, v, dropout=dropout_on)
   if dropout_on and dropout_rate >= 1.0:
     return jnp.zeros_like(q)
-  seeds = dropout_seeds(dropout_rng) if dropout_on else None
+  # Every kernel takes a dropout key; without dropout it is unused.
+  seeds = dropout_seeds(dropout_rng) if dropout_on else jnp.zeros((2,), jnp.uint32)
   rate = float(dropout_rate) if dropout_on else 0.0
   if impl == 'dot_product_attention':
     return jax.nn.dot_product_attention(q, k, v, is_causal=causal).astype(q.dtype)
   if impl == 'chunked':
     return _chunked_attention(q, k, v, causal=causal, seeds=seeds, dropout_rate=rate)
   if impl == 'cpu_flash':
-    return _cpu_flash_attention(q, k, v, causal=causal, seeds=seeds, dropout_rate=rate)
+    from larp_jax.native import flash_attention as native
+    return native.flash_attention(q, k, v, seeds, causal, rate)
   return _softmax_attention(q, k, v, causal=causal, seeds=seeds, dropout_rate=rate)
 
 

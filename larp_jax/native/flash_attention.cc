@@ -24,6 +24,7 @@
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <utility>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -252,27 +253,48 @@ struct Scratch {
   int64_t head = -1;
 };
 
-ffi::Error CheckShapes(const ffi::Buffer<ffi::F32>& q, const ffi::Buffer<ffi::F32>& k,
-                       const ffi::Buffer<ffi::F32>& v) {
+// What both handlers read from their operands and attributes.
+struct Problem {
+  Geometry g;
+  Dropout drop;
+  float scale;      // 1 / sqrt(D)
+};
+
+ffi::Error Setup(const ffi::Buffer<ffi::F32>& q, const ffi::Buffer<ffi::F32>& k,
+                 const ffi::Buffer<ffi::F32>& v, const ffi::Buffer<ffi::U32>& seeds,
+                 int64_t threshold, float keep_scale, Problem* pb) {
   const auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions();
   if (qd.size() != 4 || kd.size() != 4 || vd.size() != 4 || qd[3] % kNR != 0 ||
       qd[0] != kd[0] || qd[2] != kd[2] || qd[3] != kd[3] ||
       !std::equal(kd.begin(), kd.end(), vd.begin()))
     return ffi::Error::InvalidArgument(
         "larp flash attention: need q [B, Lq, H, D] and k, v [B, Lk, H, D] with D % 16 == 0");
+  pb->g = Geometry{qd[0], qd[1], kd[1], qd[2], qd[3]};
+  pb->drop = Dropout{seeds.typed_data()[0], seeds.typed_data()[1], (uint32_t)threshold,
+                     keep_scale};
+  pb->scale = 1.f / std::sqrt((float)qd[3]);
   return ffi::Error::Success();
+}
+
+// Visits one score row in vectors of 8: term(j, lanes) for the `valid` columns (the last vector
+// with only its lanes < valid set), then zero(j) for the vectors up to `width`.
+template <typename Term, typename Zero>
+inline void over_row(int64_t valid, int64_t width, Term term, Zero zero) {
+  const int64_t full = valid / 8 * 8;
+  for (int64_t j = 0; j < full; j += 8) term(j, ~v8i{});
+  if (full < valid) term(full, kLane < (int32_t)(valid - full));
+  for (int64_t j = (valid + 7) / 8 * 8; j < width; j += 8) zero(j);
 }
 
 ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
                    ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::U32> seeds,
                    ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> lse,
                    int64_t causal, int64_t threshold, float keep_scale) {
-  if (ffi::Error e = CheckShapes(q, k, v); e.failure()) return e;
-  const auto qd = q.dimensions(), kd = k.dimensions();
-  const Geometry g{qd[0], qd[1], kd[1], qd[2], qd[3]};
-  const Dropout drop{seeds.typed_data()[0], seeds.typed_data()[1], (uint32_t)threshold,
-                     keep_scale};
-  const float scale = 1.f / std::sqrt((float)g.d);
+  Problem pb;
+  if (ffi::Error e = Setup(q, k, v, seeds, threshold, keep_scale, &pb); e.failure()) return e;
+  const Geometry& g = pb.g;
+  const Dropout& drop = pb.drop;
+  const float scale = pb.scale;
   const int64_t bq = query_block(g.lk), nqb = (g.lq + bq - 1) / bq;
   const float *qp = q.typed_data(), *kp = k.typed_data(), *vp = v.typed_data();
   float *op = out->typed_data(), *lp = lse->typed_data();
@@ -310,10 +332,7 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ff
         if (drop.on()) p = drop.keep(base + (uint32_t)j) ? p * splat(drop.scale) : splat(0.f);
         store8(sr + j, p);
       };
-      const int64_t full = valid / 8 * 8;
-      for (int64_t j = 0; j < full; j += 8) term(j, ~v8i{});
-      if (full < valid) term(full, kLane < (int32_t)(valid - full));
-      for (int64_t j = (valid + 7) / 8 * 8; j < lds; j += 8) store8(sr + j, splat(0.f));
+      over_row(valid, lds, term, [&](int64_t j) { store8(sr + j, splat(0.f)); });
       const float total = hsum(sum);
       sc.rows[r] = 1.f / total;
       lp[bh * g.lq + q0 + r] = m + std::log(total);
@@ -336,12 +355,11 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
                     ffi::Buffer<ffi::F32> dout, ffi::ResultBuffer<ffi::F32> dq,
                     ffi::ResultBuffer<ffi::F32> dk, ffi::ResultBuffer<ffi::F32> dv,
                     int64_t causal, int64_t threshold, float keep_scale) {
-  if (ffi::Error e = CheckShapes(q, k, v); e.failure()) return e;
-  const auto qd = q.dimensions(), kd = k.dimensions();
-  const Geometry g{qd[0], qd[1], kd[1], qd[2], qd[3]};
-  const Dropout drop{seeds.typed_data()[0], seeds.typed_data()[1], (uint32_t)threshold,
-                     keep_scale};
-  const float scale = 1.f / std::sqrt((float)g.d);
+  Problem pb;
+  if (ffi::Error e = Setup(q, k, v, seeds, threshold, keep_scale, &pb); e.failure()) return e;
+  const Geometry& g = pb.g;
+  const Dropout& drop = pb.drop;
+  const float scale = pb.scale;
   const int64_t ld = g.row(), np_all = g.panels(g.lk);
   const float *qp = q.typed_data(), *kp = k.typed_data(), *vp = v.typed_data();
   const float *op = out.typed_data(), *lp = lse.typed_data(), *gp = dout.typed_data();
@@ -406,13 +424,10 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
             store8(sr + j, pd);                                       // dropped P, for dV
             store8(dsr + j, p * (dp - splat(dl)) * splat(scale));      // dS of scaled scores
           };
-          const int64_t full = valid / 8 * 8;
-          for (int64_t j = 0; j < full; j += 8) term(j, ~v8i{});
-          if (full < valid) term(full, kLane < (int32_t)(valid - full));
-          for (int64_t j = (valid + 7) / 8 * 8; j < lds; j += 8) {
+          over_row(valid, lds, term, [&](int64_t j) {
             store8(sr + j, splat(0.f));
             store8(dsr + j, splat(0.f));
-          }
+          });
         }
         // dV_blk += Pd^T dO_b, dK_blk += dS^T Q_b, dQ_b += dS K_blk.
         matmul(nk, d, rows, s, 1, lds, sc.gp.data() + q0 * kNR, kNR, g.lq * kNR, dvb, d, true);
@@ -434,32 +449,40 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(LarpFlashForward, Forward,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::U32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("causal")
-                                  .Attr<int64_t>("threshold")
-                                  .Attr<float>("keep_scale"));
+namespace {
 
+// The operands both handlers start with (q, k, v, seeds) and the attributes they end with.
+auto BindInputs() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::ThreadPool>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::Buffer<ffi::U32>>();
+}
+
+template <typename Binding>
+auto BindAttrs(Binding binding) {
+  return std::move(binding)
+      .template Attr<int64_t>("causal")
+      .template Attr<int64_t>("threshold")
+      .template Attr<float>("keep_scale");
+}
+
+}  // namespace
+
+// Forward(q, k, v, seeds) -> (out, lse).
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LarpFlashForward, Forward,
+                              BindAttrs(BindInputs()
+                                            .Ret<ffi::Buffer<ffi::F32>>()
+                                            .Ret<ffi::Buffer<ffi::F32>>()));
+
+// Backward(q, k, v, seeds, out, lse, dout) -> (dq, dk, dv).
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LarpFlashBackward, Backward,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::U32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("causal")
-                                  .Attr<int64_t>("threshold")
-                                  .Attr<float>("keep_scale"));
+                              BindAttrs(BindInputs()
+                                            .Arg<ffi::Buffer<ffi::F32>>()
+                                            .Arg<ffi::Buffer<ffi::F32>>()
+                                            .Arg<ffi::Buffer<ffi::F32>>()
+                                            .Ret<ffi::Buffer<ffi::F32>>()
+                                            .Ret<ffi::Buffer<ffi::F32>>()
+                                            .Ret<ffi::Buffer<ffi::F32>>()));
