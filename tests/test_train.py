@@ -146,6 +146,24 @@ def test_main_reports_config_errors_in_one_line(tmp_path):
   assert 'Traceback' not in r.stderr
 
 
+def test_a_signal_after_the_checkpoint_decision_stops_at_the_next_step_with_a_checkpoint(tmp_path):
+  """A SIGTERM handled late in a step (here during its evaluation hook, after the loop decided
+  not to checkpoint that step) must not end the run without a checkpoint: it stops after the
+  next step, which saves. (Once the loop broke out of step 2 with nothing saved.)"""
+  c = tiny_config(total_steps=8, checkpoint_every=4, eval_every=1)
+  c.loss.lpips_weight = 0.0
+
+  def signal_at_step_2(exp, state, workdir, step):
+    if step == 2:
+      os.kill(os.getpid(), signal.SIGTERM)   # the loop's handler only sets a flag
+    return {}
+
+  loop.run(c, str(tmp_path), evaluate_fn=signal_at_step_2)
+  mngr = checkpoint.manager(str(tmp_path))
+  assert mngr.all_steps() == [3]
+  mngr.close()
+
+
 _TRAIN_SCRIPT = r'''
 import sys, jax
 sys.path.insert(0, {root!r})
@@ -194,7 +212,7 @@ def test_sigterm_checkpoints_and_sigkill_restarts_to_the_same_parameters(tmp_pat
   mngr = checkpoint.manager(run)
   preempted_at = mngr.latest_step()
   mngr.close()
-  assert preempted_at is not None and preempted_at < steps
+  assert preempted_at is not None and preempted_at < steps, out[-4000:]
 
   p = _train_proc(run, steps, every=4)
   _wait_for_step(run, preempted_at + 5, p)

@@ -219,10 +219,12 @@ def run(config, workdir: str, *, evaluate_fn=None, stop_at: Optional[int] = None
         state, metrics = train_step(state, batch, key, lpips_params)
         report(step)
         is_last = step == total
-        if stop_at is not None and step >= stop_at:
-          preemption.requested = True
+        # Read the signal flag once per step: a SIGTERM that lands after this line (the handler
+        # runs whenever the main thread waits, e.g. on the metrics below) stops the *next*
+        # step, so the run never exits between deciding to checkpoint and saving.
+        stop_now = preemption.requested or (stop_at is not None and step >= stop_at)
         log_now = step % int(config.log_every) == 0 or is_last or step == start_step + 1
-        ckpt_now = step % int(config.checkpoint_every) == 0 or is_last or preemption.requested
+        ckpt_now = step % int(config.checkpoint_every) == 0 or is_last or stop_now
         if log_now or ckpt_now:
           host = checked(metrics, step)   # also guards every checkpoint against NaN state
           last_metrics = host
@@ -245,8 +247,8 @@ def run(config, workdir: str, *, evaluate_fn=None, stop_at: Optional[int] = None
           if eval_metrics:
             writer.write_scalars(step, {f'eval/{k}': v for k, v in eval_metrics.items()
                                         if isinstance(v, (int, float))})
-        if preemption.requested:
-          logging.warning('Preempted at step %d: checkpoint saved, exiting.', step)
+        if stop_now:
+          logging.warning('Stopping at step %d: checkpoint saved, exiting.', step)
           break
     finally:
       mngr.wait_until_finished()
