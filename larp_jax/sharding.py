@@ -52,7 +52,7 @@ def replicated(mesh: Mesh) -> NamedSharding:
 @contextlib.contextmanager
 def logical_context(mesh: Mesh, logical_rules):
   """Mesh + logical axis rules active, so ``nn.with_logical_constraint`` takes effect."""
-  with mesh, nn.logical_axis_rules(logical_rules):
+  with jax.set_mesh(mesh), nn.logical_axis_rules(logical_rules):
     yield
 
 

@@ -136,7 +136,7 @@ def tokenizer_train_step(state: TokenizerTrainState, batch, key, lpips_params, *
                                           start_mult=optim_cfg.start_lr_mult,
                                           min_mult=optim_cfg.min_lr_mult)
   metrics = {'loss': recon_total + latent_loss, **terms, **aux, **disc_stats,
-             'grad_norm': optax.global_norm(grads), 'lr': lr, 'mix_ratio': mix}
+             'grad_norm': optax.tree.norm(grads), 'lr': lr, 'mix_ratio': mix}
   metrics = {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
   new_state = state.replace(step=step, params=params, opt_state=opt_state,
                             disc_params=disc_params, disc_opt_state=disc_opt_state,
