@@ -257,6 +257,9 @@ for name, mesh, n in (('one', dict(data=1, fsdp=1, tensor=1), 1),
                                          sharding.batch_sharding(exp.mesh))
       state, m = step(state, batch, jax.random.key(0), {{}})
       losses.append({{k: float(v) for k, v in m.items()}})
+    if name == 'dp2_fsdp4':   # the activations' logical constraints reach the program
+      text = step.lower(state, batch, jax.random.key(0), {{}}).as_text()
+      out['constraints'] = text.count('sharding_constraint') + text.count('@Sharding')
   out[name] = losses
   out[name + '_params'] = float(sum(np.abs(np.asarray(x)).sum()
                                     for x in jax.tree_util.tree_leaves(state.params)))
@@ -279,3 +282,4 @@ def test_data_parallel_and_fsdp_meshes_match_one_device():
                                    err_msg=f'{name} step {step + 1} {key}')
     np.testing.assert_allclose(out[name + '_params'], out['one_params'], rtol=1e-5)
   assert out['sharded_big_params'] > 0.5   # FSDP really shards the large weights
+  assert out['constraints'] > 0   # (under jax 0.10's `with mesh:` flax silently dropped them)
