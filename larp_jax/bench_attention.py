@@ -69,12 +69,8 @@ def default_impls(shape: Sequence[int] = DEFAULT_SHAPE, dtype: str = 'float32') 
   """'cpu_flash' (where it runs: CPU, built, float32, head dim a multiple of 16), 'chunked',
   'xla'."""
   from larp_jax.native import flash_attention as native
-  impls = ['chunked', 'xla']
-  if jax.default_backend() == 'cpu' and native.available():
-    x = jax.ShapeDtypeStruct(tuple(shape), jnp.dtype(dtype))
-    if native.supports(x, x) is None:
-      impls.insert(0, 'cpu_flash')
-  return impls
+  x = jax.ShapeDtypeStruct(tuple(shape), jnp.dtype(dtype))
+  return ['cpu_flash', 'chunked', 'xla'] if native.cannot_run(x, x) is None else ['chunked', 'xla']
 
 
 def run(*, shape: Sequence[int] = DEFAULT_SHAPE, q_len: Optional[int] = None,

@@ -415,7 +415,7 @@ def select_attention_impl(impl: str, q, k, v=None, *, dropout: bool = False) -> 
   requested, impl = impl, resolve_attention_impl(impl, dropout=dropout)
   if impl == 'cpu_flash':
     from larp_jax.native import flash_attention as native
-    why = native.unavailable_reason() or native.supports(q, k, v)
+    why = native.cannot_run(q, k, v)
     if why and requested == 'auto':
       return 'chunked'
     if why:

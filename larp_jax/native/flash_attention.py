@@ -145,6 +145,14 @@ def supports(q, k, v=None) -> Optional[str]:
   return None
 
 
+def cannot_run(q, k, v=None) -> Optional[str]:
+  """None if the kernel runs here on these arrays (CPU backend, built, ``supports``), else why
+  not. Building happens on the first call."""
+  if jax.default_backend() != 'cpu':
+    return f'it runs on the CPU backend only (the default backend is {jax.default_backend()})'
+  return unavailable_reason() or supports(q, k, v)
+
+
 def _require():
   why = unavailable_reason()
   if why is not None:
