@@ -62,5 +62,16 @@ def state_shardings(boxed_init: Callable[[], Any], mesh: Mesh, logical_rules):
   abstract = jax.eval_shape(boxed_init)
   specs = nn.get_partition_spec(abstract)
   shardings = nn.logical_to_mesh_sharding(specs, mesh, logical_rules)
-  return nn.unbox(abstract), shardings
+  return strip_boxes(abstract), shardings
+
+
+def strip_boxes(tree):
+  """The values inside ``nn.Partitioned`` boxes, with no sharding constraint applied.
+
+  ``nn.unbox`` applies each box's constraint whenever a mesh is set (``jax.set_mesh``), which
+  outside ``jit`` fails on abstract values and plain arrays alike; this works in any context.
+  """
+  is_box = lambda x: isinstance(x, nn.Partitioned)
+  return jax.tree_util.tree_map(lambda x: x.unbox(apply_constraint=False) if is_box(x) else x,
+                                tree, is_leaf=is_box)
 
