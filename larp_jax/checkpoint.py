@@ -1,17 +1,42 @@
 """Orbax checkpointing: asynchronous, keep-N, restored into the sharded abstract state.
 
-Orbax writes each checkpoint into a temporary directory and renames it when complete, so a
-checkpoint that was being written when the process died is never taken for the last good one.
+Orbax writes each checkpoint into a temporary directory (``*.orbax-checkpoint-tmp-*``) and
+renames it when complete, so a checkpoint that was being written when the process died is never
+taken for the last good one; those directories are Orbax's and are left alone here.
+
+Integrity rule of ``restore_latest``: the steps in ``<workdir>/checkpoints/`` are tried from the
+newest to the oldest.
+
+- *Damaged*: the step's tree metadata (``<step>/default/_METADATA``) is missing or unreadable (an
+  empty step directory included), or reading its arrays fails (a truncated or missing file). The
+  step is named in one warning line, moved aside to
+  ``<workdir>/damaged_checkpoints/<step>-<UTC time>/`` (so that training can save that step
+  number again; only process 0 moves, and only with ``quarantine=True`` and a writable manager)
+  and the next older step is tried. Nothing is ever deleted. When every step is
+  damaged, ``ValueError``: starting from scratch is left to the user.
+- *Config mismatch*: the metadata reads fine but its parameter names or shapes differ from the
+  requested state (the run was restarted with another model). That is no damage: ``ValueError``
+  naming the first differing parameter; nothing is moved and no older step is tried.
+- Errors of the device or of the storage service (``JaxRuntimeError``, ``MemoryError``,
+  TensorStore's UNAVAILABLE, DEADLINE_EXCEEDED, ...) say nothing about the files and propagate.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import time
 from typing import Any, Optional
 
+from etils import epath
 import jax
+from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
+
+_ITEM = 'default'   # the item directory Orbax writes for a single unnamed item
+_DAMAGED_DIR = 'damaged_checkpoints'
+_TRANSIENT = ('UNAVAILABLE', 'DEADLINE_EXCEEDED', 'RESOURCE_EXHAUSTED', 'CANCELLED', 'ABORTED',
+              'UNAUTHENTICATED', 'PERMISSION_DENIED')
 
 
 def manager(workdir: str, *, keep: int = 3, async_save: bool = True) -> ocp.CheckpointManager:
@@ -30,11 +55,139 @@ def abstract_with_shardings(abstract_state, shardings):
       lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, shardings)
 
 
-def restore_latest(mngr: ocp.CheckpointManager, abstract_state, shardings) -> tuple[Optional[int], Any]:
-  """(step, state) of the latest complete checkpoint, or (None, None) when there is none."""
-  step = mngr.latest_step()
-  if step is None:
-    return None, None
+def restore_latest(mngr: ocp.CheckpointManager, abstract_state, shardings, *,
+                   quarantine: bool = True) -> tuple[Optional[int], Any]:
+  """(step, state) of the newest checkpoint that restores, or (None, None) when there is none.
+
+  Damaged steps are skipped with a warning and, when ``quarantine`` (and the manager is writable),
+  moved to ``<workdir>/damaged_checkpoints/``; see the module docstring for the rule. Read-only
+  callers pass ``quarantine=False``.
+
+  Raises:
+    ValueError: every checkpoint is damaged, or the newest readable one was written for another
+      model (parameter names or shapes differ from ``abstract_state``).
+  """
   target = abstract_with_shardings(abstract_state, shardings)
-  logging.info('Restoring checkpoint at step %d from %s', step, mngr.directory)
-  return step, mngr.restore(step, args=ocp.args.StandardRestore(target))
+  move = quarantine and not _read_only(mngr)
+  damaged = []
+  for step in sorted(mngr.all_steps(), reverse=True):
+    path = _step_dir(mngr, step)
+    logging.info('Restoring checkpoint at step %d from %s', step, path)
+    state, reason = _try_restore(mngr, step, target)
+    if reason is None:
+      return step, state
+    where = _move_aside(mngr, step) if move else None
+    damaged.append(f'{step} ({where or path})')
+    logging.warning('Checkpoint step %d at %s is damaged (%s); %s; trying an older step.', step,
+                    path, reason, f'moved it to {where}' if where else 'left it in place')
+  if damaged:
+    todo = ('they were moved aside, so rerunning starts from scratch' if move else
+            f'move them out of {mngr.directory} to start from scratch')
+    raise ValueError(f'every checkpoint in {mngr.directory} is damaged: steps '
+                     f'{", ".join(damaged)}; {todo}, or use a new --workdir.')
+  return None, None
+
+
+def _try_restore(mngr, step: int, target) -> tuple[Any, Optional[str]]:
+  """(state, None), or (None, short reason) when ``step`` is damaged; raises on a config mismatch."""
+  try:
+    stored = _stored_shapes(_step_dir(mngr, step) / _ITEM)
+  except Exception as e:   # pylint: disable=broad-except
+    if not _is_damage(e):
+      raise
+    return None, _reason(e)
+  mismatch = _first_mismatch(stored, _shapes(target))
+  if mismatch:
+    raise ValueError(
+        f'checkpoint step {step} at {_step_dir(mngr, step)} was written for another model: '
+        f'{mismatch}. Restore with the config it was trained with, or use a new --workdir.')
+  try:
+    return mngr.restore(step, args=ocp.args.StandardRestore(target)), None
+  except Exception as e:   # pylint: disable=broad-except
+    if not _is_damage(e):
+      raise
+    return None, _reason(e)
+
+
+def _stored_shapes(item_dir: epath.Path) -> dict[str, tuple]:
+  """{parameter name: shape} from the item's ``_METADATA``; raises when it is missing or bad."""
+  handler = ocp.StandardCheckpointHandler()
+  try:
+    tree = handler.metadata(item_dir).tree
+  finally:
+    handler.close()
+  return _shapes(tree)
+
+
+def _shapes(tree) -> dict[str, tuple]:
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {'.'.join(ocp.tree.str_keypath(p)): tuple(getattr(x, 'shape', ())) for p, x in leaves}
+
+
+def _first_mismatch(stored: dict, requested: dict) -> Optional[str]:
+  """The first parameter whose presence or shape differs, in words; None when all agree."""
+  for name, shape in requested.items():
+    if name not in stored:
+      return f'{name!r} (shape {shape}) is requested but not in the checkpoint'
+    if stored[name] != shape:
+      return f'{name!r} is stored with shape {stored[name]} but requested with shape {shape}'
+  extra = [name for name in stored if name not in requested]
+  return f'{extra[0]!r} is in the checkpoint but not requested' if extra else None
+
+
+def _chain(e: BaseException) -> list[BaseException]:
+  """``e`` and its explicit causes, outermost first (Orbax wraps TensorStore's errors)."""
+  chain = [e]
+  while chain[-1].__cause__ is not None and len(chain) < 10:
+    chain.append(chain[-1].__cause__)
+  return chain
+
+
+def _first_line(e: BaseException) -> str:
+  return (str(e).strip().splitlines() or [''])[0].split(' [tensorstore_spec')[0]
+
+
+def _is_damage(e: Exception) -> bool:
+  """Whether ``e``, raised reading a checkpoint, is about its files (not the device or network)."""
+  chain = _chain(e)
+  if any(isinstance(x, (jax.errors.JaxRuntimeError, MemoryError)) for x in chain):
+    return False
+  return not _first_line(chain[-1]).startswith(_TRANSIENT)
+
+
+def _reason(e: Exception) -> str:
+  """'Type: first line of the message' of the innermost cause: one short line."""
+  root = _chain(e)[-1]
+  return f'{type(root).__name__}: {_first_line(root)[:300]}'
+
+
+def _move_aside(mngr, step: int) -> epath.Path:
+  """Moves ``step`` to ``<workdir>/damaged_checkpoints/<step>-<UTC time>`` (process 0) and reloads."""
+  stamp = time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())
+  dest = epath.Path(mngr.directory).parent / _DAMAGED_DIR / f'{step}-{stamp}'
+  if jax.process_index() == 0:
+    dest = _unused(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    _step_dir(mngr, step).rename(dest)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(f'larp_checkpoint_move_aside_{step}')
+  mngr.reload()
+  return dest
+
+
+def _unused(path: epath.Path) -> epath.Path:
+  n = 1
+  candidate = path
+  while candidate.exists():
+    candidate = path.parent / f'{path.name}-{n}'
+    n += 1
+  return candidate
+
+
+def _step_dir(mngr, step: int) -> epath.Path:
+  return epath.Path(mngr.directory) / str(step)   # ``manager``'s default step names
+
+
+def _read_only(mngr) -> bool:
+  options = getattr(mngr, '_options', None)   # CheckpointManager has no public accessor
+  return bool(getattr(options, 'read_only', False))
