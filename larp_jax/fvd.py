@@ -6,15 +6,21 @@ REAL and FAKE are each one of
 * a folder of video files (searched recursively, so class subfolders are fine; decoded with PyAV):
   each file gives one clip, its first `num_frames` frames; files that cannot be decoded or are too
   short are skipped with a warning on stderr;
-* a `.npy` / `.npz` array of uint8 clips [N,T,H,W,3] (the first `num_frames` frames are used;
-  for `.npz` the array named `videos`, else the only / first array);
+* a `.npy` / `.npz` array of clips [N,T,H,W,3], uint8 in 0..255 or float in [0, 1] (e.g. the
+  float32 output of `Tokenizer.decode`), fed to I3D the way the library takes them (uint8 / 255 or
+  the float values as they are: uint8 u and float u / 255 give the same FVD up to float32 rounding);
+  the first `num_frames` frames are used; for `.npz` the array named `videos`, else the only / first
+  array;
 * a `.npz` of statistics written by `FeatureStats.save` (keys n, sum, sum_outer).
 
 With `--resolution R` every clip is resized (short side to R, bilinear with antialiasing, as
 torchvision's Resize) and center-cropped to RxR before I3D; without it clips go in at their own size
 (I3D resizes to 224 internally). Prints ONE JSON object on stdout:
 {"fvd": ..., "n_real": ..., "n_fake": ..., "protocol": {...}}. Progress goes to stderr.
-Bad input exits with code 2 and one `error: ...` line on stderr.
+Bad input exits with code 2 and one `error: ...` line on stderr; so do fewer than 2 clips on either
+side (the FVD needs a feature covariance). Fewer clips than the 400 feature dimensions give a
+rank-deficient covariance and an FVD biased upward: the number is printed with a warning on stderr.
+The standard protocol (StyleGAN-V, TF-GAN) uses 2048 clips per side.
 """
 from __future__ import annotations
 
@@ -27,6 +33,8 @@ from typing import Iterator, Optional
 import numpy as np
 
 VIDEO_EXTS = (".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".gif", ".mpg", ".mpeg")
+MIN_CLIPS = 2           # a covariance needs two samples
+STANDARD_CLIPS = 2048   # clips per side in the standard FVD protocol
 
 
 class InputError(Exception):
@@ -38,23 +46,28 @@ def _warn(msg: str) -> None:
 
 
 def resize_center_crop(clip: np.ndarray, size: int) -> np.ndarray:
-    """uint8 [T,H,W,3] -> uint8 [T,size,size,3]: short side to `size` (bilinear, antialiased, PIL),
-    long side int(size * long / short) as torchvision, then a center crop."""
+    """[T,H,W,3] -> [T,size,size,3]: short side to `size` (bilinear, antialiased, PIL),
+    long side int(size * long / short) as torchvision, then a center crop.
+
+    uint8 in, uint8 out (rounded); float in [0, 1] in, float32 in [0, 1] out (not rounded).
+    """
     from PIL import Image
 
+    is_uint8 = clip.dtype == np.uint8
     t, h, w, _ = clip.shape
     if h <= w:
         nh, nw = size, max(size, int(size * w / h))
     else:
         nh, nw = max(size, int(size * h / w)), size
-    out = np.empty((t, size, size, 3), np.uint8)
+    out = np.empty((t, size, size, 3), np.uint8 if is_uint8 else np.float32)
     top = int(round((nh - size) / 2.0))
     left = int(round((nw - size) / 2.0))
     for i in range(t):
         if (nh, nw) != (h, w):
             chans = [np.asarray(Image.fromarray(clip[i, :, :, c].astype(np.float32), mode="F")
                                 .resize((nw, nh), Image.BILINEAR)) for c in range(3)]
-            frame = np.clip(np.rint(np.stack(chans, -1)), 0, 255).astype(np.uint8)
+            frame = np.stack(chans, -1)
+            frame = np.clip(np.rint(frame), 0, 255).astype(np.uint8) if is_uint8 else np.clip(frame, 0, 1)
         else:
             frame = clip[i]
         out[i] = frame[top:top + size, left:left + size]
@@ -109,8 +122,28 @@ def _load_array(path: str):
         raise InputError(f"{path}: cannot read array ({type(e).__name__}: {e})") from None
 
 
+def _check_array(path: str, a: np.ndarray, num_frames: int, max_clips: Optional[int]) -> None:
+    """Raises InputError unless `a` is uint8 or [0, 1] float clips [N,T,H,W,3] with T >= num_frames."""
+    is_float = np.issubdtype(a.dtype, np.floating)
+    if not (a.dtype == np.uint8 or is_float) or a.ndim != 5 or a.shape[-1] != 3:
+        raise InputError(f"{path}: expected an array [N,T,H,W,3] of uint8 (0..255) or float in [0, 1], "
+                         f"got {a.dtype} {tuple(a.shape)}")
+    if a.shape[0] == 0:
+        raise InputError(f"{path}: the array holds no clips")
+    if a.shape[1] < num_frames:
+        raise InputError(f"{path}: clips have {a.shape[1]} frames, fewer than --num_frames={num_frames}")
+    if is_float:
+        used = a[:max_clips or a.shape[0], :num_frames]
+        lo, hi = float(np.min(used)), float(np.max(used))
+        if not (lo >= 0.0 and hi <= 1.0):  # also rejects NaN
+            raise InputError(
+                f"{path}: float values span [{lo:g}, {hi:g}]; accepted are uint8 0..255 or float in "
+                f"[0, 1]: convert with np.clip(x, 0, 1) if it is round-off, x / 255 if it is 0..255 data")
+
+
 class ClipSource:
-    """One side of the comparison: streams uint8 clips [T,H,W,3] or holds precomputed stats."""
+    """One side of the comparison: streams clips [T,H,W,3] (uint8, or float32 in [0, 1]) or holds
+    precomputed stats."""
 
     def __init__(self, path: str, num_frames: int, max_clips: Optional[int], resolution: Optional[int]):
         self.path, self.num_frames, self.max_clips, self.resolution = path, num_frames, max_clips, resolution
@@ -130,15 +163,20 @@ class ClipSource:
                 self.kind, self.stats = "stats", obj
                 return
             self.kind, self.array = "array", obj
-            a = obj
-            if a.dtype != np.uint8 or a.ndim != 5 or a.shape[-1] != 3:
-                raise InputError(f"{path}: expected a uint8 array [N,T,H,W,3], got {a.dtype} {tuple(a.shape)}")
-            if a.shape[0] == 0:
-                raise InputError(f"{path}: the array holds no clips")
-            if a.shape[1] < num_frames:
-                raise InputError(f"{path}: clips have {a.shape[1]} frames, fewer than --num_frames={num_frames}")
+            _check_array(path, obj, num_frames, max_clips)
         else:
             raise InputError(f"{path}: expected a folder of videos or a .npy/.npz file")
+
+    def max_count(self) -> int:
+        """Clips this side can give at most (exact for arrays and stats; files may fail to decode)."""
+        if self.kind == "stats":
+            return self.stats.n
+        n = self.array.shape[0] if self.kind == "array" else len(self.files)
+        return min(n, self.max_clips) if self.max_clips else n
+
+    def count_text(self) -> str:
+        n = self.max_count()
+        return f"{n} video file{'' if n == 1 else 's'}" if self.kind == "folder" else _clips(n)
 
     def clips(self) -> Iterator[np.ndarray]:
         count = 0
@@ -147,6 +185,7 @@ class ClipSource:
             n = self.array.shape[0] if limit is None else min(limit, self.array.shape[0])
             for i in range(n):
                 clip = np.asarray(self.array[i, :self.num_frames])
+                clip = clip if clip.dtype == np.uint8 else clip.astype(np.float32)
                 yield resize_center_crop(clip, self.resolution) if self.resolution else clip
             return
         for f in self.files:
@@ -176,6 +215,27 @@ def _batches(clips: Iterator[np.ndarray], batch: int) -> Iterator[np.ndarray]:
         yield np.stack(buf)
 
 
+def _clips(n: int) -> str:
+    return f"{n} clip" if n == 1 else f"{n} clips"
+
+
+def _too_few_clips(real: str, fake: str) -> InputError:
+    return InputError(
+        f"FVD needs a covariance of the features, i.e. at least {MIN_CLIPS} clips per side (got real: "
+        f"{real}, fake: {fake}); for a meaningful value use hundreds to thousands (the standard "
+        f"protocol uses {STANDARD_CLIPS})")
+
+
+def _check_clip_counts(real, fake) -> None:
+    """Raises InputError for fewer than MIN_CLIPS clips on a side; warns below the feature dim."""
+    if min(real.n, fake.n) < MIN_CLIPS:
+        raise _too_few_clips(_clips(real.n), _clips(fake.n))
+    if min(real.n, fake.n) < real.dim:
+        _warn(f"warning: fewer clips than the {real.dim} feature dimensions (real: {real.n}, fake: "
+              f"{fake.n}): the covariance is rank-deficient, so this FVD is biased upward and not "
+              f"comparable to published FVDs (the standard protocol uses {STANDARD_CLIPS} clips per side)")
+
+
 def _stats_for(src: ClipSource, extractor, label: str, batch: int):
     from larp_jax.evaluation.fvd import FeatureStats
 
@@ -194,7 +254,8 @@ def _stats_for(src: ClipSource, extractor, label: str, batch: int):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m larp_jax.fvd", description=__doc__.split("\n\n")[0])
-    ap.add_argument("real", help="folder of videos, .npy/.npz uint8 [N,T,H,W,3], or a stats .npz")
+    ap.add_argument("real", help="folder of videos, .npy/.npz [N,T,H,W,3] (uint8, or float in [0, 1]), "
+                                 "or a stats .npz")
     ap.add_argument("fake", help="same kinds as REAL")
     ap.add_argument("--batch", type=int, default=8, help="I3D mini-batch size (default 8)")
     ap.add_argument("--max_clips", type=int, default=None, help="use at most N clips from each side")
@@ -218,6 +279,8 @@ def main(argv=None) -> int:
             raise InputError("--resolution must be >= 1")
         real_src = ClipSource(args.real, args.num_frames, args.max_clips, args.resolution)
         fake_src = ClipSource(args.fake, args.num_frames, args.max_clips, args.resolution)
+        if min(real_src.max_count(), fake_src.max_count()) < MIN_CLIPS:  # fail before running I3D
+            raise _too_few_clips(real_src.count_text(), fake_src.count_text())
 
         from larp_jax.evaluation import fvd as F
 
@@ -226,6 +289,7 @@ def main(argv=None) -> int:
             extractor = F.I3DFeatureExtractor(batch_size=args.batch)
         real, real_shapes = _stats_for(real_src, extractor, "real", args.batch)
         fake, fake_shapes = _stats_for(fake_src, extractor, "fake", args.batch)
+        _check_clip_counts(real, fake)
         if args.save_stats:
             real.save(args.save_stats + "_real.npz")
             fake.save(args.save_stats + "_fake.npz")

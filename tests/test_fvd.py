@@ -1,7 +1,8 @@
 """FVD: statistics, Fréchet distance, cache, the real I3D network (black/white reference), CLI.
 
 Slow parts (2 CPU cores): the I3D reference test runs 3 forward passes of 2 clips at 224x224
-(16, 30, 15 frames; ~40 s) and the CLI tests run I3D on 2-clip, 9-frame, 32x32 arrays (~30 s).
+(16, 30, 15 frames; ~40 s) and the CLI tests run I3D on 2-clip, 9-frame, 32x32 arrays (~30 s);
+the clip-count and value-range errors are raised before I3D runs.
 """
 import json
 import os
@@ -54,10 +55,26 @@ def test_merge_equals_union_and_save_load(tmp_path):
 
 # ---------------------------------------------------------------- Fréchet distance
 
-def test_fvd_of_set_with_itself_is_zero():
-    s = F.FeatureStats.from_features(_rand_feats(600, 400, 3, scale=5.0))
-    d = F.fvd_from_stats(s, s)
-    assert abs(d) < 1e-6 * np.trace(s.cov()), d
+@pytest.mark.parametrize("n", [600, 2])  # full-rank and rank-deficient covariances
+def test_fvd_of_set_with_itself_is_exactly_zero(n):
+    s = F.FeatureStats.from_features(_rand_feats(n, 400, 3, scale=5.0))
+    assert F.fvd_from_stats(s, s) == 0.0
+    copy = F.FeatureStats.from_features(_rand_feats(n, 400, 3, scale=5.0))  # recomputed, same values
+    assert F.fvd_from_stats(s, copy) == 0.0
+
+
+def test_frechet_clamps_negative_round_off_to_zero():
+    x = _rand_feats(50, 8, 3)
+    a = F.FeatureStats.from_features(x)
+    b = F.FeatureStats.from_features(x[np.random.default_rng(1).permutation(50)])  # same set, reordered
+    mu1, s1, mu2, s2 = a.mean(), a.cov(), b.mean(), b.cov()
+    r = F.symmetric_sqrtm(s1)
+    raw = (mu1 - mu2) @ (mu1 - mu2) + np.trace(s1) + np.trace(s2) - 2 * np.trace(F.symmetric_sqrtm(r @ s2 @ r))
+    assert -1e-9 < raw < 0.0  # the unclamped formula dips below zero here
+    assert F.frechet_distance(mu1, s1, mu2, s2) == 0.0
+    for k in range(6):
+        c = F.FeatureStats.from_features(x[np.random.default_rng(k).permutation(50)])
+        assert 0.0 <= F.fvd_from_stats(a, c) < 1e-9
 
 
 def test_fvd_grows_with_noise():
@@ -151,8 +168,15 @@ def tiny_arrays(tmp_path_factory):
     fake = np.clip(real.astype(np.int32) + rng.integers(-60, 60, real.shape), 0, 255).astype(np.uint8)
     np.save(d / "real.npy", real)
     np.savez(d / "fake.npz", videos=fake)
-    np.save(d / "bad.npy", real.astype(np.float32))
+    np.save(d / "bad.npy", real.astype(np.float32))  # 0..255 floats
     np.save(d / "bad_shape.npy", real[:, 0])  # [N,H,W,3], no time axis
+    np.save(d / "bad_dtype.npy", real.astype(np.int32))
+    np.save(d / "one.npy", real[:1])
+    np.save(d / "real_float.npy", real.astype(np.float32) / 255.0)  # as Tokenizer.decode gives
+    slightly_neg = real.astype(np.float32) / 255.0
+    slightly_neg[0, 0, 0, 0, 0] = -0.01
+    np.save(d / "slightly_neg.npy", slightly_neg)
+    F.FeatureStats.from_features(_rand_feats(1, 400, 10)).save(str(d / "one_stats.npz"))
     return d
 
 
@@ -171,6 +195,10 @@ def test_cli_npy_npz(tiny_arrays):
     assert out["n_real"] == 2 and out["n_fake"] == 2
     assert np.isfinite(out["fvd"]) and out["fvd"] > 0
     assert out["protocol"]["num_frames"] == 9 and "i3d" in out["protocol"]
+    warnings = [l for l in r.stderr.splitlines() if l.startswith("warning:")]
+    assert len(warnings) == 1, r.stderr
+    assert "rank-deficient" in warnings[0] and "biased upward" in warnings[0]
+    assert "not comparable to published" in warnings[0] and "400" in warnings[0]
 
 
 def test_cli_same_set_is_zero(tiny_arrays, capsys):
@@ -180,7 +208,73 @@ def test_cli_same_set_is_zero(tiny_arrays, capsys):
                    "--batch=2", "--max_clips=2"])
     assert rc == 0
     out = json.loads(capsys.readouterr().out)
-    assert abs(out["fvd"]) < 1e-4, out["fvd"]
+    assert out["fvd"] == 0.0
+
+
+def test_cli_accepts_float_in_0_1(tiny_arrays, capsys):
+    """uint8 u and float32 u / 255 (e.g. `Tokenizer.decode` output) give the same FVD up to rounding."""
+    from larp_jax import fvd as cli
+
+    rc = cli.main([str(tiny_arrays / "real.npy"), str(tiny_arrays / "real_float.npy"),
+                   "--num_frames=9", "--batch=2"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    out = json.loads(captured.out)
+    assert out["n_fake"] == 2 and 0.0 <= out["fvd"] < 1e-3, out["fvd"]
+
+
+@pytest.mark.parametrize("name,found", [("bad.npy", "[0, 255]"), ("slightly_neg.npy", "[-0.01, ")])
+def test_cli_float_out_of_range_says_how_to_convert(tiny_arrays, capsys, name, found):
+    from larp_jax import fvd as cli
+
+    assert cli.main([str(tiny_arrays / "real.npy"), str(tiny_arrays / name), "--num_frames=9"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and err.startswith("error:"), err
+    for part in (found, "uint8 0..255", "float in [0, 1]", "np.clip(x, 0, 1)", "x / 255"):
+        assert part in err, (part, err)
+
+
+def test_resize_center_crop_float_matches_uint8():
+    from larp_jax import fvd as cli
+
+    u = np.random.default_rng(11).integers(0, 256, (2, 12, 20, 3), dtype=np.uint8)
+    a = cli.resize_center_crop(u, 8)
+    b = cli.resize_center_crop(u.astype(np.float32) / 255.0, 8)
+    assert a.dtype == np.uint8 and b.dtype == np.float32 and b.shape == a.shape == (2, 8, 8, 3)
+    assert b.min() >= 0.0 and b.max() <= 1.0
+    np.testing.assert_allclose(b * 255.0, a, atol=0.5 + 1e-3)  # uint8 output is rounded, float is not
+
+
+@pytest.mark.parametrize("real,fake,extra,counts", [
+    ("one.npy", "one.npy", [], "real: 1 clip, fake: 1 clip"),
+    ("real.npy", "one.npy", [], "real: 2 clips, fake: 1 clip"),
+    ("real.npy", "real.npy", ["--max_clips=1"], "real: 1 clip, fake: 1 clip"),
+    ("one_stats.npz", "real.npy", [], "real: 1 clip, fake: 2 clips"),
+])
+def test_cli_too_few_clips_exit_2(tiny_arrays, capsys, real, fake, extra, counts):
+    from larp_jax import fvd as cli
+
+    rc = cli.main([str(tiny_arrays / real), str(tiny_arrays / fake), "--num_frames=9", *extra])
+    captured = capsys.readouterr()
+    assert rc == 2 and captured.out == ""
+    err = captured.err
+    assert len(err.splitlines()) == 1 and err.startswith("error:"), err
+    for part in (counts, "covariance", "at least 2", "hundreds to thousands", "2048"):
+        assert part in err, (part, err)
+
+
+def test_clip_count_check_after_decoding(capsys):
+    """Folders are counted after decoding (files may be skipped): the same rules then apply."""
+    from larp_jax import fvd as cli
+
+    stats = {n: F.FeatureStats.from_features(_rand_feats(n, 400, n)) for n in (1, 2, 400)}
+    with pytest.raises(cli.InputError, match="real: 400 clips, fake: 1 clip"):
+        cli._check_clip_counts(stats[400], stats[1])
+    cli._check_clip_counts(stats[400], stats[2])
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("warning:") and "rank-deficient" in err[0], err
+    cli._check_clip_counts(stats[400], stats[400])
+    assert capsys.readouterr().err == ""
 
 
 def test_cli_bad_inputs_exit_2(tiny_arrays, tmp_path, capsys):
@@ -189,10 +283,11 @@ def test_cli_bad_inputs_exit_2(tiny_arrays, tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
     (tmp_path / "broken").mkdir()
-    (tmp_path / "broken" / "x.mp4").write_bytes(b"not a video")
+    for name in ("x.mp4", "y.mp4"):  # two, so that the clip count check does not stop it first
+        (tmp_path / "broken" / name).write_bytes(b"not a video")
     cases = [
         [str(tmp_path / "missing"), str(tiny_arrays / "real.npy")],
-        [str(tiny_arrays / "bad.npy"), str(tiny_arrays / "real.npy")],                  # dtype
+        [str(tiny_arrays / "bad_dtype.npy"), str(tiny_arrays / "real.npy")],            # dtype
         [str(tiny_arrays / "real.npy"), str(tiny_arrays / "bad_shape.npy")],            # shape
         [str(tiny_arrays / "real.npy"), str(tiny_arrays / "real.npy"), "--num_frames=12"],  # too short
         [str(empty), str(tiny_arrays / "real.npy")],                                     # no videos

