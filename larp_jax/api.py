@@ -1,7 +1,7 @@
 """Library entry point: a trained tokenizer, ready to use, from a run directory.
 
     tok = larp_jax.load_tokenizer('runs/demo')
-    tokens = tok.encode(video)        # [B, T, H, W, 3] in [0, 1] -> int32 [B, N]
+    tokens = tok.encode(video)        # [B, T, H, W, 3] in [0, 1] (or uint8) -> int32 [B, N]
     video = tok.decode(tokens)        # -> float32 [B, T, H, W, 3] in [0, 1]
 """
 
@@ -15,6 +15,7 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from larp_jax import checkpoint
 from larp_jax.models.tokenizer import LARPTokenizer
@@ -51,15 +52,76 @@ class Tokenizer:
     return self.model.num_latent_tokens
 
   def encode(self, video):
-    """[B, T, H, W, 3] float in [0, 1] (or uint8) -> int32 tokens [B, N]."""
+    """Tokens of a batch of videos.
+
+    Args:
+      video: [B, *video_shape, 3], numpy or jax; uint8 in 0..255 (scaled to [0, 1] by the model)
+        or float in [0, 1] (values within ``_RANGE_TOL`` of it are accepted as round-off).
+
+    Returns:
+      int32 tokens [B, N], N = ``num_tokens``.
+
+    Raises:
+      ValueError: wrong shape or dtype, or float values outside [0, 1].
+    """
+    if not isinstance(video, jax.Array):
+      video = np.asarray(video)
+    _check_video(video, self.video_shape)
     return self._encode(self.params, jnp.asarray(video))
 
   def decode(self, tokens):
-    """int tokens [B, N] -> float32 video [B, T, H, W, 3] in [0, 1]."""
+    """Videos of a batch of token sequences.
+
+    Args:
+      tokens: integer ids [B, N], numpy or jax, N = ``num_tokens``, each id in
+        [0, codebook_size). Float arrays are rejected, even with integral values.
+
+    Returns:
+      float32 video [B, *video_shape, 3] in [0, 1].
+
+    Raises:
+      ValueError: non-integer dtype, wrong shape, or an id outside [0, codebook_size).
+    """
+    tokens = np.asarray(tokens)
+    _check_tokens(tokens, self.num_tokens, self.model.codebook_size)
     return self._decode(self.params, jnp.asarray(tokens, jnp.int32))
 
-  def reconstruct(self, video):
-    return self.decode(self.encode(video))
+
+# Float videos may overshoot [0, 1] by this much (resampling / codec round-off).
+_RANGE_TOL = 1e-3
+
+
+def _check_video(video, video_shape) -> None:
+  """Raises ValueError unless ``video`` is [B, *video_shape, 3], uint8 or float in [0, 1]."""
+  expected = (*video_shape, 3)
+  shape = tuple(video.shape)
+  if len(shape) != len(expected) + 1 or shape[1:] != expected:
+    raise ValueError(f'video must have shape [B, {", ".join(map(str, expected))}] '
+                     f'(channels last), got {shape}')
+  if video.dtype == np.uint8:
+    return
+  if not jnp.issubdtype(video.dtype, jnp.floating):
+    raise ValueError(f'video must be uint8 (0..255) or float in [0, 1], got dtype {video.dtype}')
+  if video.size == 0:
+    return
+  lo, hi = float(video.min()), float(video.max())  # numpy, or two scalars from the device
+  if not (lo >= -_RANGE_TOL and hi <= 1.0 + _RANGE_TOL):  # also rejects NaN
+    hint = '; if this is 0..255 data, divide it by 255' if hi > 1.0 + _RANGE_TOL else ''
+    raise ValueError(f'float video values must lie in [0, 1], found [{lo:g}, {hi:g}]{hint}')
+
+
+def _check_tokens(tokens: np.ndarray, num_tokens: int, codebook_size: int) -> None:
+  """Raises ValueError unless ``tokens`` are integer ids [B, num_tokens] in [0, codebook_size)."""
+  if not jnp.issubdtype(tokens.dtype, jnp.integer):
+    raise ValueError(f'tokens must be an integer array, got dtype {tokens.dtype}')
+  if tokens.ndim != 2 or tokens.shape[1] != num_tokens:
+    raise ValueError(f'tokens must have shape [B, {num_tokens}], got {tuple(tokens.shape)}')
+  if tokens.size == 0:
+    return
+  lo, hi = int(tokens.min()), int(tokens.max())
+  if lo < 0 or hi >= codebook_size:
+    raise ValueError(f'token ids must lie in [0, {codebook_size}) (0..{codebook_size - 1}), '
+                     f'got min {lo}, max {hi}')
 
 
 def load_tokenizer(workdir: str, *, use_ema: bool = True) -> Tokenizer:
@@ -69,7 +131,7 @@ def load_tokenizer(workdir: str, *, use_ema: bool = True) -> Tokenizer:
   exp = loop.build(config, devices=jax.devices()[:1])
   mngr = checkpoint.manager(workdir, async_save=False)
   abstract, shardings = exp.abstract_state()
-  step, state = checkpoint.restore_latest(mngr, abstract, shardings)
+  step, state = checkpoint.restore_latest(mngr, abstract, shardings, quarantine=False)
   mngr.close()
   if state is None:
     raise FileNotFoundError(f'no checkpoint in {os.path.join(workdir, "checkpoints")}: '
