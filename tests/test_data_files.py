@@ -220,5 +220,29 @@ def test_prepare_cli_errors_in_one_line(tmp_path):
                      capture_output=True, text=True, check=False)
   assert r.returncode != 0 and 'prepare: no decodable video in' in r.stderr
   assert 'Traceback' not in r.stderr
+  # No TensorFlow start-up lines around it (they appear on x86 CPUs unless the CLI quiets them).
+  assert [l for l in r.stderr.splitlines() if 'oneDNN' in l or 'absl::InitializeLog' in l] == []
   with pytest.raises(ValueError, match='has no manifest.json'):
     data.get_dataset(_cfg('records', tmp_path), 'train', SHAPE, 2)
+
+
+def test_upscaling_more_than_2x_is_warned_once_per_file_and_counted(tmp_path, caplog):
+  d = tmp_path / 'a'
+  d.mkdir()
+  write_video(d / 'tiny.mp4', 8, h=8, w=8)       # 8x8 -> 32x32: 4x, warned
+  write_video(d / 'half.mp4', 8, h=16, w=16)     # 16x16 -> 32x32: exactly 2x, not warned
+  write_video(d / 'big.mp4', 8)                  # 32x48 -> 32x48: not resized
+  tiny = str(d / 'tiny.mp4')
+  it = data.get_dataset(_cfg('folder', tmp_path), 'train', (4, 32, 32), 3, seed=0)
+  for _ in range(4):  # 4 epochs: every file decoded 4 times
+    assert next(it)['video'].shape == (3, 4, 32, 32, 3)
+  it.close()
+  assert it.num_upscaled == 1 and it.upscaled_paths == [tiny]
+  warned = [r.getMessage() for r in caplog.records if 'upscaling' in r.getMessage()]
+  assert len(warned) == 1 and repr(tiny) in warned[0]
+  assert '8x8 to 32x32 (4.0x)' in warned[0]
+  ev = data.get_dataset(_cfg('folder', tmp_path), 'eval', (4, 16, 16), 3)
+  list(ev)
+  assert ev.num_upscaled == 0  # 8x8 -> 16x16 is 2x
+  out = tmp_path / 'rec'
+  assert prepare.prepare(str(tmp_path), str(out), short_side=24, shards=1)['num_upscaled'] == 1

@@ -1,4 +1,8 @@
 """Synthetic source, stream contract (determinism, hosts, resume, eval padding) and config checks."""
+import os
+import subprocess
+import sys
+
 import jax
 import numpy as np
 import pytest
@@ -7,6 +11,7 @@ from larp_jax import data
 from larp_jax.data import synthetic
 
 SHAPE = (4, 16, 24)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _cfg(**kw):
@@ -162,3 +167,18 @@ def test_make_global_batch():
     np.testing.assert_array_equal(np.asarray(g[k]), b[k])
   g2 = data.make_global_batch(b, mesh, jax.sharding.PartitionSpec('data'))
   assert g2['video'].sharding.spec == jax.sharding.PartitionSpec('data')
+
+
+def test_loading_a_config_does_not_import_tensorflow():
+  code = ('import sys; from larp_jax import config_lib; import larp_jax.data; '
+          "c = config_lib.load_config('configs/ucf101.py'); larp_jax.data.default_config(); "
+          "print(sorted(m for m in sys.modules if m.split('.')[0] == 'tensorflow')[:3])")
+  r = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True,
+                     check=True)
+  assert r.stdout.strip() == '[]', r.stdout
+  # The lazy names are the real ones.
+  from larp_jax.data import pipeline
+  assert data.get_dataset is pipeline.get_dataset and data.DataIterator is pipeline.DataIterator
+  assert {'default_config', 'get_dataset', 'num_skipped'} <= set(dir(data))
+  with pytest.raises(AttributeError, match='no attribute'):
+    data.nope  # pylint: disable=pointless-statement

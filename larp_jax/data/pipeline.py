@@ -13,9 +13,16 @@ Stream contract (all sources):
   resume guarantee, do not depend on bad files.
 * Evaluation is one ordered pass; the last batch is padded (mask False) and every host yields the
   same number of batches (a max over hosts), so multi-host eval loops stay in step.
+* `DataIterator.close()` (or leaving `with get_dataset(...) as it:`) stops the pipeline at once:
+  the Python work of the synthetic and folder sources sees the pipeline's cancel event and returns
+  placeholders instead of decoding, and the tf.data iterator is destroyed then and there.
 """
 import dataclasses
+import gc
+import logging
 import os
+import threading
+import weakref
 
 import jax
 import numpy as np
@@ -28,27 +35,39 @@ from larp_jax.data import video_io
 
 AUTOTUNE = tf.data.AUTOTUNE
 
+_log = logging.getLogger(__name__)
+
 
 @dataclasses.dataclass
 class Built:
   ds: tf.data.Dataset   # unbatched {'video', 'label', 'clip_id'}
   num_eval: int | None  # eval: planned local element count (before bad files are dropped)
   skip_log: video_io.SkipLog
+  # Set only by `DataIterator.close()`; the source's Python functions then return placeholders.
+  cancel: threading.Event = dataclasses.field(default_factory=threading.Event)
+  upscale_log: video_io.UpscaleLog | None = None  # None: the source does not track upscaling
 
 
 class DataIterator:
   """Iterator of numpy batch dicts. `num_skipped` counts the undecodable files it met so far.
 
-  Attributes: `dataset` (the batched tf.data.Dataset), `num_batches` (eval: batches this pass
-  yields, equal on every host; train: None), `train`, `batch_size`.
+  Attributes: `dataset` (the batched tf.data.Dataset; None once closed), `num_batches` (eval:
+  batches this pass yields, equal on every host; train: None), `train`, `batch_size`.
+
+  Close it when done (`it.close()`, or `with get_dataset(...) as it:`): that cancels the queued
+  and running Python work of the pipeline and destroys the tf.data iterator now, in order, instead
+  of at garbage collection, where tf.data waits for every running decode to finish.
   """
 
-  def __init__(self, ds, *, train, batch_size, num_batches, skip_log):
+  def __init__(self, ds, *, train, batch_size, num_batches, skip_log, cancel=None,
+               upscale_log=None):
     self.dataset = ds
     self.train = train
     self.batch_size = batch_size
     self.num_batches = num_batches
     self._skip_log = skip_log
+    self._upscale_log = upscale_log
+    self._cancel = cancel if cancel is not None else threading.Event()
     self._it = ds.as_numpy_iterator()
     self._emitted = 0
     # Zero-length arrays of each field: the template of all-padding batches.
@@ -63,16 +82,58 @@ class DataIterator:
   def skipped_paths(self) -> list:
     return sorted(self._skip_log.paths)
 
+  @property
+  def num_upscaled(self) -> int | None:
+    """Files resized up by more than `video_io.UPSCALE_WARN_FACTOR` on a side so far (each warned
+    about once); None for records/tfds, which resize in the TF graph and do not track it."""
+    return None if self._upscale_log is None else len(self._upscale_log)
+
+  @property
+  def upscaled_paths(self) -> list | None:
+    return None if self._upscale_log is None else sorted(self._upscale_log.paths)
+
+  @property
+  def closed(self) -> bool:
+    return self._it is None
+
+  def close(self) -> None:
+    """Stops the pipeline now; idempotent. Later `next()` calls raise RuntimeError.
+
+    Sets the pipeline's cancel event (queued and running decodes return placeholders at once; a
+    running PyAV decode stops within one frame), then destroys the tf.data iterator, which waits
+    only for that. `dataset` is dropped too: its Python functions stay cancelled.
+    """
+    if self._it is None:
+      return
+    self._cancel.set()
+    it, self._it = self._it, None
+    alive = weakref.ref(it)
+    del it
+    if alive() is not None:  # held by a reference cycle (e.g. a kept traceback): collect it now
+      gc.collect()
+    if alive() is not None:
+      _log.warning('DataIterator.close(): the tf.data iterator is still referenced elsewhere; '
+                   'it is destroyed when that reference goes')
+    self.dataset = None
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
+
   def __iter__(self):
     return self
 
   def __next__(self):
+    if self._it is None:
+      raise RuntimeError('data: this DataIterator is closed')
     if self.train:
-      return next(self._it)
+      return self._checked(next(self._it))
     if self._emitted >= self.num_batches:
       raise StopIteration
     b = self.batch_size
-    batch = next(self._it, None)
+    batch = self._checked(next(self._it, None))
     if batch is None:  # past the local data: an all-padding batch keeps hosts in step
       batch = self._spec
     n = len(batch['label'])
@@ -81,6 +142,12 @@ class DataIterator:
            'clip_id': pad(batch['clip_id'], -1), 'mask': np.arange(b) < n}
     self._emitted += 1
     return out
+
+  def _checked(self, batch):
+    """`batch`, unless close() ran meanwhile (another thread): it may hold placeholders then."""
+    if self._cancel.is_set():
+      raise RuntimeError('data: this DataIterator was closed during next()')
+    return batch
 
 
 def _host(process_index, process_count):
@@ -147,8 +214,11 @@ def _synthetic(cfg, split, video_shape, seed, skip, pi, pc) -> Built:
   room = max(length - clips.span(t, stride), 0)
   render_args = (int(cfg.synthetic_seed), split, int(cfg.synthetic_num_classes))
   style = str(cfg.synthetic_style)
+  cancel = threading.Event()
 
   def render(index, t0):
+    if cancel.is_set():  # closing: a placeholder, nobody reads it
+      return np.zeros((t, h, w, 3), np.float32), np.int32(0)
     clip, label = synthetic.render(*render_args[:2], int(index), render_args[2], int(t0),
                                    video_shape, stride, style)
     return clip, np.int32(label)
@@ -172,7 +242,7 @@ def _synthetic(cfg, split, video_shape, seed, skip, pi, pc) -> Built:
 
     ds = index_train_stream(len(ids), seed, skip).map(
         train_elem, num_parallel_calls=_npc(cfg, python_decode=True))
-    return Built(ds, None, video_io.SkipLog())
+    return Built(ds, None, video_io.SkipLog(), cancel, video_io.UpscaleLog())
 
   chunks = int(clips.num_chunks(length, t, stride)) if cfg.eval_chunks == 'all' else 1
   def eval_elem(j):
@@ -182,7 +252,7 @@ def _synthetic(cfg, split, video_shape, seed, skip, pi, pc) -> Built:
 
   n = len(ids) * chunks
   ds = tf.data.Dataset.range(n).map(eval_elem, num_parallel_calls=_npc(cfg, python_decode=True))
-  return Built(ds, n, video_io.SkipLog())
+  return Built(ds, n, video_io.SkipLog(), cancel, video_io.UpscaleLog())
 
 
 # ----------------------------------------------------------------------------- folder
@@ -207,15 +277,23 @@ def _folder(cfg, split, video_shape, seed, skip, pi, pc) -> Built:
   paths = [vl.paths[i] for i in ids]
   labels = vl.labels[ids]
   log = video_io.SkipLog()
+  upscaled = video_io.UpscaleLog()
+  cancel = threading.Event()
   short = cfg.short_side
+  # Placeholder of a dropped element (eval: a bad file; both: the pipeline is closing).
+  empty = (np.zeros((t, h, w, 3), np.uint8), np.int32(0), np.int32(-1), False)
 
   def load(pos, u, start):
-    """Clip of local video `pos`; -> frames, label, clip_id, ok."""
+    """Clip of local video `pos`; -> frames, label, clip_id, ok; `empty` once cancelled; None
+    for a bad file."""
     path = paths[pos]
     try:
       frames = video_io.decode(path, short_side=short, out_hw=(h, w), start_u=u,
-                               num_frames=t, stride=stride, start=start)
+                               num_frames=t, stride=stride, start=start, cancel=cancel,
+                               upscale_log=upscaled)
       return frames, labels[pos], np.int32(ids[pos]), True
+    except video_io.Cancelled:
+      return empty  # closing, not a bad file: not counted or logged
     except Exception as e:  # pylint: disable=broad-except
       log.add(path, f'{type(e).__name__}: {e}')
       return None
@@ -230,17 +308,19 @@ def _folder(cfg, split, video_shape, seed, skip, pi, pc) -> Built:
   else:
     raise ValueError(f'data: no decodable video in {loc!r} ({len(paths)} files tried)')
 
-  empty = (np.zeros((t, h, w, 3), np.uint8), np.int32(0), np.int32(-1), False)
-
   def py_train(pos, u):
     n = len(paths)
     for k in range(n):  # a bad file is replaced by the next good one: element count is kept
+      if cancel.is_set():
+        return empty
       out = load((int(pos) + k) % n, float(u), None)
       if out is not None:
         return out
     raise RuntimeError(f'no decodable video left in {loc!r}')
 
   def py_eval(pos, start):
+    if cancel.is_set():
+      return empty
     return load(int(pos), 0.0, int(start)) or empty
 
   def decoded(fn, args, u, train):
@@ -259,7 +339,7 @@ def _folder(cfg, split, video_shape, seed, skip, pi, pc) -> Built:
       return decoded(py_train, [pos, u[0]], u, True)
     ds = index_train_stream(len(paths), seed, skip).map(
         train_elem, num_parallel_calls=_npc(cfg, python_decode=True))
-    return Built(ds.map(_drop_ok), None, log)
+    return Built(ds.map(_drop_ok), None, log, cancel, upscaled)
 
   if cfg.eval_chunks == 'all':
     lens = []
@@ -281,7 +361,7 @@ def _folder(cfg, split, video_shape, seed, skip, pi, pc) -> Built:
       lambda p, s: decoded(py_eval, [p, s], zero_u, False),
       num_parallel_calls=_npc(cfg, python_decode=True))
   ds = ds.filter(lambda e: e['ok']).map(_drop_ok)
-  return Built(ds, len(pos), log)
+  return Built(ds, len(pos), log, cancel, upscaled)
 
 
 def _drop_ok(e):
@@ -297,6 +377,7 @@ def get_dataset(cfg, split: str, video_shape, batch_size: int, seed: int = 0, st
 
   split 'train': infinite, shuffled, drop_remainder; `start_step` skips exactly that many batches.
   split 'eval': one ordered pass, last batch padded, plus 'mask': bool [b] marking real clips.
+  Close the iterator when done: `it.close()` or `with get_dataset(...) as it:` (see DataIterator).
   """
   config_lib.validate(cfg, split, video_shape)
   if int(batch_size) < 1 or int(start_step) < 0:
@@ -325,7 +406,8 @@ def get_dataset(cfg, split: str, video_shape, batch_size: int, seed: int = 0, st
     num_batches = _global_max(-(-built.num_eval // batch_size), pc)
   ds = ds.prefetch(int(cfg.prefetch) if int(cfg.prefetch) > 0 else 0)
   return DataIterator(ds, train=split == 'train', batch_size=int(batch_size),
-                      num_batches=num_batches, skip_log=built.skip_log)
+                      num_batches=num_batches, skip_log=built.skip_log, cancel=built.cancel,
+                      upscale_log=built.upscale_log)
 
 
 def num_skipped(iterator: DataIterator | None = None) -> int:

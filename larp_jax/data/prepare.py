@@ -6,8 +6,10 @@ SRC is a folder (class = parent folder name, ids in sorted() order) or a CSV (`p
 `id,path,action,label`). Every video is decoded with PyAV and resized by swscale (antialiased
 bilinear) so its short side is `short_side`; frames are stored losslessly as PNG, so the records
 hold exactly the uint8 frames that `video_io.decode(path, short_side=...)` returns. Undecodable
-files are skipped with a warning and listed in the manifest. Videos are written in a fixed
-shuffled order (round-robin over shards) so that every shard mixes the classes.
+files are skipped with a warning and listed in the manifest. Videos resized up by more than
+`video_io.UPSCALE_WARN_FACTOR` on a side get one warning each and are counted (`num_upscaled`).
+Videos are written in a fixed shuffled order (round-robin over shards) so that every shard mixes
+the classes.
 """
 import argparse
 import concurrent.futures
@@ -17,6 +19,11 @@ import logging
 import os
 import sys
 
+from larp_jax import cli_env
+
+cli_env.quiet_tensorflow()  # before TensorFlow loads
+
+# pylint: disable=wrong-import-position
 import numpy as np
 from PIL import Image
 import tensorflow as tf
@@ -59,10 +66,11 @@ def prepare(src: str, out: str, short_side: int = 128, shards: int = 8, workers:
   info = [{'file': n, 'num_clips': 0, 'indices': [], 'num_frames': []} for n in names]
   order = np.random.default_rng(seed).permutation(len(vl.paths))
   log = video_io.SkipLog()
+  upscaled = video_io.UpscaleLog()
 
   def load(i):
     try:
-      return i, video_io.decode(vl.paths[i], short_side=short_side)
+      return i, video_io.decode(vl.paths[i], short_side=short_side, upscale_log=upscaled)
     except Exception as e:  # pylint: disable=broad-except
       log.add(vl.paths[i], f'{type(e).__name__}: {e}')
       return i, None
@@ -86,7 +94,8 @@ def prepare(src: str, out: str, short_side: int = 128, shards: int = 8, workers:
     s['sha256'] = records.sha256(os.path.join(out, s['file']))
   manifest = {'version': 1, 'source': os.path.abspath(src), 'num_clips': written,
               'classes': list(vl.classes), 'short_side': int(short_side),
-              'num_skipped': len(log), 'skipped': sorted(log.paths), 'shards': info}
+              'num_skipped': len(log), 'skipped': sorted(log.paths),
+              'num_upscaled': len(upscaled), 'shards': info}
   with open(os.path.join(out, records.MANIFEST), 'w') as f:
     json.dump(manifest, f, indent=1)
   return manifest

@@ -22,6 +22,15 @@ _log = logging.getLogger(__name__)
 _lock = threading.Lock()
 _all_skipped: set = set()  # every file skipped in this process, for `num_skipped()`
 
+# `decode` warns (once per file, through an `UpscaleLog`) when it resizes a video up by more than
+# this factor on either side: the clips are then mostly interpolation.
+UPSCALE_WARN_FACTOR = 2.0
+
+
+class Cancelled(Exception):
+  """`decode` stopped because its `cancel` event was set (the pipeline is closing); not a bad
+  file."""
+
 
 class SkipLog:
   """Thread-safe record of the files skipped by one pipeline; warns once per file."""
@@ -37,6 +46,27 @@ class SkipLog:
     if new:
       _log.warning('skipping undecodable video %r: %s (%d skipped so far)', path, reason,
                    len(self.paths))
+
+  def __len__(self):
+    return len(self.paths)
+
+
+class UpscaleLog:
+  """Thread-safe record of the files one pipeline resized up by more than `UPSCALE_WARN_FACTOR`
+  on either side; warns once per file."""
+
+  def __init__(self):
+    self.paths: set = set()
+
+  def add(self, path: str, src_hw, out_hw) -> None:
+    with _lock:
+      new = path not in self.paths
+      self.paths.add(path)
+    if new:
+      factor = max(out_hw[0] / src_hw[0], out_hw[1] / src_hw[1])
+      _log.warning('upscaling video %r from %dx%d to %dx%d (%.1fx): the source is much smaller '
+                   'than the clip (%d upscaled so far)', path, src_hw[0], src_hw[1], out_hw[0],
+                   out_hw[1], factor, len(self.paths))
 
   def __len__(self):
     return len(self.paths)
@@ -135,15 +165,32 @@ def probe_num_frames(path: str) -> int:
     return n
 
 
+def _check(cancel) -> None:
+  if cancel is not None and cancel.is_set():
+    raise Cancelled()
+
+
+def _output_size(h: int, w: int, out_hw, short_side) -> tuple[int, int]:
+  if out_hw is None and not short_side:
+    return h, w
+  oh, ow = out_hw if out_hw is not None else (1, 1)
+  return clips.resized_size(h, w, oh, ow, short_side)
+
+
 def decode(path: str, short_side=None, out_hw=None, start_u=None, num_frames=None, stride=1,
-           start=None, interpolation='BILINEAR'):
+           start=None, interpolation='BILINEAR', cancel=None, upscale_log=None):
   """Decodes frames as uint8 [n, h', w', 3], resized by swscale (antialiased bilinear).
 
   With `num_frames`, returns the clip of `num_frames` frames starting at `start`, or at a start
   drawn from `start_u` in [0, 1) (see `clips.start_frame`), padded with the last frame; without,
   returns every frame. The size is `clips.resized_size` of the source size for `out_hw` (H, W)
   and `short_side`; (None, None) keeps the source size. Raises on an undecodable file.
+
+  `cancel`: a `threading.Event`, checked before each frame; once set, decoding stops with the
+  `Cancelled`, which callers that pass `cancel` catch (it is not a bad file).
+  `upscale_log`: an `UpscaleLog` told about a resize up by more than `UPSCALE_WARN_FACTOR`.
   """
+  _check(cancel)
   f, container = _open(path)
   with f, container:
     if not container.streams.video:
@@ -159,13 +206,12 @@ def decode(path: str, short_side=None, out_hw=None, start_u=None, num_frames=Non
     kept = {}
     count = 0
     for frame in container.decode(stream):
+      _check(cancel)
       if size is None:
-        h, w = frame.height, frame.width
-        if out_hw is not None or short_side:
-          oh, ow = out_hw if out_hw is not None else (1, 1)
-          size = clips.resized_size(h, w, oh, ow, short_side)
-        else:
-          size = (h, w)
+        size = _output_size(frame.height, frame.width, out_hw, short_side)
+        if (upscale_log is not None and
+            max(size[0] / frame.height, size[1] / frame.width) > UPSCALE_WARN_FACTOR):
+          upscale_log.add(path, (frame.height, frame.width), size)
       if want is None or count in want:
         kept[count] = frame.to_ndarray(width=size[1], height=size[0], format='rgb24',
                                        interpolation=interpolation)
