@@ -7,6 +7,7 @@ from notebooks.
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
 import math
 import os
@@ -120,15 +121,42 @@ def validate(config, num_devices: int | None = None) -> None:
     LARPTokenizer(**config.model)
   except TypeError as e:
     raise ValueError(f'config.model has an unknown or missing tokenizer argument: {e}') from None
-  for key in ('batch_size', 'total_steps', 'log_every', 'checkpoint_every'):
+  for key in ('batch_size', 'total_steps', 'log_every', 'checkpoint_every', 'keep_checkpoints'):
     if key in config and int(config[key]) <= 0:
       raise ValueError(f'config.{key} must be positive, got {config[key]}')
+  if 'eval_every' in config and int(config.eval_every or 0) < 0:
+    raise ValueError(f'config.eval_every must be >= 0 (0: no evaluation during training), '
+                     f'got {config.eval_every}')
+  if 'eval' in config:
+    for key in ('num_clips', 'batch_size'):
+      value = config.eval.get(key)
+      if key == 'batch_size' and value is not None and int(value) <= 0:
+        raise ValueError(f'config.eval.batch_size must be positive, got {value}')
+      if key == 'num_clips' and value is not None and int(value) < 0:
+        raise ValueError(f'config.eval.num_clips must be >= 0 (0: the whole eval split), '
+                         f'got {value}')
   if num_devices is not None and 'mesh' in config:
     sizes = mesh_shape(config.mesh, num_devices)
     dp = sizes.get('data', 1) * sizes.get('fsdp', 1)
     if config.batch_size % dp:
       raise ValueError(f'config.batch_size={config.batch_size} is not divisible by the '
                        f'data-parallel size data*fsdp={dp}')
+
+
+def check_field(config, field: str) -> None:
+  """Raises ValueError naming ``field`` (a dotted path such as ``model.width``) and the closest
+  existing names when ``config`` has no such field."""
+  node, done = config, []
+  for part in field.split('.'):
+    if not isinstance(node, (ml_collections.ConfigDict, dict)) or part not in node:
+      where = 'config.' + '.'.join(done) if done else 'config'
+      names = sorted(node.keys()) if isinstance(node, (ml_collections.ConfigDict, dict)) else []
+      close = difflib.get_close_matches(part, names, n=3)
+      hint = (f'; did you mean {", ".join(".".join(done + [c]) for c in close)}?' if close
+              else f'; {where} has {", ".join(names)}' if names else f'; {where} is not a group')
+      raise ValueError(f'the config has no field {field!r}{hint}')
+    node = node[part]
+    done.append(part)
 
 
 def as_kwargs(cfg: Any) -> dict:

@@ -131,21 +131,6 @@ def test_bad_configs_fail_with_one_line():
     config_lib.load_config(os.path.join(ROOT, 'configs/ucf101.py:sise=L'))
 
 
-def _main(args, **kw):
-  env = dict(os.environ, JAX_PLATFORMS='cpu')
-  return subprocess.run([sys.executable, '-m', 'larp_jax.main', *args], cwd=ROOT, env=env,
-                        capture_output=True, text=True, **kw)
-
-
-def test_main_reports_config_errors_in_one_line(tmp_path):
-  r = _main(['--config=configs/demo.py', f'--workdir={tmp_path}', '--config.nonexistent=1'])
-  assert r.returncode == 2 and r.stderr.strip().startswith('error:'), r.stderr[-2000:]
-  r = _main(['--config=configs/demo.py', f'--workdir={tmp_path}',
-             '--config.data.source=folder', f'--config.data.path={tmp_path}/missing'])
-  assert r.returncode == 2 and 'path does not exist' in r.stderr, r.stderr[-2000:]
-  assert 'Traceback' not in r.stderr
-
-
 def test_a_signal_after_the_checkpoint_decision_stops_at_the_next_step_with_a_checkpoint(tmp_path):
   """A SIGTERM handled late in a step (here during its evaluation hook, after the loop decided
   not to checkpoint that step) must not end the run without a checkpoint: it stops after the

@@ -44,6 +44,7 @@ import optax
 from jax.sharding import PartitionSpec as P
 
 from larp_jax import checkpoint, sharding, visualize
+from larp_jax import workdir as workdir_lib
 from larp_jax import data as data_lib
 from larp_jax.evaluation import fvd as fvd_lib
 from larp_jax.evaluation import recon_metrics
@@ -204,6 +205,24 @@ def _data_key(config) -> dict:
   return json.loads(json.dumps(d, sort_keys=True, default=str))
 
 
+def output_dir(config, workdir: str) -> str:
+  """Where eval files go: ``config.eval.output_dir``, else ``<workdir>/eval``; checked writable
+  (WorkdirError, one line, otherwise)."""
+  out = _eval_cfg(config, 'output_dir', None) or os.path.join(workdir, 'eval')
+  try:
+    workdir_lib.writable_or_raise(out, 'the evaluation output directory')
+  except workdir_lib.WorkdirError as e:
+    raise workdir_lib.WorkdirError(f'{e}; or pass --config.eval.output_dir=DIR') from None
+  return out
+
+
+def _default_cache_dir(workdir: str) -> str:
+  """``<workdir>/fvd_cache`` if the run directory can be written, else the user's cache."""
+  if workdir_lib.is_writable(workdir):
+    return os.path.join(workdir, 'fvd_cache')
+  return workdir_lib.user_cache_dir('fvd_cache')
+
+
 def _round_up(n: int, m: int) -> int:
   return -(-n // m) * m
 
@@ -246,6 +265,7 @@ def evaluate(exp, params, workdir: str, step: int, *, num_clips=None) -> dict:
   # Each process feeds its share of the data-parallel devices; pad its rows to a multiple.
   host_padded = _round_up(host_bs, max(1, dp // nproc))
 
+  out_dir = output_dir(config, workdir) if is_main else None   # fail before the work, not after
   res = _resources(exp, use_lpips)
   params = jax.device_put(params, res.param_shardings)
 
@@ -259,7 +279,7 @@ def evaluate(exp, params, workdir: str, step: int, *, num_clips=None) -> dict:
       num_frames=t, resolution=[h, w], seed=seed, data=_data_key(config))
   real_stats = fake_stats = extractor = None
   if fvd_on:
-    cache_dir = _eval_cfg(config, 'fvd_cache_dir', None) or os.path.join(workdir, 'fvd_cache')
+    cache_dir = _eval_cfg(config, 'fvd_cache_dir', None) or _default_cache_dir(workdir)
     real_stats = _cached_real_stats(protocol, cache_dir)
     stream_real = real_stats is None
     if stream_real:
@@ -274,7 +294,7 @@ def evaluate(exp, params, workdir: str, step: int, *, num_clips=None) -> dict:
   n_local = 0
   shown_real, shown_recon = [], []
   key = jax.random.key(seed)
-  with sharding.logical_context(mesh, exp.rules):
+  with it, sharding.logical_context(mesh, exp.rules):   # closes the eval input at the end
     for b, batch in enumerate(it):
       if num_clips is not None and b * host_bs * nproc >= num_clips:
         break
@@ -310,6 +330,7 @@ def evaluate(exp, params, workdir: str, step: int, *, num_clips=None) -> dict:
           shown_real.extend(real_np[:num_show - len(shown_real)])
           shown_recon.extend(recon_np[:num_show - len(shown_recon)])
 
+
   sums, counts, n = _all_sum((sums, counts, np.int64(n_local)))
   n = int(n)
   if n == 0:
@@ -343,8 +364,6 @@ def evaluate(exp, params, workdir: str, step: int, *, num_clips=None) -> dict:
       codebook='histogram over all evaluated tokens', params_step=int(step),
       num_processes=nproc, mesh=dict(mesh.shape))
   if is_main:
-    out_dir = os.path.join(workdir, 'eval')
-    os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, f'{int(step)}.json')
     tmp = path + '.tmp'
     with open(tmp, 'w') as f:
@@ -381,7 +400,8 @@ def evaluate_workdir(config, workdir: str) -> dict:
   """--mode=eval: restores the latest checkpoint in ``workdir`` and evaluates it.
 
   Returns the metrics of ``evaluate`` plus 'summary' (one line to print) and 'json' (its path).
-  Raises ValueError if ``workdir`` holds no checkpoint.
+  Raises ValueError if ``workdir`` holds no checkpoint, only damaged ones, or a run of another
+  model than ``config`` describes.
   """
   from larp_jax.train import loop   # the train package imports this module's callers
   workdir = os.path.abspath(workdir)
@@ -390,17 +410,19 @@ def evaluate_workdir(config, workdir: str) -> dict:
                        f'--config=... --workdir={workdir}), or point --workdir at a run directory')
   if not os.path.isdir(ckpt_dir):
     raise no_ckpt
+  workdir_lib.check_config(workdir, config)
   exp = loop.build(config)
   mngr = checkpoint.manager(workdir, keep=int(config.get('keep_checkpoints', 3)), async_save=False)
   try:
     abstract, shardings = exp.abstract_state()
-    step, state = checkpoint.restore_latest(mngr, abstract, shardings)
+    # Read-only: a damaged checkpoint is skipped but left where it is (a trainer may own it).
+    step, state = checkpoint.restore_latest(mngr, abstract, shardings, quarantine=False)
   finally:
     mngr.close()
   if state is None:
     raise no_ckpt
   metrics = evaluate_during_training(exp, state, workdir, int(step))
   out = dict(metrics)
-  out['json'] = os.path.join(workdir, 'eval', f'{int(step)}.json')
+  out['json'] = os.path.join(output_dir(config, workdir), f'{int(step)}.json')
   out['summary'] = f'{format_summary(metrics)}\nwritten to {out["json"]}'
   return out

@@ -18,6 +18,7 @@ import logging
 import math
 import os
 import signal
+import sys
 import time
 from typing import Any, Optional
 
@@ -29,6 +30,8 @@ from clu import metric_writers, parameter_overview, periodic_actions
 
 from larp_jax import checkpoint, config_lib, sharding, visualize
 from larp_jax import data as data_lib
+from larp_jax import workdir as workdir_lib
+from larp_jax.data import config as data_config
 from larp_jax.losses import perceptual
 from larp_jax.models.discriminator import TransformerDiscriminator
 from larp_jax.models.tokenizer import LARPTokenizer
@@ -79,6 +82,9 @@ def build(config, devices=None) -> Experiment:
   devices = jax.devices() if devices is None else devices
   config_lib.validate(config, num_devices=len(devices))
   model = LARPTokenizer(**model_kwargs(config))
+  data_config.validate(config.data, 'train', model.video_shape)
+  if config.get('eval_every'):
+    data_config.validate(config.data, 'eval', model.video_shape)
   disc_kw = config_lib.as_kwargs(config.disc)
   disc = TransformerDiscriminator(video_shape=model.video_shape, dtype=model.dtype,
                                   param_dtype=model.param_dtype,
@@ -124,13 +130,6 @@ def load_lpips(exp: Experiment):
   return jax.device_put(params, sharding.replicated(exp.mesh))
 
 
-def save_config(config, workdir: str) -> None:
-  if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      f.write(config.to_json_best_effort(indent=2))
-
-
 def _fmt_eta(seconds: float) -> str:
   seconds = int(max(seconds, 0))
   h, rem = divmod(seconds, 3600)
@@ -139,7 +138,11 @@ def _fmt_eta(seconds: float) -> str:
 
 
 class _Preemption:
-  """SIGTERM/SIGINT flag: the loop saves a checkpoint and exits cleanly at the next step."""
+  """SIGTERM/SIGINT flag: the loop saves a checkpoint and exits cleanly at the next step.
+
+  A second signal (a second Ctrl-C) ends the process at once, without that checkpoint: the last
+  periodic checkpoint stays the newest good one (an unfinished save is never taken for one).
+  """
 
   def __init__(self):
     self.requested = False
@@ -155,12 +158,52 @@ class _Preemption:
 
   def _handle(self, signum, frame):
     del frame
-    logging.warning('Received signal %d: checkpointing and stopping after this step.', signum)
+    if self.requested:
+      logging.warning('Second signal %d: exiting now, without the stop checkpoint.', signum)
+      sys.stderr.flush()
+      os._exit(128 + signum)
+    logging.warning('Received signal %d: checkpointing and stopping after this step '
+                    '(send it again to exit at once).', signum)
     self.requested = True
 
   def __exit__(self, *exc):
     for sig, handler in self._previous.items():
       signal.signal(sig, handler)
+
+
+class _Eta:
+  """Steps/s and ETA from the steps after the first one (which includes compilation)."""
+
+  def __init__(self, first_step: int):
+    self.first_step = first_step
+    self.t_first = None
+
+  def mark_first_done(self):
+    self.t_first = time.time()
+
+  def line(self, step: int, total: int) -> str:
+    done = step - self.first_step
+    if self.t_first is None or done <= 0:
+      return 'compiling'
+    rate = done / max(time.time() - self.t_first, 1e-9)
+    return f'{rate:.2f} steps/s | ETA {_fmt_eta((total - step) / max(rate, 1e-9))}'
+
+
+def prepare_workdir(config, workdir: str):
+  """Checks and claims the run directory before anything in it is written.
+
+  Returns (lock or None, allowed config differences). Process 0 alone writes and locks.
+  """
+  if jax.process_index() != 0:
+    return None, {}
+  workdir_lib.writable_or_raise(workdir)
+  lock = workdir_lib.Lock(workdir).acquire()
+  try:
+    diff = workdir_lib.check_config(workdir, config)
+  except BaseException:
+    lock.release()
+    raise
+  return lock, diff
 
 
 def run(config, workdir: str, *, evaluate_fn=None, stop_at: Optional[int] = None) -> dict:
@@ -170,14 +213,35 @@ def run(config, workdir: str, *, evaluate_fn=None, stop_at: Optional[int] = None
   and at the end (the evaluation module provides it). ``stop_at`` ends the run after that step
   with a checkpoint, as a preemption would (for notebooks and resume tests); the schedule is
   still that of ``config.total_steps``.
+
+  Everything that can be checked before training (the config, the data config, the run
+  directory: writable, not in use, holding no other model) is checked before anything is written
+  to ``workdir`` (``larp_jax/workdir.py``). The input iterator, the checkpoint manager and the
+  writers are closed, in that order, on every way out.
   """
   exp = build(config)
   workdir = os.path.abspath(workdir)
-  save_config(config, workdir)
+  lock, diff = prepare_workdir(config, workdir)
+  try:
+    return _train(exp, workdir, diff, evaluate_fn=evaluate_fn, stop_at=stop_at)
+  finally:
+    if lock is not None:
+      lock.release()
+
+
+def _train(exp, workdir, diff, *, evaluate_fn, stop_at) -> dict:
+  config = exp.config
   is_main = jax.process_index() == 0
-  writer = metric_writers.create_default_writer(workdir, just_logging=not is_main)
   mngr = checkpoint.manager(workdir, keep=int(config.keep_checkpoints))
-  start_step, state, state_shardings = init_or_restore(exp, mngr)
+  try:
+    start_step, state, state_shardings = init_or_restore(exp, mngr)
+  except BaseException:
+    mngr.close()
+    raise
+  if is_main:
+    workdir_lib.write_config(workdir, config, start_step=start_step, diff=diff)
+    workdir_lib.truncate_metrics(workdir, start_step)
+  writer = metric_writers.create_default_writer(workdir, just_logging=not is_main)
   total = int(config.total_steps)
   if start_step == 0 and is_main:
     parameter_overview.log_parameter_overview(state.params, msg='tokenizer (with prior)')
@@ -187,19 +251,39 @@ def run(config, workdir: str, *, evaluate_fn=None, stop_at: Optional[int] = None
   if start_step >= total:
     logging.info('Nothing to do: checkpoint step %d >= total_steps %d.', start_step, total)
     mngr.close()
+    writer.close()
     return {}
 
   per_host = config.batch_size // jax.process_count()
   train_iter = data_lib.get_dataset(config.data, 'train', video_shape=exp.model.video_shape,
                                     batch_size=per_host, seed=int(config.seed),
                                     start_step=start_step)
-  lpips_params = load_lpips(exp)
-  train_step = make_train_step(exp, state_shardings)
+  try:
+    lpips_params = load_lpips(exp)
+    train_step = make_train_step(exp, state_shardings)
+    with _Preemption() as preemption, sharding.logical_context(exp.mesh, exp.rules):
+      return _steps(exp, workdir, mngr, writer, train_iter, state, start_step, train_step,
+                    lpips_params, preemption, evaluate_fn=evaluate_fn, stop_at=stop_at)
+  finally:
+    train_iter.close()        # stop the input threads first: nothing waits on them afterwards
+    try:
+      mngr.wait_until_finished()
+    finally:
+      mngr.close()
+      writer.close()
+
+
+def _steps(exp, workdir, mngr, writer, train_iter, state, start_step, train_step, lpips_params,
+           preemption, *, evaluate_fn, stop_at) -> dict:
+  config = exp.config
+  is_main = jax.process_index() == 0
+  total = int(config.total_steps)
   key = jax.random.key(int(config.seed))
   report = periodic_actions.ReportProgress(num_train_steps=total, writer=writer,
                                            every_steps=int(config.log_every), every_secs=None)
-  metrics_path = os.path.join(workdir, 'metrics.jsonl')
-  last_metrics, t_start, step = {}, time.time(), start_step
+  metrics_path = os.path.join(workdir, workdir_lib.METRICS_FILE)
+  eta = _Eta(start_step + 1)
+  last_metrics = {}
 
   def checked(metrics, step):
     host = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -211,47 +295,44 @@ def run(config, workdir: str, *, evaluate_fn=None, stop_at: Optional[int] = None
           f'or use float32 (config.model.dtype) and restart.')
     return host
 
-  with _Preemption() as preemption, sharding.logical_context(exp.mesh, exp.rules):
-    try:
-      for step in range(start_step + 1, total + 1):
-        batch = data_lib.make_global_batch({'video': next(train_iter)['video']}, exp.mesh,
-                                           sharding.batch_sharding(exp.mesh))
-        state, metrics = train_step(state, batch, key, lpips_params)
-        report(step)
-        is_last = step == total
-        # Read the signal flag once per step: a SIGTERM that lands after this line (the handler
-        # runs whenever the main thread waits, e.g. on the metrics below) stops the *next*
-        # step, so the run never exits between deciding to checkpoint and saving.
-        stop_now = preemption.requested or (stop_at is not None and step >= stop_at)
-        log_now = step % int(config.log_every) == 0 or is_last or step == start_step + 1
-        ckpt_now = step % int(config.checkpoint_every) == 0 or is_last or stop_now
-        if log_now or ckpt_now:
-          host = checked(metrics, step)   # also guards every checkpoint against NaN state
-          last_metrics = host
-        if log_now:
-          host = dict(host, skipped_files=float(data_lib.num_skipped(train_iter)))
-          writer.write_scalars(step, host)
-          if is_main:
-            with open(metrics_path, 'a') as f:
-              f.write(json.dumps({'step': step, **host}) + '\n')
-            done = step - start_step
-            rate = done / max(time.time() - t_start, 1e-9)
-            logging.info('step %d/%d | loss %.4f | l1 %.4f | prior %.3f | %.2f steps/s | ETA %s',
-                         step, total, host['loss'], host['l1_loss'], host.get('prior_loss', 0.0),
-                         rate, _fmt_eta((total - step) / max(rate, 1e-9)))
-        if ckpt_now:
-          checkpoint.save(mngr, step, state, force=True)
-        if evaluate_fn is not None and config.eval_every and (
-            step % int(config.eval_every) == 0 or is_last):
-          eval_metrics = evaluate_fn(exp, state, workdir, step)
-          if eval_metrics:
-            writer.write_scalars(step, {f'eval/{k}': v for k, v in eval_metrics.items()
-                                        if isinstance(v, (int, float))})
-        if stop_now:
-          logging.warning('Stopping at step %d: checkpoint saved, exiting.', step)
-          break
-    finally:
+  for step in range(start_step + 1, total + 1):
+    batch = data_lib.make_global_batch({'video': next(train_iter)['video']}, exp.mesh,
+                                       sharding.batch_sharding(exp.mesh))
+    state, metrics = train_step(state, batch, key, lpips_params)
+    report(step)
+    is_last = step == total
+    # Read the signal flag once per step: a SIGTERM that lands after this line (the handler
+    # runs whenever the main thread waits, e.g. on the metrics below) stops the *next*
+    # step, so the run never exits between deciding to checkpoint and saving.
+    preempted = preemption.requested
+    stop_now = preempted or (stop_at is not None and step >= stop_at)
+    first = step == start_step + 1
+    log_now = step % int(config.log_every) == 0 or is_last or first or stop_now
+    ckpt_now = step % int(config.checkpoint_every) == 0 or is_last or stop_now
+    if log_now or ckpt_now:
+      host = checked(metrics, step)   # also guards every checkpoint against NaN state
+      last_metrics = host
+    if first:
+      eta.mark_first_done()
+    if log_now:
+      host = dict(host, skipped_files=float(data_lib.num_skipped(train_iter)))
+      writer.write_scalars(step, host)
+      if is_main:
+        with open(metrics_path, 'a') as f:
+          f.write(json.dumps({'step': step, **host}) + '\n')
+        logging.info('step %d/%d | loss %.4f | l1 %.4f | prior %.3f | %s', step, total,
+                     host['loss'], host['l1_loss'], host.get('prior_loss', 0.0),
+                     eta.line(step, total))
+    if ckpt_now:
+      checkpoint.save(mngr, step, state, force=True)
+    if evaluate_fn is not None and config.eval_every and not preempted and (
+        step % int(config.eval_every) == 0 or is_last):   # preempted: no time to evaluate
+      eval_metrics = evaluate_fn(exp, state, workdir, step)
+      if eval_metrics:
+        writer.write_scalars(step, {f'eval/{k}': v for k, v in eval_metrics.items()
+                                    if isinstance(v, (int, float))})
+    if stop_now:
       mngr.wait_until_finished()
-      writer.flush()
-  mngr.close()
+      logging.warning('Stopping at step %d: checkpoint saved, exiting.', step)
+      break
   return last_metrics

@@ -1,0 +1,272 @@
+"""README's commands as a user runs them, and every way out of `python -m larp_jax.main`.
+
+Each README command runs as written, in a subprocess, shortened only by `--config.*` overrides.
+"""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+README = os.path.join(ROOT, 'README.md')
+
+# Shortens the demo to a few steps and a small evaluation (FVD and LPIPS still on).
+SHORT = ['--config.total_steps=3', '--config.log_every=1', '--config.eval.num_clips=2',
+         '--config.eval.batch_size=2', '--config.eval.num_videos_to_show=2']
+
+
+def readme_command(pattern: str) -> list:
+  """The README command (after `&&`) of the bash line that contains ``pattern``, as argv."""
+  for line in open(README):
+    if pattern in line and line.lstrip().startswith('pip install'):
+      return line.split('&&', 1)[1].split()
+  raise AssertionError(f'README has no command line with {pattern!r}')
+
+
+def _env():
+  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONUNBUFFERED='1')
+  env.pop('TF_CPP_MIN_LOG_LEVEL', None)
+  env.pop('TF_ENABLE_ONEDNN_OPTS', None)
+  return env
+
+
+def _user_dir(tmp_path):
+  """A fresh directory that looks like a checkout to the commands (configs/ beside it)."""
+  d = tmp_path / 'user'
+  d.mkdir()
+  os.symlink(os.path.join(ROOT, 'configs'), d / 'configs')
+  return d
+
+
+def _main(args, cwd=ROOT, **kw):
+  return subprocess.run([sys.executable, '-m', 'larp_jax.main', *args], cwd=cwd, env=_env(),
+                        capture_output=True, text=True, **kw)
+
+
+def _one_error_line(r, *needles):
+  lines = r.stderr.strip().splitlines()
+  assert r.returncode == 2, r.stderr[-3000:]
+  assert len(lines) == 1 and lines[0].startswith('error: '), r.stderr[-3000:]
+  for n in needles:
+    assert n in lines[0], lines[0]
+  return lines[0]
+
+
+# ------------------------------------------------------------------- README, end to end
+
+
+@pytest.fixture(scope='module')
+def demo_run(tmp_path_factory):
+  """README's first command, shortened: (its directory, the completed process)."""
+  user = _user_dir(tmp_path_factory.mktemp('demo'))
+  argv = readme_command('configs/demo.py')
+  assert argv[:3] == ['python', '-m', 'larp_jax.main'], argv
+  r = subprocess.run([sys.executable, *argv[1:], *SHORT], cwd=user, env=_env(),
+                     capture_output=True, text=True, timeout=900)
+  return user, r
+
+
+def test_readme_first_command_trains_evaluates_and_exits_0(demo_run):
+  user, r = demo_run
+  assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+  run = user / 'runs' / 'demo'
+  record = json.load(open(run / 'eval' / '3.json'))
+  for k in ('psnr', 'ssim', 'lpips', 'fvd', 'codebook_usage'):
+    assert record[k] is not None and np.isfinite(record[k]), k
+  assert record['num_clips'] == 2
+  assert (run / 'eval' / '3_recon.png').stat().st_size > 0
+  assert (run / 'eval' / '3_recon.mp4').stat().st_size > 0
+  steps = [json.loads(l)['step'] for l in open(run / 'metrics.jsonl')]
+  assert steps == [1, 2, 3]
+  assert not (run / 'lock').read_text().strip()    # released at the end
+
+
+def test_readme_library_block_runs_as_pasted(demo_run):
+  """README's "Library use" code, pasted into python in the directory of the demo run."""
+  user, r = demo_run
+  assert r.returncode == 0, r.stderr[-3000:]
+  text = open(README).read()
+  block = re.search(r'## Library use\n.*?```python\n(.*?)```', text, re.S).group(1)
+  out = subprocess.run([sys.executable, '-c', block + '\nprint("LIBRARY-OK")'], cwd=user,
+                       env=_env(), capture_output=True, text=True, timeout=600)
+  assert 'LIBRARY-OK' in out.stdout, out.stdout[-2000:] + out.stderr[-4000:]
+
+
+def test_folder_source_with_broken_files_trains_and_evaluates(tmp_path):
+  from tests.test_data_files import make_folder
+  videos = tmp_path / 'videos'
+  make_folder(videos, with_bad=True)
+  user = _user_dir(tmp_path)
+  r = _main(['--config=configs/demo.py:lpips=false', '--workdir=runs/folder', *SHORT,
+             '--config.data.source=folder', f'--config.data.path={videos}',
+             '--config.eval.fvd=false', '--config.data.short_side=32'], cwd=user, timeout=900)
+  assert r.returncode == 0, r.stderr[-4000:]
+  assert 'skipping undecodable video' in r.stderr
+  assert json.load(open(user / 'runs' / 'folder' / 'eval' / '3.json'))['num_clips'] == 2
+
+
+# ------------------------------------------------------------------- one-line errors
+
+
+def test_config_mistakes_are_one_line_and_nothing_else_on_stderr(tmp_path):
+  wd = str(tmp_path / 'wd')
+  line = _one_error_line(_main(['--config=configs/demo.py', f'--workdir={wd}',
+                                '--config.model.widht=64']), "'model.widht'", 'model.width')
+  assert '\\n' not in line
+  _one_error_line(_main(['--config=configs/nope.py', f'--workdir={wd}']),
+                  "'configs/nope.py' not found")
+  _one_error_line(_main(['--config=configs/demo.py', f'--workdir={wd}',
+                         '--config.eval_every=-1']), 'config.eval_every must be >= 0')
+  _one_error_line(_main(['--config=configs/demo.py', f'--workdir={wd}',
+                         '--config.nonexistent=1']), "'nonexistent'")
+  # A data mistake is found before the model is built and before the workdir is made.
+  _one_error_line(_main(['--config=configs/demo.py', f'--workdir={wd}',
+                         '--config.data.source=folder',
+                         f'--config.data.path={tmp_path}/missing']), 'path does not exist')
+  assert not os.path.exists(wd)
+
+
+def test_help_exits_0():
+  r = _main(['--help'])
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert '--workdir' in r.stdout and '--config' in r.stdout
+
+
+def test_unwritable_workdir_is_one_line(tmp_path):
+  blocker = tmp_path / 'a_file'
+  blocker.write_text('not a directory')
+  _one_error_line(_main(['--config=configs/demo.py', f'--workdir={blocker}/run']),
+                  'cannot write to the run directory', str(blocker))
+
+
+# ------------------------------------------------------------------- signals and exits
+
+
+def _start(args, cwd):
+  return subprocess.Popen([sys.executable, '-m', 'larp_jax.main', *args], cwd=cwd, env=_env(),
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_for_step(metrics, step, proc, timeout=600):
+  t0 = time.time()
+  while time.time() - t0 < timeout:
+    exited = proc.poll() is not None
+    if metrics.exists() and any(json.loads(l)['step'] >= step for l in open(metrics)):
+      return
+    if exited:
+      raise AssertionError(proc.stdout.read()[-4000:])
+    time.sleep(0.1)
+  proc.kill()
+  raise AssertionError('training subprocess too slow')
+
+
+def _latest_checkpoint(run):
+  steps = [int(p) for p in os.listdir(run / 'checkpoints') if p.isdigit()]
+  return max(steps) if steps else None
+
+
+@pytest.fixture(scope='module')
+def long_videos(tmp_path_factory):
+  """A folder of longer videos, so that decodes are in flight when a signal arrives."""
+  from tests.test_data_files import write_video
+  root = tmp_path_factory.mktemp('long')
+  for cls in ('a', 'b'):
+    (root / cls).mkdir()
+    for k in range(4):
+      write_video(root / cls / f'v{k}.mp4', 240, h=120, w=160, seed=k)
+  return root
+
+
+def _folder_train_args(videos, run='runs/sig', steps=200):
+  return ['--config=configs/demo.py:lpips=false', f'--workdir={run}',
+          f'--config.total_steps={steps}', '--config.log_every=1', '--config.eval_every=0',
+          '--config.checkpoint_every=1000', '--config.data.source=folder',
+          f'--config.data.path={videos}', '--config.data.prefetch=4']
+
+
+def test_sigterm_saves_logs_and_exits_0_within_seconds(tmp_path, long_videos):
+  user = _user_dir(tmp_path)
+  run = user / 'runs' / 'sig'
+  p = _start(_folder_train_args(long_videos), user)
+  _wait_for_step(run / 'metrics.jsonl', 3, p)
+  t0 = time.time()
+  p.send_signal(signal.SIGTERM)
+  out = p.communicate(timeout=120)[0]
+  exit_seconds = time.time() - t0
+  assert p.returncode == 0, out[-4000:]
+  assert exit_seconds < 10, f'{exit_seconds:.1f} s from SIGTERM to exit\n{out[-3000:]}'
+  saved = _latest_checkpoint(run)
+  steps = [json.loads(l)['step'] for l in open(run / 'metrics.jsonl')]
+  assert saved is not None and steps[-1] == saved, (saved, steps)
+
+
+def test_ctrl_c_saves_and_exits_0(tmp_path, long_videos):
+  user = _user_dir(tmp_path)
+  run = user / 'runs' / 'sig'
+  p = _start(_folder_train_args(long_videos), user)
+  _wait_for_step(run / 'metrics.jsonl', 2, p)
+  p.send_signal(signal.SIGINT)
+  out = p.communicate(timeout=120)[0]
+  assert p.returncode == 0, out[-4000:]
+  assert _latest_checkpoint(run) is not None, out[-4000:]
+
+
+_TWO_SIGNALS = r"""
+import os, signal, sys, time
+sys.path.insert(0, {root!r})
+from larp_jax.train import loop
+with loop._Preemption() as p:
+  os.kill(os.getpid(), signal.SIGINT)
+  time.sleep(0.2)
+  assert p.requested
+  print('first handled', flush=True)
+  os.kill(os.getpid(), signal.SIGINT)
+  time.sleep(5)
+print('not reached', flush=True)
+"""
+
+
+def test_a_second_ctrl_c_exits_at_once():
+  r = subprocess.run([sys.executable, '-c', _TWO_SIGNALS.format(root=ROOT)], env=_env(),
+                     capture_output=True, text=True, timeout=120)
+  assert r.returncode == 128 + signal.SIGINT, r.stdout + r.stderr[-3000:]
+  assert 'first handled' in r.stdout and 'not reached' not in r.stdout
+
+
+def test_an_error_during_training_exits_2_promptly(tmp_path, long_videos):
+  """A NaN loss mid-run with decodes in flight: one error line, exit 2, no hang."""
+  user = _user_dir(tmp_path)
+  r = _main(_folder_train_args(long_videos, steps=20) +
+            ['--config.optim.lr=1e38', '--config.optim.warmup_steps=1'], cwd=user, timeout=300)
+  assert r.returncode == 2, r.stderr[-4000:]
+  assert r.stderr.strip().splitlines()[-1].startswith('error: non-finite'), r.stderr[-2000:]
+
+
+def test_a_second_trainer_on_the_same_workdir_is_refused(tmp_path):
+  user = _user_dir(tmp_path)
+  run = user / 'runs' / 'demo'
+  args = ['--config=configs/demo.py:lpips=false', '--workdir=runs/demo',
+          '--config.total_steps=500', '--config.log_every=1', '--config.eval_every=0']
+  p = _start(args, user)
+  try:
+    _wait_for_step(run / 'metrics.jsonl', 1, p)
+    before = (run / 'metrics.jsonl').read_text()
+    r = _main(args, cwd=user, timeout=300)
+    line = _one_error_line(r, 'in use by another trainer', f'pid {p.pid}')
+    del line
+    assert (run / 'metrics.jsonl').read_text().startswith(before)
+  finally:
+    p.kill()
+    p.wait()
+  # The killed trainer's lock file stays behind; the kernel released its lock: a restart works.
+  assert (run / 'lock').read_text().strip()
+  r = _main(args[:2] + ['--config.total_steps=1', '--config.eval_every=0'], cwd=user,
+            timeout=600)
+  assert r.returncode == 0, r.stderr[-3000:]
