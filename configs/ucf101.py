@@ -98,4 +98,9 @@ def get_config(arg=None):
   c.eval_every = 5000
   c.eval = ml_collections.ConfigDict(dict(num_clips=512, fvd=True, lpips=True, batch_size=32,
                                           num_videos_to_show=8))
+  # Where eval/<step>.json and the videos go (None: <workdir>/eval), and the cache of the real
+  # clips' I3D statistics (None: <workdir>/fvd_cache, or ~/.cache/larp_jax/fvd_cache when the
+  # run directory cannot be written).
+  c.eval.output_dir = placeholder(str)
+  c.eval.fvd_cache_dir = placeholder(str)
   return c
