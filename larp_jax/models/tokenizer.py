@@ -3,7 +3,8 @@
 video [B, T, H, W, 3] in [0, 1]
   -> 3D patches (kt, kh, kw) -> Dense(width) + fixed 3D sin-cos PE            (patch tokens)
   -> ViT over [patch tokens ; N learned holistic queries], keep the N query outputs
-  -> Dense(width -> code_dim) -> SVQ (straight-through) -> Dense(code_dim -> width)
+  -> Dense(width -> code_dim) [-> bottleneck_norm] -> SVQ (straight-through)
+  -> Dense(code_dim -> width)
   -> + fixed 1D sin-cos PE, ViT over [latents ; patch queries (3D PE + type vector)]
   -> keep the patch-query outputs -> LayerNorm(1e-6) -> zero-init Dense -> unpatchify.
 
@@ -23,7 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from larp_jax.models import embeddings, patches, prior as prior_lib, transformer
-from larp_jax.models.quantizer import VQ_TYPES, VectorQuantizer
+from larp_jax.models.quantizer import (BATCH_STAT_NORMS, BOTTLENECK_NORMS, VQ_TYPES,
+                                       BottleneckNorm, VectorQuantizer)
 
 
 QUERY_INITS = ('normal', 'sincos')
@@ -38,7 +40,11 @@ def _as_triple(name, value):
 
 def check_tokenizer_kwargs(video_shape, patch_size, num_latent_tokens, width, num_heads,
                            codebook_size, code_dim, vq_type, query_init, remat, attention_impl,
-                           use_prior, prior_width, prior_heads, prior_max_len):
+                           use_prior, prior_width, prior_heads, prior_max_len, *,
+                           bottleneck_norm='none', vq_temperature=0.03,
+                           vq_temperature_learnable=False, vq_temperature_start=0.03,
+                           vq_temperature_ramp_steps=0, vq_entropy_weight=0.0,
+                           vq_entropy_temperature=0.01):
   """Raises ValueError (one clear line) for an inconsistent tokenizer configuration."""
   t, h, w = _as_triple('video_shape', video_shape)
   pt, ph, pw = _as_triple('patch_size', patch_size)
@@ -56,6 +62,20 @@ def check_tokenizer_kwargs(video_shape, patch_size, num_latent_tokens, width, nu
     raise ValueError(f'bad codebook: codebook_size={codebook_size}, code_dim={code_dim}')
   transformer.check_choice('vq_type', vq_type, VQ_TYPES)
   transformer.check_choice('query_init', query_init, QUERY_INITS)
+  transformer.check_choice('bottleneck_norm', bottleneck_norm, BOTTLENECK_NORMS)
+  if not vq_temperature > 0:
+    raise ValueError(f'vq_temperature must be > 0, got {vq_temperature} (the official '
+                     f'stochastic_temperature < 0, a learned temperature, is '
+                     f'vq_temperature_learnable=True with vq_temperature=0.1)')
+  if vq_temperature_ramp_steps < 0 or not vq_temperature_start > 0:
+    raise ValueError(f'vq_temperature_ramp_steps must be >= 0 and vq_temperature_start > 0, got '
+                     f'{vq_temperature_ramp_steps} and {vq_temperature_start}')
+  if vq_temperature_learnable and vq_temperature_ramp_steps > 0:
+    raise ValueError('vq_temperature_learnable=True and vq_temperature_ramp_steps > 0 exclude '
+                     'each other: choose a learned or a scheduled temperature')
+  if vq_entropy_weight < 0 or not vq_entropy_temperature > 0:
+    raise ValueError(f'vq_entropy_weight must be >= 0 and vq_entropy_temperature > 0, got '
+                     f'{vq_entropy_weight} and {vq_entropy_temperature}')
   transformer.check_choice('remat', remat, transformer.REMAT_CHOICES)
   transformer.check_choice('attention_impl', attention_impl, transformer.ATTENTION_CHOICES)
   if use_prior:
@@ -78,6 +98,10 @@ class LARPTokenizer(nn.Module):
     decode(tokens)             -> video [B, T, H, W, 3] float32 clamped to [0, 1].
     encode_latents / quantize / decode_latents: the pieces, for custom pipelines.
   RNG streams: 'vq' (code sampling, scheduled sampling) and 'dropout' (the prior).
+
+  With a batch-norm ``bottleneck_norm`` ('bn_bn', 'bn_b'; ``uses_batch_stats``) the variables
+  hold a 'batch_stats' collection too: pass it to every apply, and mark it mutable in training
+  applies (``mutable=['batch_stats']``); eval and ``encode`` use the running statistics.
   """
   video_shape: Sequence[int] = (16, 128, 128)
   patch_size: Sequence[int] = (4, 8, 8)
@@ -100,6 +124,15 @@ class LARPTokenizer(nn.Module):
   vq_l2_normalized: bool = True
   vq_commit_weight: float = 0.25
   vq_codebook_weight: float = 1.0
+  # Official options beyond the released recipe (official models/bottleneck.py and
+  # trainers/larp_tokenizer_trainer.py); the defaults are the released values. See
+  # quantizer.BottleneckNorm and quantizer.VectorQuantizer.
+  bottleneck_norm: str = 'none'        # 'none' | 'bn_bn' | 'bn_b' | 'ln_d' | 'ln_nd' | 'ln_d_na'
+  vq_temperature_learnable: bool = False   # trained inverse temperature, init 1/vq_temperature
+  vq_temperature_start: float = 0.03   # with vq_temperature_ramp_steps > 0: linear ramp from
+  vq_temperature_ramp_steps: int = 0   # start to vq_temperature over that many steps (0 = off)
+  vq_entropy_weight: float = 0.0       # entropy loss inside vq_loss (0 = off)
+  vq_entropy_temperature: float = 0.01
   use_prior: bool = True
   prior_depth: int = 12
   prior_width: int = 384
@@ -120,7 +153,14 @@ class LARPTokenizer(nn.Module):
                            self.width, self.num_heads, self.codebook_size, self.code_dim,
                            self.vq_type, self.query_init, self.remat, self.attention_impl,
                            self.use_prior,
-                           self.prior_width, self.prior_heads, self.prior_max_len)
+                           self.prior_width, self.prior_heads, self.prior_max_len,
+                           bottleneck_norm=self.bottleneck_norm,
+                           vq_temperature=self.vq_temperature,
+                           vq_temperature_learnable=self.vq_temperature_learnable,
+                           vq_temperature_start=self.vq_temperature_start,
+                           vq_temperature_ramp_steps=self.vq_temperature_ramp_steps,
+                           vq_entropy_weight=self.vq_entropy_weight,
+                           vq_entropy_temperature=self.vq_entropy_temperature)
     super().__post_init__()
 
   # ---------------------------------------------------------------- geometry
@@ -136,6 +176,11 @@ class LARPTokenizer(nn.Module):
   @property
   def patch_dim(self) -> int:
     return math.prod(self.patch_size) * 3
+
+  @property
+  def uses_batch_stats(self) -> bool:
+    """Whether the variables include a 'batch_stats' collection (batch-norm bottleneck)."""
+    return self.bottleneck_norm in BATCH_STAT_NORMS
 
   # ---------------------------------------------------------------- modules
   def setup(self):
@@ -156,9 +201,16 @@ class LARPTokenizer(nn.Module):
         'latent_queries', nn.with_logical_partitioning(query_init, ('latent', 'embed')),
         (self.num_latent_tokens, self.width), self.param_dtype)
     self.in_linear = transformer.dense(self.code_dim, ('embed', 'code'), name='in_linear', **kw)
+    if self.bottleneck_norm != 'none':
+      self.norm_layer = BottleneckNorm(self.bottleneck_norm, param_dtype=self.param_dtype,
+                                       name='norm_layer')
     self.quantizer = VectorQuantizer(
         self.codebook_size, self.code_dim, self.vq_type, self.vq_temperature,
         self.vq_l2_normalized, self.vq_commit_weight, self.vq_codebook_weight,
+        temperature_start=self.vq_temperature_start,
+        temperature_ramp_steps=self.vq_temperature_ramp_steps,
+        learnable_temperature=self.vq_temperature_learnable,
+        entropy_weight=self.vq_entropy_weight, entropy_temperature=self.vq_entropy_temperature,
         param_dtype=self.param_dtype, name='quantizer')
     self.out_linear = transformer.dense(self.width, ('code', 'embed'), name='out_linear', **kw)
     self.decoder = transformer.ViTStack(self.decoder_depth, name='decoder', **stack)
@@ -198,8 +250,11 @@ class LARPTokenizer(nn.Module):
       video = video.astype(jnp.float32) / 255.0
     return video
 
-  def encode_latents(self, video):
-    """video [B, T, H, W, 3] in [0, 1] -> pre-quantization latents [B, N, code_dim] float32."""
+  def encode_latents(self, video, *, train: bool = False):
+    """video [B, T, H, W, 3] in [0, 1] -> pre-quantization latents [B, N, code_dim] float32.
+
+    ``train`` only matters for a batch-norm ``bottleneck_norm``: batch statistics (and their
+    running averages updated) when True, the running statistics when False."""
     video = self._check_video(video)
     x = self.patch_embed(self.patchify(video.astype(self.dtype)))
     x = x + self._patch_pe().astype(x.dtype)
@@ -209,11 +264,16 @@ class LARPTokenizer(nn.Module):
     # Only the query outputs are kept: the last block computes just those rows.
     z = self.encoder(jnp.concatenate([x, queries], axis=1),
                      out_slice=(-self.num_latent_tokens, None))
-    return self.in_linear(z).astype(jnp.float32)
+    z = self.in_linear(z).astype(jnp.float32)
+    if self.bottleneck_norm != 'none':
+      z = self.norm_layer(z, train=train)
+    return z
 
-  def quantize(self, z, *, deterministic: bool = True):
-    """[B, N, code_dim] -> (straight-through codes [B, N, code_dim] float32, aux dict)."""
-    return self.quantizer(z, deterministic=deterministic)
+  def quantize(self, z, *, deterministic: bool = True, step: Any = None):
+    """[B, N, code_dim] -> (straight-through codes [B, N, code_dim] float32, aux dict).
+
+    ``step`` (optimizer step from 1) drives the temperature ramp, if configured."""
+    return self.quantizer(z, deterministic=deterministic, step=step)
 
   def decode_latents(self, z_q):
     """Quantized (normalised) codes [B, N, code_dim] -> reconstruction [B, T, H, W, 3], not clamped."""
@@ -242,7 +302,7 @@ class LARPTokenizer(nn.Module):
     return jnp.clip(self.decode_latents(self.quantizer.lookup(tokens)), 0.0, 1.0)
 
   def __call__(self, video, *, train: bool = True, vq_deterministic: Optional[bool] = None,
-               mix_ratio: Any = 0.0, with_prior: Optional[bool] = None):
+               mix_ratio: Any = 0.0, with_prior: Optional[bool] = None, step: Any = None):
     """The training / evaluation forward pass.
 
     Args:
@@ -252,18 +312,20 @@ class LARPTokenizer(nn.Module):
         without ``set_vq_eval_deterministic`` samples: pass False to reproduce it.)
       mix_ratio: scheduled-sampling ratio for the prior (see ``prior.mix_ratio``).
       with_prior: compute the prior loss (defaults to ``use_prior``).
+      step: optimizer step (from 1) for ``vq_temperature_ramp_steps``; without it the
+        temperature is ``vq_temperature``.
     Returns:
       (recon, aux): recon [B, T, H, W, 3] float32 (not clamped); aux holds 'tokens' int32 [B, N]
       and float32 scalars 'vq_loss', 'commitment_loss', 'codebook_loss', 'codebook_usage',
       'codebook_perplexity' and, with the prior, 'prior_loss', 'prior_top1', 'prior_top5',
-      'prior_ce_round1'.
+      'prior_ce_round1' (plus the quantizer's optional entropy and temperature entries).
     """
     deterministic = (not train) if vq_deterministic is None else vq_deterministic
     with_prior = self.use_prior if with_prior is None else with_prior
     if with_prior and not self.use_prior:
       raise ValueError('with_prior=True but the tokenizer was built with use_prior=False')
-    z = self.encode_latents(video)
-    z_q, vq_aux = self.quantize(z, deterministic=deterministic)
+    z = self.encode_latents(video, train=train)
+    z_q, vq_aux = self.quantize(z, deterministic=deterministic, step=step)
     recon = self.decode_latents(z_q)
     aux = {k: v for k, v in vq_aux.items() if k != 'indices'}
     aux['tokens'] = vq_aux['indices']

@@ -66,11 +66,12 @@ class Experiment:
     """A fresh TokenizerTrainState whose parameters are nn.Partitioned boxes."""
     k_params, k_vq, k_drop, k_disc = jax.random.split(jax.random.key(seed), 4)
     video = jnp.zeros((1, *self.model.video_shape, 3), jnp.float32)
-    params = self.model.init({'params': k_params, 'vq': k_vq, 'dropout': k_drop}, video,
-                             train=True)['params']
+    variables = self.model.init({'params': k_params, 'vq': k_vq, 'dropout': k_drop}, video,
+                                train=True)
     disc_params = self.disc.init(k_disc, video)['params']
-    return state_lib.create(params, disc_params, self.gen_tx, self.disc_tx,
-                            use_ema=self.config.optim.ema_decay > 0)
+    return state_lib.create(variables['params'], disc_params, self.gen_tx, self.disc_tx,
+                            use_ema=self.config.optim.ema_decay > 0,
+                            batch_stats=variables.get('batch_stats'))
 
   def abstract_state(self):
     """(abstract unboxed state, its NamedShardings), without allocating anything."""

@@ -9,6 +9,10 @@ One step (LARP_SPEC section 7, "per-step order"):
      noisy labels and the LeCam regulariser (EMAs updated after the regulariser);
   3. the generator loss on the reconstruction with the (updated, frozen) discriminator:
      L1 + LPIPS + GAN, plus the VQ and prior losses, then one Adam step.
+
+A batch-norm bottleneck (``model.uses_batch_stats``) needs the state to carry the model's
+'batch_stats' collection as ``state.batch_stats``: the forward pass reads it, updates it
+(``mutable=['batch_stats']``) and the new statistics go into the returned state.
 """
 
 from __future__ import annotations
@@ -21,12 +25,23 @@ import optax
 
 from larp_jax.losses import gan, perceptual
 from larp_jax.models import prior as prior_lib
+from larp_jax.models import quantizer as quantizer_lib
 from larp_jax.train import optim
 from larp_jax.train.state import DISC_STATS, TokenizerTrainState
 
 
 def _mix_ratio(step, loss_cfg, total_steps):
   return prior_lib.mix_ratio(step, total_steps, loss_cfg.mix_max_ratio, loss_cfg.mix_ramp_fraction)
+
+
+def _vq_weight(step, loss_cfg):
+  """``loss_cfg.vq_weight`` times the official epoch-wise warm-up (``vq_warmup_epochs`` <= 1:
+  off, the released '1.0_1'); see ``quantizer.vq_warmup_ratio``."""
+  epochs = int(loss_cfg.get('vq_warmup_epochs', 1))
+  if epochs <= 1:
+    return loss_cfg.vq_weight
+  return loss_cfg.vq_weight * quantizer_lib.vq_warmup_ratio(
+      step, loss_cfg.vq_warmup_start_ratio, epochs, loss_cfg.vq_warmup_steps_per_epoch)
 
 
 def reconstruction_losses(recon, video, lpips_params, fake_logits_fn, *, loss_cfg, gan_on):
@@ -91,17 +106,25 @@ def tokenizer_train_step(state: TokenizerTrainState, batch, key, lpips_params, *
   key = jax.random.fold_in(key, state.step)
   k_vq, k_drop, k_disc = jax.random.split(key, 3)
   mix = _mix_ratio(step, loss_cfg, total_steps)
+  vq_weight = _vq_weight(step, loss_cfg)
+  use_stats = model.uses_batch_stats
 
   def forward(params):
-    recon, aux = model.apply({'params': params}, video, train=True, mix_ratio=mix,
-                             rngs={'vq': k_vq, 'dropout': k_drop})
-    latent_loss = loss_cfg.vq_weight * aux['vq_loss']
+    variables = {'params': params}
+    if use_stats:
+      variables['batch_stats'] = state.batch_stats
+    out = model.apply(variables, video, train=True, mix_ratio=mix, step=step,
+                      rngs={'vq': k_vq, 'dropout': k_drop},
+                      mutable=['batch_stats'] if use_stats else False)
+    (recon, aux), new_vars = out if use_stats else (out, {})
+    latent_loss = vq_weight * aux['vq_loss']
     if 'prior_loss' in aux:
       latent_loss = latent_loss + loss_cfg.prior_weight * aux['prior_loss']
     aux = {k: v for k, v in aux.items() if k != 'tokens'}
-    return (recon, latent_loss), aux
+    return (recon, latent_loss), (aux, new_vars.get('batch_stats'))
 
-  (recon, latent_loss), pullback, aux = jax.vjp(forward, state.params, has_aux=True)
+  (recon, latent_loss), pullback, (aux, batch_stats) = jax.vjp(forward, state.params,
+                                                                has_aux=True)
 
   use_gan = loss_cfg.gan_weight > 0
   if use_gan:
@@ -137,9 +160,13 @@ def tokenizer_train_step(state: TokenizerTrainState, batch, key, lpips_params, *
                                           min_mult=optim_cfg.min_lr_mult)
   metrics = {'loss': recon_total + latent_loss, **terms, **aux, **disc_stats,
              'grad_norm': optax.tree.norm(grads), 'lr': lr, 'mix_ratio': mix}
+  if int(loss_cfg.get('vq_warmup_epochs', 1)) > 1:
+    metrics['vq_weight'] = vq_weight
   metrics = {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
   new_state = state.replace(step=step, params=params, opt_state=opt_state,
                             disc_params=disc_params, disc_opt_state=disc_opt_state,
                             lecam_ema=lecam_ema, disc_stats=disc_stats, ema_params=ema_params)
+  if use_stats:
+    new_state = new_state.replace(batch_stats=batch_stats)
   return new_state, metrics
 
