@@ -36,12 +36,15 @@ class Tokenizer:
   params: Any
   config: ml_collections.ConfigDict
   step: int
+  batch_stats: Any = None   # running statistics of a batch-norm bottleneck, if any
 
   def __post_init__(self):
-    self._encode = jax.jit(lambda p, v: self.model.apply({'params': p}, v,
-                                                         method=LARPTokenizer.encode))
-    self._decode = jax.jit(lambda p, t: self.model.apply({'params': p}, t,
-                                                         method=LARPTokenizer.decode))
+    variables = {'params': self.params}
+    if self.batch_stats is not None:
+      variables['batch_stats'] = self.batch_stats
+    self._variables = variables
+    self._encode = jax.jit(lambda v, x: self.model.apply(v, x, method=LARPTokenizer.encode))
+    self._decode = jax.jit(lambda v, t: self.model.apply(v, t, method=LARPTokenizer.decode))
 
   @property
   def video_shape(self):
@@ -67,7 +70,7 @@ class Tokenizer:
     if not isinstance(video, jax.Array):
       video = np.asarray(video)
     _check_video(video, self.video_shape)
-    return self._encode(self.params, jnp.asarray(video))
+    return self._encode(self._variables, jnp.asarray(video))
 
   def decode(self, tokens):
     """Videos of a batch of token sequences.
@@ -84,7 +87,7 @@ class Tokenizer:
     """
     tokens = np.asarray(tokens)
     _check_tokens(tokens, self.num_tokens, self.model.codebook_size)
-    return self._decode(self.params, jnp.asarray(tokens, jnp.int32))
+    return self._decode(self._variables, jnp.asarray(tokens, jnp.int32))
 
 
 # Float videos may overshoot [0, 1] by this much (resampling / codec round-off).
@@ -137,4 +140,5 @@ def load_tokenizer(workdir: str, *, use_ema: bool = True) -> Tokenizer:
     raise FileNotFoundError(f'no checkpoint in {os.path.join(workdir, "checkpoints")}: '
                             f'train first (python -m larp_jax.main --workdir={workdir} ...)')
   params = state.ema_params if (use_ema and state.ema_params is not None) else state.params
-  return Tokenizer(model=exp.model, params=params, config=config, step=int(step))
+  return Tokenizer(model=exp.model, params=params, config=config, step=int(step),
+                   batch_stats=state.batch_stats)

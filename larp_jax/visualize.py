@@ -1,8 +1,10 @@
-"""Things a person can look at: side-by-side videos (mp4 via PyAV) and image grids (PNG)."""
+"""Things a person can look at: side-by-side videos (mp4 via PyAV) and image grids (PNG), with an
+optional text header (PIL's built-in font, nothing downloaded)."""
 
 from __future__ import annotations
 
 import os
+from typing import Optional, Sequence, Union
 
 import numpy as np
 
@@ -24,17 +26,74 @@ def side_by_side(originals, reconstructions, gap: int = 2) -> np.ndarray:
   return canvas
 
 
-def frame_grid(video: np.ndarray, max_frames: int = 8) -> np.ndarray:
-  """[T, H, W, 3] uint8 -> [H, k*W, 3]: up to ``max_frames`` evenly spaced frames in a row."""
-  t = video.shape[0]
+def frame_grid(video: np.ndarray, max_frames: int = 8, gap: int = 0) -> np.ndarray:
+  """[T, H, W, 3] uint8 -> [H, k*W + (k-1)*gap, 3]: up to ``max_frames`` evenly spaced frames in a
+  row, ``gap`` white columns between them."""
+  t, h = video.shape[:2]
   idx = np.linspace(0, t - 1, min(t, max_frames)).round().astype(int)
-  return np.concatenate([video[i] for i in idx], axis=1)
+  white = np.full((h, gap, 3), 255, np.uint8)
+  parts = [p for i in idx for p in (white, video[i])][1:] if gap > 0 else [video[i] for i in idx]
+  return np.concatenate(parts, axis=1)
 
 
-def write_png(path: str, image: np.ndarray, upscale: int = 1) -> None:
+HEADER_MIN_WIDTH = 720    # px: a narrow image is padded (white, right) so the header stays readable
+
+
+def _font(size: int):
+  from PIL import ImageFont
+  try:
+    return ImageFont.load_default(size=size)   # Pillow >= 10.1 with FreeType: scalable
+  except (TypeError, ImportError, OSError):
+    return ImageFont.load_default()            # the fixed bitmap font
+
+
+def _wrap(draw, text: str, font, width: int) -> list:
+  """Greedy word wrap of one line of ``text`` to ``width`` pixels."""
+  lines, cur = [], ''
+  for word in text.split(' '):
+    cand = f'{cur} {word}' if cur else word
+    if cur and draw.textlength(cand, font=font) > width:
+      lines.append(cur)
+      cur = word
+    else:
+      cur = cand
+  return lines + [cur]
+
+
+def add_header(image: np.ndarray, lines: Union[str, Sequence[str]],
+               min_width: int = HEADER_MIN_WIDTH) -> np.ndarray:
+  """[H, W, 3] uint8 -> [h + H, max(W, min_width), 3]: black text lines on white above the image.
+
+  Lines are wrapped to the width; the font size follows the width (14 to 28 px).
+  """
+  from PIL import Image, ImageDraw
+  lines = [lines] if isinstance(lines, str) else list(lines)
+  h, w, _ = image.shape
+  width = max(w, int(min_width))
+  size = int(np.clip(width // 80, 14, 28))
+  font = _font(size)
+  probe = ImageDraw.Draw(Image.new('RGB', (1, 1)))
+  pad = size // 2
+  wrapped = [part for line in lines for part in _wrap(probe, line, font, width - 2 * pad)]
+  line_h = int(size * 1.35)
+  top = 2 * pad + line_h * len(wrapped)
+  canvas = Image.new('RGB', (width, top + h), (255, 255, 255))
+  canvas.paste(Image.fromarray(image), (0, top))
+  draw = ImageDraw.Draw(canvas)
+  for i, line in enumerate(wrapped):
+    draw.text((pad, pad + i * line_h), line, fill=(0, 0, 0), font=font)
+  return np.asarray(canvas)
+
+
+def write_png(path: str, image: np.ndarray, upscale: int = 1,
+              header: Optional[Union[str, Sequence[str]]] = None) -> None:
+  """Writes ``image`` [H, W, 3] uint8, pixels repeated ``upscale`` times, with ``add_header``'s
+  text above it if ``header`` is given (drawn after the upscale, so the text stays sharp)."""
   from PIL import Image
   if upscale > 1:
     image = image.repeat(upscale, 0).repeat(upscale, 1)
+  if header:
+    image = add_header(image, header)
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   Image.fromarray(image).save(path)
 
@@ -58,13 +117,19 @@ def write_mp4(path: str, video: np.ndarray, fps: int = 8, upscale: int = 1) -> N
       container.mux(packet)
 
 
-def write_reconstructions(out_dir: str, name: str, originals, reconstructions) -> dict:
-  """Writes ``name.mp4`` (side by side, moving) and ``name.png`` (frames in rows) in out_dir."""
-  video = side_by_side(originals, reconstructions)
+def write_reconstructions(out_dir: str, name: str, originals, reconstructions,
+                          header: Optional[Union[str, Sequence[str]]] = None) -> dict:
+  """Writes ``name.mp4`` (side by side, moving) and ``name.png`` (frames in rows) in out_dir.
+
+  ``header``: text line(s) drawn above the PNG (e.g. the tokenizer's and the baselines' PSNR, see
+  ``evaluation.evaluator.recon_header``); the mp4 has no header.
+  """
+  gap = 2
+  video = side_by_side(originals, reconstructions, gap=gap)
   h = video.shape[1]
   upscale = max(1, 256 // max(1, h // max(1, len(originals))))
   upscale = min(upscale, 4)
   paths = {'mp4': os.path.join(out_dir, f'{name}.mp4'), 'png': os.path.join(out_dir, f'{name}.png')}
   write_mp4(paths['mp4'], video, upscale=upscale)
-  write_png(paths['png'], frame_grid(video), upscale=upscale)
+  write_png(paths['png'], frame_grid(video, gap=4 * gap), upscale=upscale, header=header)
   return paths

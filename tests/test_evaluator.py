@@ -6,15 +6,19 @@ import math
 import os
 import subprocess
 import sys
+import tempfile
 import textwrap
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from PIL import Image
 
-from larp_jax import checkpoint, config_lib
+from larp_jax import checkpoint, config_lib, visualize
 from larp_jax import data as data_lib
+from larp_jax.evaluation import baselines
 from larp_jax.evaluation import evaluator
 from larp_jax.evaluation import fvd as fvd_lib
 from larp_jax.train import loop
@@ -22,7 +26,7 @@ from larp_jax.train import loop
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REQUIRED = ('psnr', 'ssim', 'lpips', 'fvd', 'mse', 'codebook_usage', 'codebook_perplexity',
             'prior_top1', 'prior_top5', 'prior_ce', 'num_clips', 'step', 'seconds',
-            'seconds_per_clip', 'protocol')
+            'seconds_per_clip', 'protocol', 'baselines', 'baseline_clips')
 
 
 def tiny_config(video_shape=(16, 16, 16), patch=(4, 8, 8), **eval_kw):
@@ -83,7 +87,7 @@ def test_evaluate_record_hand_metrics_fvd_cache_and_workdir(tmp_path, monkeypatc
   assert set(REQUIRED) <= set(rec)
   assert rec['lpips'] is None and 'lpips' not in m          # off in this config: no number
   for k in REQUIRED:
-    if k not in ('lpips', 'protocol'):
+    if k not in ('lpips', 'protocol', 'baselines'):
       assert math.isfinite(rec[k]), (k, rec[k])
   assert rec['num_clips'] == 6 and rec['step'] == 0
   p = rec['protocol']
@@ -102,6 +106,22 @@ def test_evaluate_record_hand_metrics_fvd_cache_and_workdir(tmp_path, monkeypatc
   np.testing.assert_allclose(m['psnr'], np.mean(-10 * np.log10(mse)), rtol=1e-5)
   np.testing.assert_allclose(m['mse'], mse.mean(), rtol=1e-4)
   tokens = np.asarray(aux['tokens'])
+
+  # --- baselines: on the same 6 clips (kept as uint8), in the JSON, the metrics and the summary
+  ref = baselines.baseline_metrics(visualize.to_uint8(video), config.model.patch_size)
+  assert rec['baseline_clips'] == rec['num_clips'] == ref['clips'] == 6 == m['baseline_clips']
+  assert set(rec['baselines']) == set(baselines.names()) == set(ref['baselines'])
+  for name, v in ref['baselines'].items():
+    for k in ('psnr', 'mse'):
+      assert rec['baselines'][name][k] == pytest.approx(v[k], rel=1e-9), (name, k)
+      assert m[f'baseline_{name}_{k}'] == pytest.approx(v[k], rel=1e-9), (name, k)
+  assert rec['baselines']['pca16']['components'] == 16
+  assert p['baselines']['clips'] == 6 and p['baselines']['capped'] is False
+  assert p['baselines']['patch_size'] == [4, 8, 8]
+  summary = evaluator.format_summary(rec)
+  assert summary == evaluator.format_summary(m)
+  pmean = rec['baselines']['patch_mean']['psnr']
+  assert f'patch-mean {pmean:.2f}' in summary and 'pca1/4/16 ' in summary
   counts = np.bincount(tokens.ravel(), minlength=64)
   probs = counts[counts > 0] / counts.sum()
   assert m['codebook_usage'] == pytest.approx(np.mean(counts > 0))
@@ -191,5 +211,76 @@ def test_sharded_eval_equals_single_device(tmp_path):
   single, sharded = res['single'], res['sharded']
   assert single['num_clips'] == sharded['num_clips'] == 6
   for k in ('psnr', 'ssim', 'lpips', 'mse', 'codebook_usage', 'codebook_perplexity',
-            'prior_top1', 'prior_top5', 'prior_ce'):
+            'prior_top1', 'prior_top5', 'prior_ce', 'baseline_clips', 'baseline_clip_mean_psnr',
+            'baseline_pca16_mse'):
     assert abs(single[k] - sharded[k]) <= 1e-5 * max(1.0, abs(single[k])), (k, single[k], sharded[k])
+
+
+def test_recon_png_header():
+  rng = np.random.default_rng(0)
+  a, b = rng.random((2, 2, 4, 8, 8, 3))
+  header = ['tokenizer 15.20 dB', 'baselines: clip-mean colour 18.10 | PCA-1/4/16 1/2/3 dB']
+  with tempfile.TemporaryDirectory() as d:
+    visualize.write_reconstructions(d, 'plain', a, b)
+    paths = visualize.write_reconstructions(d, 'head', a, b, header=header)
+    plain = np.asarray(Image.open(os.path.join(d, 'plain.png')))
+    head = np.asarray(Image.open(paths['png']))
+    assert os.path.getsize(paths['mp4']) > 0
+  top = head.shape[0] - plain.shape[0]
+  assert top > 20 and head.shape[1] == max(plain.shape[1], visualize.HEADER_MIN_WIDTH)
+  np.testing.assert_array_equal(head[top:, :plain.shape[1]], plain)   # the frames, unchanged
+  assert (head[:top] < 100).any() and (head[:top] == 255).mean() > 0.5   # dark text on white
+  lines = evaluator.recon_header({'step': 3, 'num_clips': 6, 'psnr': 15.2, 'baseline_clips': 6,
+                                  'baselines': {'clip_mean': {'psnr': 18.1}, 'pca4': {'psnr': 20},
+                                                'pca16': {'psnr': 21}}})
+  assert lines[0] == 'step 3, 6 eval clips: PSNR tokenizer 15.20 dB'
+  assert lines[1].startswith('baselines (same 6 clips): clip-mean colour 18.10 | PCA-4/16 '
+                             '20.00/21.00 dB')
+  assert lines[2].endswith('frames in time order, left to right')
+
+
+def _clip_mean_forward(module, video):
+  """A stand-in tokenizer whose reconstruction is each clip's mean colour."""
+  recon = jnp.broadcast_to(jnp.mean(video, axis=(1, 2, 3), keepdims=True), video.shape)
+  return recon, jnp.zeros((video.shape[0], module.num_latent_tokens), jnp.int32), {}
+
+
+def test_baselines_cap_off_and_clip_mean_model(tmp_path, monkeypatch):
+  monkeypatch.setattr(evaluator, '_eval_forward', _clip_mean_forward)
+  config = tiny_config(video_shape=(4, 16, 16), patch=(2, 8, 8), num_clips=6, batch_size=4,
+                       num_videos_to_show=2, baseline_max_clips=5)
+  exp = loop.build(config)
+  params = init_state(exp).params
+  clips = np.asarray(eval_clips(config, 6))
+
+  def run(step):
+    m = evaluator.evaluate(exp, params, str(tmp_path), step)
+    with open(tmp_path / 'eval' / f'{step}.json') as f:
+      return m, json.load(f)
+
+  # Capped at 5 of the 6 clips (4 from the first batch, 1 from the second).
+  m, rec = run(1)
+  assert rec['num_clips'] == 6 and rec['baseline_clips'] == 5 and m['baseline_clips'] == 5
+  assert rec['protocol']['baselines']['capped'] is True
+  ref = baselines.baseline_metrics(visualize.to_uint8(clips[:5]), (2, 8, 8))['baselines']
+  for name, v in ref.items():
+    assert rec['baselines'][name]['psnr'] == pytest.approx(v['psnr'], rel=1e-9), name
+
+  # 0 switches them off: null in the JSON, absent from the metrics and the summary.
+  exp.config.eval.baseline_max_clips = 0
+  m, rec = run(2)
+  assert rec['baselines'] is None and rec['baseline_clips'] is None
+  assert not any(k.startswith('baseline') for k in m)
+  assert 'baseline' not in evaluator.format_summary(rec)
+
+  # Default cap (512): all 6 clips. A tokenizer that outputs the clip mean scores what the
+  # clip-mean baseline scores (up to the baselines' 8-bit rounding of the clips).
+  del exp.config.eval['baseline_max_clips']
+  m, rec = run(3)
+  assert rec['baseline_clips'] == 6 and rec['protocol']['baselines']['max_clips'] == 512
+  exact = baselines.baseline_metrics(clips, (2, 8, 8))['baselines']['clip_mean']
+  assert m['psnr'] == pytest.approx(exact['psnr'], rel=1e-5)
+  assert m['mse'] == pytest.approx(exact['mse'], rel=1e-5)
+  assert abs(m['psnr'] - m['baseline_clip_mean_psnr']) < 0.02
+  assert m['mse'] == pytest.approx(m['baseline_clip_mean_mse'], rel=1e-2)
+  assert abs(m['psnr'] - m['baseline_patch_mean_psnr']) > 0.1

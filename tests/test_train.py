@@ -268,3 +268,25 @@ def test_data_parallel_and_fsdp_meshes_match_one_device():
     np.testing.assert_allclose(out[name + '_params'], out['one_params'], rtol=1e-5)
   assert out['sharded_big_params'] > 0.5   # FSDP really shards the large weights
   assert out['constraints'] > 0   # (under jax 0.10's `with mesh:` flax silently dropped them)
+
+
+def test_a_batch_norm_bottleneck_trains_evaluates_and_loads_with_its_running_stats(tmp_path):
+  """bottleneck_norm='bn_b': the running statistics live in the train state, are updated by the
+  step, checkpointed, used by the evaluation and by load_tokenizer."""
+  from larp_jax.evaluation import evaluator
+  wd = str(tmp_path)
+  c = tiny_config(total_steps=2, eval_every=2)
+  c.loss.lpips_weight = 0.0
+  c.model.bottleneck_norm = 'bn_b'
+  c.eval.update(num_clips=2, batch_size=2, fvd=False, lpips=False, num_videos_to_show=0)
+  loop.run(c, wd, evaluate_fn=evaluator.evaluate_during_training)
+  tok = larp_jax.load_tokenizer(wd)
+  stats = jax.tree_util.tree_leaves(tok.batch_stats)
+  assert stats and any(float(np.abs(np.asarray(s)).sum()) > 0 for s in stats)
+  # Not the init values (mean 0, var 1): two steps moved them.
+  means = [np.asarray(s) for p, s in jax.tree_util.tree_flatten_with_path(tok.batch_stats)[0]
+           if 'mean' in jax.tree_util.keystr(p)]
+  assert means and all(np.abs(m).max() > 0 for m in means)
+  assert json.load(open(os.path.join(wd, 'eval', '2.json')))['psnr'] is not None
+  video = jax.random.uniform(jax.random.key(0), (2, 4, 32, 32, 3))
+  assert tok.decode(tok.encode(video)).shape == (2, 4, 32, 32, 3)

@@ -17,7 +17,16 @@ Protocol (LARP_SPEC 12.2.2, on our own eval split):
     evaluated tokens (not per batch);
   * the prior's teacher-forced top-1 / top-5 next-token accuracy and cross-entropy, per clip then
     averaged (the released recipe keeps the prior's attention dropout on in eval, so these use an
-    rng derived from ``config.seed``).
+    rng derived from ``config.seed``);
+  * trivial-code baselines on the same clips (``evaluation.baselines``: dataset-mean video,
+    clip-mean colour, patch-mean colour, patch PCA with 1/4/16 components), PSNR and MSE with the
+    tokenizer's protocol. Memory: each process keeps its share of the first
+    ``config.eval.baseline_max_clips`` evaluated clips (default 512; 0 switches the baselines off)
+    as uint8 on the host, 400 MB at 512 x 16 x 128 x 128 x 3; above the cap the baselines use the
+    first that many clips and ``baseline_clips`` in the JSON says how many. The 8-bit rounding
+    adds about 1/(12 * 255^2) to each clip's MSE (-0.005 dB on ``configs/demo.py``'s clips).
+    Multi-host: exact, the processes sum the baselines' sufficient statistics (``_all_sum``), fit
+    the same mean video and PCA bases, and sum the errors of their own clips.
 
 One jitted function computes the per-clip values of a batch on ``exp.mesh`` (batch split over
 data x fsdp, parameters in their training shardings); the host only sums the kept clips. Every
@@ -46,6 +55,7 @@ from jax.sharding import PartitionSpec as P
 from larp_jax import checkpoint, sharding, visualize
 from larp_jax import workdir as workdir_lib
 from larp_jax import data as data_lib
+from larp_jax.evaluation import baselines as baselines_lib
 from larp_jax.evaluation import fvd as fvd_lib
 from larp_jax.evaluation import recon_metrics
 from larp_jax.losses import perceptual
@@ -54,6 +64,7 @@ from larp_jax.models.quantizer import l2_normalize
 
 LPIPS_NET = 'vgg'            # LARP reports LPIPS with VGG
 QUANTIZATION = 'argmax'
+BASELINE_MAX_CLIPS = 512     # default of config.eval.baseline_max_clips
 # Data-config fields that cannot change the eval clips (left out of the FVD cache key).
 _NOT_IN_KEY = ('num_parallel_calls', 'prefetch', 'shuffle_buffer', 'flip', 'train_crop',
                'train_split', 'synthetic_num_train')
@@ -89,14 +100,21 @@ def _eval_forward(module, video):
   return recon.astype(jnp.float32), tokens, per_clip
 
 
-def eval_batch(params, video, key, lpips_params, *, model, use_lpips: bool):
+def model_variables(params, batch_stats=None) -> dict:
+  """The variables the tokenizer is applied with: its parameters, and the running statistics
+  of a batch-norm bottleneck when it has one."""
+  return {'params': params} if batch_stats is None else {'params': params,
+                                                         'batch_stats': batch_stats}
+
+
+def eval_batch(variables, video, key, lpips_params, *, model, use_lpips: bool):
   """Per-clip metrics of one batch. video [B,T,H,W,3] in [0,1].
 
   Returns (recon clamped to [0,1] [B,T,H,W,3], tokens int32 [B,N], dict of float32 [B]:
   'psnr', 'ssim', 'mse', optionally 'lpips' and 'prior_ce' / 'prior_top1' / 'prior_top5').
   """
   video = video.astype(jnp.float32)
-  recon, tokens, per_clip = model.apply({'params': params}, video, method=_eval_forward,
+  recon, tokens, per_clip = model.apply(variables, video, method=_eval_forward,
                                         rngs={'vq': key, 'dropout': key})
   recon = jnp.clip(recon, 0.0, 1.0)
   per_clip = dict(per_clip, **recon_metrics.recon_metrics(recon, video))
@@ -115,13 +133,14 @@ class _Resources:
   def __init__(self, exp, use_lpips: bool):
     self.use_lpips = use_lpips
     _, state_shardings = exp.abstract_state()
-    self.param_shardings = state_shardings.params
+    self.variable_shardings = model_variables(state_shardings.params,
+                                              state_shardings.batch_stats)
     rep = sharding.replicated(exp.mesh)
     batch = sharding.batch_sharding(exp.mesh)
     self.lpips_params = (jax.device_put(perceptual.load_lpips_params(LPIPS_NET), rep)
                          if use_lpips else {})
     fn = functools.partial(eval_batch, model=exp.model, use_lpips=use_lpips)
-    self.fn = jax.jit(fn, in_shardings=(self.param_shardings, batch, rep, rep),
+    self.fn = jax.jit(fn, in_shardings=(self.variable_shardings, batch, rep, rep),
                       out_shardings=(batch, batch, batch))
     self._extractor = None
 
@@ -227,7 +246,7 @@ def _round_up(n: int, m: int) -> int:
   return -(-n // m) * m
 
 
-def evaluate(exp, params, workdir: str, step: int, *, num_clips=None) -> dict:
+def evaluate(exp, params, workdir: str, step: int, *, num_clips=None, batch_stats=None) -> dict:
   """Evaluates ``params`` (the tokenizer's, prior included) on the eval split.
 
   Args:
@@ -236,10 +255,13 @@ def evaluate(exp, params, workdir: str, step: int, *, num_clips=None) -> dict:
     workdir: run directory; results go to ``<workdir>/eval/``.
     step: the training step the parameters belong to (names the files).
     num_clips: number of real eval clips (default ``config.eval.num_clips``; None or <= 0: all).
+    batch_stats: the running statistics of a batch-norm bottleneck (``state.batch_stats``).
   Returns:
     dict of floats: 'psnr', 'ssim', 'mse', 'lpips' (if config.eval.lpips), 'fvd' (if
     config.eval.fvd and T >= 9), 'codebook_usage', 'codebook_perplexity', 'prior_top1',
-    'prior_top5', 'prior_ce' (with the prior), 'num_clips', 'step', 'seconds', 'seconds_per_clip'.
+    'prior_top5', 'prior_ce' (with the prior), 'num_clips', 'step', 'seconds', 'seconds_per_clip',
+    and (unless config.eval.baseline_max_clips is 0) 'baseline_clips' and
+    'baseline_<name>_psnr' / 'baseline_<name>_mse' for each name in ``baselines.names()``.
   """
   t_start = time.time()
   config = exp.config
@@ -255,6 +277,8 @@ def evaluate(exp, params, workdir: str, step: int, *, num_clips=None) -> dict:
   num_show = int(_eval_cfg(config, 'num_videos_to_show', 0) or 0)
   eval_bs = int(_eval_cfg(config, 'batch_size', config.batch_size))
   seed = int(config.seed)
+  max_bl = _eval_cfg(config, 'baseline_max_clips', BASELINE_MAX_CLIPS)
+  max_bl = max(0, int(BASELINE_MAX_CLIPS if max_bl is None else max_bl))
   video_shape = tuple(int(s) for s in exp.model.video_shape)
   t, h, w = video_shape
 
@@ -267,7 +291,7 @@ def evaluate(exp, params, workdir: str, step: int, *, num_clips=None) -> dict:
 
   out_dir = output_dir(config, workdir) if is_main else None   # fail before the work, not after
   res = _resources(exp, use_lpips)
-  params = jax.device_put(params, res.param_shardings)
+  variables = jax.device_put(model_variables(params, batch_stats), res.variable_shardings)
 
   fvd_on = want_fvd and t >= fvd_lib.MIN_FRAMES
   if want_fvd and not fvd_on:
@@ -293,6 +317,7 @@ def evaluate(exp, params, workdir: str, step: int, *, num_clips=None) -> dict:
   counts = np.zeros((exp.model.codebook_size,), np.int64)
   n_local = 0
   shown_real, shown_recon = [], []
+  bl_clips = []   # this process's share of the first max_bl evaluated clips, uint8
   key = jax.random.key(seed)
   with it, sharding.logical_context(mesh, exp.rules):   # closes the eval input at the end
     for b, batch in enumerate(it):
@@ -305,13 +330,15 @@ def evaluate(exp, params, workdir: str, step: int, *, num_clips=None) -> dict:
       # clips among the first num_clips positions. Rows added below for the mesh are never kept.
       pos = (b * nproc + jax.process_index()) * host_bs + np.arange(host_bs)
       keep = mask & (pos < num_clips if num_clips is not None else True)
+      if (keep & (pos < max_bl)).any():
+        bl_clips.append(visualize.to_uint8(video[keep & (pos < max_bl)]))
       pad = host_padded - host_bs
       if pad:
         video = np.concatenate([video, np.zeros((pad,) + video.shape[1:], video.dtype)])
         keep = np.concatenate([keep, np.zeros((pad,), bool)])
       gvideo = data_lib.make_global_batch({'video': video}, mesh,
                                           sharding.batch_sharding(mesh))['video']
-      recon, tokens, per_clip = res.fn(params, gvideo, jax.random.fold_in(key, b),
+      recon, tokens, per_clip = res.fn(variables, gvideo, jax.random.fold_in(key, b),
                                        res.lpips_params)
       per_clip = {k: _host_local(v, mesh) for k, v in per_clip.items()}
       tokens = _host_local(tokens, mesh)
@@ -340,6 +367,16 @@ def evaluate(exp, params, workdir: str, step: int, *, num_clips=None) -> dict:
   nz = probs[probs > 0]
   metrics['codebook_usage'] = float(np.mean(counts > 0))
   metrics['codebook_perplexity'] = float(np.exp(-np.sum(nz * np.log(nz))))
+  bl = None
+  if max_bl > 0:   # every process: the baselines sum statistics over processes
+    bl = baselines_lib.baseline_metrics(bl_clips, tuple(int(k) for k in exp.model.patch_size),
+                                        video_shape=video_shape, all_sum=_all_sum)
+  del bl_clips
+  if bl is not None:
+    metrics['baseline_clips'] = float(bl['clips'])
+    for name, v in bl['baselines'].items():
+      metrics[f'baseline_{name}_psnr'] = v['psnr']
+      metrics[f'baseline_{name}_mse'] = v['mse']
   if fvd_on:
     fake_stats = _all_sum_stats(fake_stats)
     if stream_real:
@@ -355,6 +392,8 @@ def evaluate(exp, params, workdir: str, step: int, *, num_clips=None) -> dict:
                                          'codebook_perplexity', 'prior_top1', 'prior_top5',
                                          'prior_ce')}
   record.update(num_clips=n, step=int(step), seconds=seconds, seconds_per_clip=seconds / n)
+  record['baselines'] = bl['baselines'] if bl is not None else None
+  record['baseline_clips'] = bl['clips'] if bl is not None else None
   record['protocol'] = dict(
       protocol, n_clips=n, n_clips_requested=num_clips, quantization=QUANTIZATION,
       recon='clamped to [0, 1]', fvd=fvd_on, fvd_real_clips=(real_stats.n if fvd_on else None),
@@ -362,7 +401,8 @@ def evaluate(exp, params, workdir: str, step: int, *, num_clips=None) -> dict:
       psnr='per video, -10 log10(MSE), data range 1, then mean',
       ssim='per frame 11x11 Gaussian sigma 1.5, mean over frames, then videos',
       codebook='histogram over all evaluated tokens', params_step=int(step),
-      num_processes=nproc, mesh=dict(mesh.shape))
+      num_processes=nproc, mesh=dict(mesh.shape),
+      baselines=_baseline_protocol(exp, n, max_bl, bl))
   if is_main:
     path = os.path.join(out_dir, f'{int(step)}.json')
     tmp = path + '.tmp'
@@ -371,9 +411,70 @@ def evaluate(exp, params, workdir: str, step: int, *, num_clips=None) -> dict:
     os.replace(tmp, path)
     if shown_real:
       visualize.write_reconstructions(out_dir, f'{int(step)}_recon', np.stack(shown_real),
-                                      np.stack(shown_recon))
+                                      np.stack(shown_recon), header=recon_header(record))
   logging.info('eval step %d: %s', step, format_summary(record))
   return metrics
+
+
+def _baseline_protocol(exp, n: int, max_bl: int, bl: Optional[dict]) -> dict:
+  """The ``protocol['baselines']`` entry of the JSON record."""
+  used = bl['clips'] if bl is not None else 0
+  return dict(
+      enabled=bl is not None, clips=used, max_clips=max_bl,
+      capped=bl is not None and used < n,
+      patch_size=[int(k) for k in exp.model.patch_size],
+      pca_components=list(baselines_lib.PCA_COMPONENTS),
+      clips_stored='uint8 (x * 255 rounded), the first baseline_max_clips evaluated clips',
+      psnr='as the tokenizer: per video -10 log10(max(MSE, 1e-10)), data range 1, reconstruction '
+           'clamped to [0, 1], then mean; 100 dB = exact',
+      definitions={
+          'dataset_mean': 'mean over the clips of each pixel of each frame (oracle)',
+          'clip_mean': "each clip's mean RGB colour",
+          'patch_mean': "each (kt, kh, kw) patch's mean RGB colour",
+          'pca<k>': 'top-k PCA of the mean-centred kt*kh*kw*3 patch vectors, fitted on these '
+                    'clips (oracle ceiling)'})
+
+
+def _baseline_psnrs(record: dict) -> list:
+  """[(name, psnr)] of the baselines in a JSON record or in the returned metrics; [] if none."""
+  table = record.get('baselines')
+  out = []
+  for name in baselines_lib.names():
+    v = (table.get(name) or {}).get('psnr') if table else record.get(f'baseline_{name}_psnr')
+    if v is not None:
+      out.append((name, float(v)))
+  return out
+
+
+def _format_baselines(psnrs: list, labels: bool) -> Optional[str]:
+  """'dataset-mean 16.25, ..., pca1/4/16 17.31/19.54/21.81' (labels: the long names)."""
+  if not psnrs:
+    return None
+  fixed = [(n, p) for n, p in psnrs if not n.startswith('pca')]
+  pca = [(n, p) for n, p in psnrs if n.startswith('pca')]
+  short = lambda n: baselines_lib.label(n) if labels else n.replace('_mean', '-mean')
+  parts = [f'{short(n)} {p:.2f}' for n, p in fixed]
+  if pca:
+    head = 'PCA-' if labels else 'pca'
+    ks, values = '/'.join(n[3:] for n, _ in pca), '/'.join(f'{p:.2f}' for _, p in pca)
+    parts.append(f'{head}{ks} {values}')
+  return (' | ' if labels else ', ').join(parts)
+
+
+def recon_header(record: dict) -> list:
+  """The text lines above the recon PNG: the tokenizer's PSNR next to the baselines'."""
+  n, clips = record.get('num_clips'), record.get('baseline_clips')
+  head = f'step {int(record["step"])}'
+  if n is not None:
+    head += f', {int(n)} eval clips'
+  lines = [f'{head}: PSNR tokenizer {float(record["psnr"]):.2f} dB']
+  bl = _format_baselines(_baseline_psnrs(record), labels=True)
+  if bl:
+    on = f' (same {int(clips)} clips)' if clips is not None else ''
+    lines.append(f'baselines{on}: {bl} dB (dataset-mean and PCA are oracles)')
+  lines.append('each frame: originals left | reconstructions right, one row per clip; '
+               'frames in time order, left to right')
+  return lines
 
 
 def format_summary(record: dict) -> str:
@@ -381,9 +482,11 @@ def format_summary(record: dict) -> str:
   def f(k, fmt):
     v = record.get(k)
     return None if v is None else f'{k} {format(v, fmt)}'
+  bl = _format_baselines(_baseline_psnrs(record), labels=False)
   parts = [f('psnr', '.3f'), f('ssim', '.4f'), f('lpips', '.4f'), f('fvd', '.2f'),
            f('codebook_usage', '.3f'), f('codebook_perplexity', '.1f'), f('prior_top1', '.4f'),
-           f('prior_top5', '.4f'), f('prior_ce', '.4f')]
+           f('prior_top5', '.4f'), f('prior_ce', '.4f'),
+           f'baseline psnr {bl}' if bl else None]
   n = record.get('num_clips')
   head = f'step {int(record["step"])}, {int(n)} clips' if n is not None else ''
   tail = f'{record["seconds_per_clip"]:.3f} s/clip' if 'seconds_per_clip' in record else ''
@@ -393,7 +496,7 @@ def format_summary(record: dict) -> str:
 def evaluate_during_training(exp, state, workdir: str, step: int) -> dict:
   """``loop.run``'s evaluate_fn: evaluates the EMA parameters if there are any, else params."""
   params = state.ema_params if state.ema_params is not None else state.params
-  return evaluate(exp, params, workdir, int(step))
+  return evaluate(exp, params, workdir, int(step), batch_stats=state.batch_stats)
 
 
 def evaluate_workdir(config, workdir: str) -> dict:
