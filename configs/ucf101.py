@@ -33,6 +33,15 @@ def get_config(arg=None):
       mlp_ratio=4.0, norm_eps=1e-5, pe_base=10000.0,
       codebook_size=8192, code_dim=16, vq_type='svq', vq_temperature=0.03,
       vq_l2_normalized=True, vq_commit_weight=0.25, vq_codebook_weight=1.0,
+      # Official bottleneck options, all at the released values (off). bottleneck_norm: 'none' |
+      # 'bn_bn' | 'bn_b' (batch norms: running stats in eval) | 'ln_d' | 'ln_nd' | 'ln_d_na'.
+      bottleneck_norm='none',
+      # Official stochastic_temperature < 0 (learned) = learnable with vq_temperature=0.1.
+      vq_temperature_learnable=False,
+      # Official sqt_start_end_epoch 'S_E_n': vq_temperature_start=S, vq_temperature=E,
+      # vq_temperature_ramp_steps=n * steps_per_epoch (0 = fixed vq_temperature).
+      vq_temperature_start=0.03, vq_temperature_ramp_steps=0,
+      vq_entropy_weight=0.0, vq_entropy_temperature=0.01,     # entropy loss inside vq_loss
       use_prior=True, **config_lib.PRIOR_GPTC_S, prior_max_len=placeholder(int), prior_dropout=0.1,
       # Released code: the prior's attention dropout stays on in eval (SDPA quirk).
       prior_attn_dropout_in_eval=not arg.paper,
@@ -60,6 +69,9 @@ def get_config(arg=None):
       gan_weight=0.3,                 # non-saturating generator loss, fixed weight
       disc_start=0,                   # GAN terms active from this step
       vq_weight=0.1,
+      # Official loss_q_warmup 'R_E' (released '1.0_1' = off): vq_weight x R in epoch 1, rising
+      # linearly per epoch to x1 at epoch E.
+      vq_warmup_start_ratio=1.0, vq_warmup_epochs=1, vq_warmup_steps_per_epoch=steps_per_epoch,
       prior_weight=0.06,              # alpha
       disc_every=5,                   # discriminator step every N generator steps
       disc_label_noise=0.15,          # 'ns_smooth' noisy targets: real max(1-0.15|n|, 0.7) ...
@@ -103,4 +115,6 @@ def get_config(arg=None):
   # run directory cannot be written).
   c.eval.output_dir = placeholder(str)
   c.eval.fvd_cache_dir = placeholder(str)
+  # Trivial codes scored on the same clips (larp_jax/evaluation/baselines.py); 0 turns them off.
+  c.eval.baseline_max_clips = 512
   return c

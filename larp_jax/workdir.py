@@ -19,6 +19,7 @@ TensorBoard events and ``eval/``. Three rules keep it whole across restarts:
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import errno
 import fcntl
@@ -29,6 +30,7 @@ import socket
 import tempfile
 from typing import Optional
 
+_ABSENT = '<absent>'
 CONFIG_FILE = 'config.json'
 LOCK_FILE = 'lock'
 METRICS_FILE = 'metrics.jsonl'
@@ -40,7 +42,8 @@ METRICS_FILE = 'metrics.jsonl'
 RESTARTABLE_MODEL_FIELDS = (
     'attention_impl', 'remat', 'dtype', 'vq_temperature', 'vq_commit_weight',
     'vq_codebook_weight', 'prior_dropout', 'prior_attn_dropout_in_eval', 'prior_n_rounds',
-    'prior_ce_temperature', 'query_init', 'query_init_std')
+    'prior_ce_temperature', 'query_init', 'query_init_std', 'vq_temperature_start',
+    'vq_temperature_ramp_steps', 'vq_entropy_weight', 'vq_entropy_temperature')
 
 
 class WorkdirError(ValueError):
@@ -150,14 +153,27 @@ def _flatten(d, prefix=''):
 def differences(old: dict, new: dict) -> dict:
   """{'a.b': (old value, new value)} for every leaf that differs (missing: '<absent>')."""
   a, b = _flatten(old), _flatten(new)
-  missing = '<absent>'
+  missing = _ABSENT
   return {k: (a.get(k, missing), b.get(k, missing)) for k in sorted(set(a) | set(b))
           if a.get(k, missing) != b.get(k, missing)}
+
+
+def _module_default(section: str, field: str):
+  """The default of a LARPTokenizer ('model') or discriminator ('disc') field, as JSON."""
+  from larp_jax.models.discriminator import TransformerDiscriminator
+  from larp_jax.models.tokenizer import LARPTokenizer
+  module = {'model': LARPTokenizer, 'disc': TransformerDiscriminator}[section]
+  for f in dataclasses.fields(module):
+    if f.name == field and f.default is not dataclasses.MISSING:
+      return json.loads(json.dumps(f.default, default=str))
+  return _ABSENT
 
 
 def _changes_checkpoint(key: str, old, new) -> bool:
   section, _, field = key.partition('.')
   if section in ('model', 'disc'):
+    if old == _ABSENT:   # a field added to the code after the run started: its default is what ran
+      return new != _module_default(section, field)
     return field not in RESTARTABLE_MODEL_FIELDS
   if key == 'optim.ema_decay':   # an EMA copy of the parameters exists or not
     return (float(old or 0) > 0) != (float(new or 0) > 0)

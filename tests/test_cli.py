@@ -20,6 +20,13 @@ README = os.path.join(ROOT, 'README.md')
 # Shortens the demo to a few steps and a small evaluation (FVD and LPIPS still on).
 SHORT = ['--config.total_steps=3', '--config.log_every=1', '--config.eval.num_clips=2',
          '--config.eval.batch_size=2', '--config.eval.num_videos_to_show=2']
+# Shrinks any config's networks (compiles in seconds) for the tests of exits and signals.
+TINY = ['--config.model.video_shape=(8,32,32)', '--config.model.width=32',
+        '--config.model.num_heads=2', '--config.model.encoder_depth=1',
+        '--config.model.decoder_depth=1', '--config.model.num_latent_tokens=16',
+        '--config.model.codebook_size=64', '--config.model.prior_depth=1',
+        '--config.model.prior_width=16', '--config.model.prior_heads=2', '--config.disc.width=16',
+        '--config.disc.depth=1', '--config.disc.num_heads=2']
 
 
 def readme_command(pattern: str) -> list:
@@ -28,6 +35,16 @@ def readme_command(pattern: str) -> list:
     if pattern in line and line.lstrip().startswith('pip install'):
       return line.split('&&', 1)[1].split()
   raise AssertionError(f'README has no command line with {pattern!r}')
+
+
+def readme_command_block(pattern: str) -> list:
+  """The `python -m larp_jax.main` command of README's code blocks that contains ``pattern``
+  (continuation lines joined), as argv."""
+  text = open(README).read().replace('\\\n', ' ')
+  for line in text.splitlines():
+    if pattern in line and line.strip().startswith('python -m larp_jax.main'):
+      return line.split()
+  raise AssertionError(f'README has no larp_jax.main command with {pattern!r}')
 
 
 def _env():
@@ -99,17 +116,32 @@ def test_readme_library_block_runs_as_pasted(demo_run):
   assert 'LIBRARY-OK' in out.stdout, out.stdout[-2000:] + out.stderr[-4000:]
 
 
-def test_folder_source_with_broken_files_trains_and_evaluates(tmp_path):
+def test_readme_folder_command_with_broken_files_trains_and_evaluates(tmp_path):
+  """README's "From a folder of videos" command (the LARP-L recipe), shrunk by overrides."""
   from tests.test_data_files import make_folder
-  videos = tmp_path / 'videos'
+  videos = tmp_path / 'UCF-101'
   make_folder(videos, with_bad=True)
   user = _user_dir(tmp_path)
-  r = _main(['--config=configs/demo.py:lpips=false', '--workdir=runs/folder', *SHORT,
-             '--config.data.source=folder', f'--config.data.path={videos}',
-             '--config.eval.fvd=false', '--config.data.short_side=32'], cwd=user, timeout=900)
+  argv = readme_command_block('source=folder')
+  argv = [a.replace('/data/UCF-101', str(videos)) for a in argv]
+  r = subprocess.run([sys.executable, *argv[1:], *TINY, *SHORT, '--config.batch_size=2',
+                      '--config.loss.lpips_weight=0', '--config.eval.fvd=false',
+                      '--config.optim.warmup_steps=1'], cwd=user, env=_env(),
+                     capture_output=True, text=True, timeout=900)
   assert r.returncode == 0, r.stderr[-4000:]
   assert 'skipping undecodable video' in r.stderr
-  assert json.load(open(user / 'runs' / 'folder' / 'eval' / '3.json'))['num_clips'] == 2
+  assert json.load(open(user / 'runs' / 'larp_l' / 'eval' / '3.json'))['num_clips'] == 2
+
+
+def test_readme_eval_command(demo_run):
+  user, r = demo_run
+  assert r.returncode == 0, r.stderr[-3000:]
+  argv = readme_command_block('--mode=eval')
+  out = subprocess.run([sys.executable, *argv[1:], '--config.eval.num_clips=2',
+                        '--config.eval.batch_size=2', '--config.eval.fvd=false'], cwd=user,
+                       env=_env(), capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert 'psnr' in out.stdout and 'runs/demo/eval/3.json' in out.stdout
 
 
 # ------------------------------------------------------------------- one-line errors
@@ -184,8 +216,8 @@ def long_videos(tmp_path_factory):
   return root
 
 
-def _folder_train_args(videos, run='runs/sig', steps=200):
-  return ['--config=configs/demo.py:lpips=false', f'--workdir={run}',
+def _folder_train_args(videos, run='runs/sig', steps=400):
+  return ['--config=configs/demo.py:lpips=false', f'--workdir={run}', *TINY,
           f'--config.total_steps={steps}', '--config.log_every=1', '--config.eval_every=0',
           '--config.checkpoint_every=1000', '--config.data.source=folder',
           f'--config.data.path={videos}', '--config.data.prefetch=4']
@@ -252,21 +284,20 @@ def test_an_error_during_training_exits_2_promptly(tmp_path, long_videos):
 def test_a_second_trainer_on_the_same_workdir_is_refused(tmp_path):
   user = _user_dir(tmp_path)
   run = user / 'runs' / 'demo'
-  args = ['--config=configs/demo.py:lpips=false', '--workdir=runs/demo',
-          '--config.total_steps=500', '--config.log_every=1', '--config.eval_every=0']
+  args = ['--config=configs/demo.py:lpips=false', '--workdir=runs/demo', *TINY,
+          '--config.total_steps=100000', '--config.eval_every=0']
   p = _start(args, user)
   try:
-    _wait_for_step(run / 'metrics.jsonl', 1, p)
-    before = (run / 'metrics.jsonl').read_text()
-    r = _main(args, cwd=user, timeout=300)
-    line = _one_error_line(r, 'in use by another trainer', f'pid {p.pid}')
-    del line
-    assert (run / 'metrics.jsonl').read_text().startswith(before)
+    t0 = time.time()      # the lock is taken before anything is compiled
+    while f'"pid": {p.pid}' not in ((run / 'lock').read_text() if (run / 'lock').exists() else ''):
+      assert p.poll() is None and time.time() - t0 < 300, p.stdout.read()[-3000:]
+      time.sleep(0.1)
+    config_json = (run / 'config.json').read_text() if (run / 'config.json').exists() else None
+    r = _main(args + ['--config.optim.lr=1e-2'], cwd=user, timeout=300)
+    _one_error_line(r, 'in use by another trainer', f'pid {p.pid}')
+    assert not (run / 'config.restart-0.json').exists()
+    if config_json is not None:
+      assert (run / 'config.json').read_text() == config_json
   finally:
     p.kill()
     p.wait()
-  # The killed trainer's lock file stays behind; the kernel released its lock: a restart works.
-  assert (run / 'lock').read_text().strip()
-  r = _main(args[:2] + ['--config.total_steps=1', '--config.eval_every=0'], cwd=user,
-            timeout=600)
-  assert r.returncode == 0, r.stderr[-3000:]

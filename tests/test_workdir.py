@@ -126,3 +126,16 @@ def test_eval_output_dir_that_cannot_be_written_is_one_line(tmp_path):
   c.eval.output_dir = str(blocker / 'eval')
   with pytest.raises(workdir_lib.WorkdirError, match='evaluation output directory.*output_dir'):
     evaluator.output_dir(c, str(tmp_path))
+
+
+def test_a_field_added_to_the_code_after_the_run_started_is_not_a_model_change(tmp_path):
+  """config.json of an older version lacks a new model field: its default is what ran."""
+  c = _cfg()
+  old = workdir_lib.config_dict(c)
+  del old['model']['norm_eps']       # as if norm_eps did not exist when the run started
+  with open(tmp_path / 'config.json', 'w') as f:
+    json.dump(old, f)
+  assert workdir_lib.check_config(str(tmp_path), c) == {'model.norm_eps': ('<absent>', 1e-5)}
+  c.model.norm_eps = 1e-6            # not the default: the network changed
+  with pytest.raises(workdir_lib.WorkdirError, match='model.norm_eps'):
+    workdir_lib.check_config(str(tmp_path), c)
