@@ -133,9 +133,11 @@ def load_tokenizer(workdir: str, *, use_ema: bool = True) -> Tokenizer:
   config = load_config(workdir)
   exp = loop.build(config, devices=jax.devices()[:1])
   mngr = checkpoint.manager(workdir, async_save=False)
-  abstract, shardings = exp.abstract_state()
-  step, state = checkpoint.restore_latest(mngr, abstract, shardings, quarantine=False)
-  mngr.close()
+  try:
+    abstract, shardings = exp.abstract_state()
+    step, state = checkpoint.restore_latest(mngr, abstract, shardings, quarantine=False)
+  finally:
+    mngr.close()
   if state is None:
     raise FileNotFoundError(f'no checkpoint in {os.path.join(workdir, "checkpoints")}: '
                             f'train first (python -m larp_jax.main --workdir={workdir} ...)')

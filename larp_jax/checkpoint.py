@@ -12,8 +12,9 @@ newest to the oldest.
   step is named in one warning line, moved aside to
   ``<workdir>/damaged_checkpoints/<step>-<UTC time>/`` (so that training can save that step
   number again; only process 0 moves, and only with ``quarantine=True`` and a writable manager)
-  and the next older step is tried. Nothing is ever deleted. When every step is
-  damaged, ``ValueError``: starting from scratch is left to the user.
+  once an older step has restored, and the next older step is tried. Nothing is ever deleted.
+  When every step is damaged, nothing is moved (an error common to all steps is more likely the
+  environment than the files) and ``ValueError``: starting from scratch is left to the user.
 - *Config mismatch*: the metadata reads fine but its parameter names or shapes differ from the
   requested state (the run was restarted with another model). That is no damage: ``ValueError``
   naming the first differing parameter; nothing is moved and no older step is tried.
@@ -75,16 +76,20 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_state, shardings, *,
     logging.info('Restoring checkpoint at step %d from %s', step, path)
     state, reason = _try_restore(mngr, step, target)
     if reason is None:
+      # Only now, with an older step shown to restore, are the newer ones moved aside: an error
+      # that hits every step alike (permissions, a library change) moves nothing.
+      for bad, bad_path, why in damaged:
+        where = _move_aside(mngr, bad) if move else None
+        logging.warning('Checkpoint step %d at %s is damaged (%s); %s; restored step %d.', bad,
+                        bad_path, why, f'moved it to {where}' if where else 'left it in place',
+                        step)
       return step, state
-    where = _move_aside(mngr, step) if move else None
-    damaged.append(f'{step} ({where or path})')
-    logging.warning('Checkpoint step %d at %s is damaged (%s); %s; trying an older step.', step,
-                    path, reason, f'moved it to {where}' if where else 'left it in place')
+    damaged.append((step, path, reason))
   if damaged:
-    todo = ('they were moved aside, so rerunning starts from scratch' if move else
-            f'move them out of {mngr.directory} to start from scratch')
-    raise ValueError(f'every checkpoint in {mngr.directory} is damaged: steps '
-                     f'{", ".join(damaged)}; {todo}, or use a new --workdir.')
+    listed = '; '.join(f'step {s} at {p}: {why}' for s, p, why in damaged)
+    raise ValueError(f'every checkpoint in {mngr.directory} is damaged ({listed}); nothing was '
+                     f'moved: repair them or move them away to start from scratch, or use a new '
+                     f'--workdir.')
   return None, None
 
 

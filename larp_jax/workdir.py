@@ -101,19 +101,24 @@ class Lock:
       raise WorkdirError(
           f'{os.path.dirname(self.path)} is in use by another trainer ({_describe(self.path)}); '
           f'wait for it to finish or stop it, or use another --workdir') from None
+    self._fd = fd
     owner = {'host': socket.gethostname(), 'pid': os.getpid(),
              'since': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}
-    os.ftruncate(fd, 0)
-    os.write(fd, (json.dumps(owner) + '\n').encode())
-    self._fd = fd
+    try:
+      os.ftruncate(fd, 0)
+      os.write(fd, (json.dumps(owner) + '\n').encode())
+    except BaseException:
+      self.release()
+      raise
     return self
 
   def release(self) -> None:
     if self._fd is not None:
-      os.ftruncate(self._fd, 0)
-      fcntl.flock(self._fd, fcntl.LOCK_UN)
-      os.close(self._fd)
-      self._fd = None
+      fd, self._fd = self._fd, None
+      try:
+        os.ftruncate(fd, 0)
+      finally:
+        os.close(fd)      # closing drops the flock
 
   def __enter__(self):
     return self.acquire()

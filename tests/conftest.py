@@ -19,6 +19,19 @@ def assert_vjp_close(got, ref, *, atol_out, atol_grad):
     np.testing.assert_allclose(a, b, atol=atol_grad)
 
 
+def run_result_script(code: str, *, timeout: int, **env):
+  """Runs ``code`` in a fresh CPU python (from the repo root) and returns the JSON object it
+  prints on a line starting with RESULT (assertion error with its output otherwise)."""
+  import json
+  import subprocess
+  r = subprocess.run([sys.executable, '-c', code], cwd=ROOT,
+                     env=dict(os.environ, JAX_PLATFORMS='cpu', **env), capture_output=True,
+                     text=True, timeout=timeout)
+  line = [l for l in r.stdout.splitlines() if l.startswith('RESULT')]
+  assert line, r.stdout[-2000:] + r.stderr[-3000:]
+  return json.loads(line[0][len('RESULT'):])
+
+
 def tiny_tokenizer_kwargs(**overrides):
   kw = dict(video_shape=(4, 16, 16), patch_size=(2, 8, 8), num_latent_tokens=8, width=32,
             encoder_depth=1, decoder_depth=1, num_heads=2, codebook_size=64, code_dim=8,

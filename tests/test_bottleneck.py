@@ -6,12 +6,6 @@ every switch written out at its default; the batch norms for running statistics 
 statistics of the global batch under a sharded ``jit``.
 """
 
-import dataclasses
-import json
-import os
-import subprocess
-import sys
-from typing import Any
 
 import flax
 import flax.linen as nn
@@ -22,7 +16,7 @@ import pytest
 
 from larp_jax import LARPTokenizer
 from larp_jax.models import quantizer as q
-from tests.conftest import ROOT, tiny_tokenizer_kwargs
+from tests.conftest import ROOT, run_result_script, tiny_tokenizer_kwargs
 
 EPS = 1e-5
 DEFAULTS = dict(bottleneck_norm='none', vq_temperature=0.03, vq_temperature_learnable=False,
@@ -194,12 +188,7 @@ os._exit(0)
 def test_batch_statistics_under_sharded_jit_match_one_device():
   """8 simulated devices, the batch sharded over them: plain jit gives the global statistics
   (the compiled program all-reduces), equal to the unsharded computation."""
-  env = dict(os.environ, JAX_PLATFORMS='cpu')
-  r = subprocess.run([sys.executable, '-c', _MESH_SCRIPT.format(root=ROOT)], cwd=ROOT, env=env,
-                     capture_output=True, text=True, timeout=300)
-  line = [l for l in r.stdout.splitlines() if l.startswith('RESULT')]
-  assert line, r.stdout[-2000:] + r.stderr[-3000:]
-  out = json.loads(line[0][len('RESULT'):])
+  out = run_result_script(_MESH_SCRIPT.format(root=ROOT), timeout=300)
   for kind in ('bn_bn', 'bn_b'):
     assert out[kind]['shards'] == 8
     assert out[kind]['all_reduce'], kind
@@ -398,20 +387,6 @@ def test_bad_bottleneck_kwargs_fail_at_construction(overrides, match):
 
 # ---------------------------------------------------------------- the train step
 
-@flax.struct.dataclass
-class _StateWithStats:
-  """TokenizerTrainState plus the 'batch_stats' field the train step expects for batch norms."""
-  step: Any
-  params: Any
-  opt_state: Any
-  disc_params: Any
-  disc_opt_state: Any
-  lecam_ema: Any
-  disc_stats: Any
-  ema_params: Any = None
-  batch_stats: Any = None
-
-
 def test_train_step_updates_batch_stats_and_warms_up_the_vq_loss():
   import optax
   from configs import ucf101
@@ -425,9 +400,8 @@ def test_train_step_updates_batch_stats_and_warms_up_the_vq_loss():
                                                 vq_temperature_ramp_steps=4))
   variables, video = init_model(model, batch=2)
   gen_tx = optim.generator_optimizer(c.optim, 10)
-  base = state_lib.create(variables['params'], {}, gen_tx, optax.identity(), use_ema=False)
-  state = _StateWithStats(**{f.name: getattr(base, f.name) for f in dataclasses.fields(base)},
-                          batch_stats=variables['batch_stats'])
+  state = state_lib.create(variables['params'], {}, gen_tx, optax.identity(), use_ema=False,
+                           batch_stats=variables['batch_stats'])
   step = jax.jit(lambda s, b: steps.tokenizer_train_step(
       s, b, jax.random.key(0), {}, model=model, disc=None, gen_tx=gen_tx, disc_tx=None,
       loss_cfg=c.loss, optim_cfg=c.optim, total_steps=10))

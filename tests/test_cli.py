@@ -186,11 +186,21 @@ def _start(args, cwd):
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
+def _logged_steps(metrics):
+  steps = []
+  for line in open(metrics) if metrics.exists() else []:
+    try:
+      steps.append(json.loads(line)['step'])
+    except ValueError:      # a line being written right now
+      pass
+  return steps
+
+
 def _wait_for_step(metrics, step, proc, timeout=600):
   t0 = time.time()
   while time.time() - t0 < timeout:
     exited = proc.poll() is not None
-    if metrics.exists() and any(json.loads(l)['step'] >= step for l in open(metrics)):
+    if any(s >= step for s in _logged_steps(metrics)):
       return
     if exited:
       raise AssertionError(proc.stdout.read()[-4000:])
@@ -235,7 +245,7 @@ def test_sigterm_saves_logs_and_exits_0_within_seconds(tmp_path, long_videos):
   assert p.returncode == 0, out[-4000:]
   assert exit_seconds < 10, f'{exit_seconds:.1f} s from SIGTERM to exit\n{out[-3000:]}'
   saved = _latest_checkpoint(run)
-  steps = [json.loads(l)['step'] for l in open(run / 'metrics.jsonl')]
+  steps = _logged_steps(run / 'metrics.jsonl')
   assert saved is not None and steps[-1] == saved, (saved, steps)
 
 
@@ -288,16 +298,16 @@ def test_a_second_trainer_on_the_same_workdir_is_refused(tmp_path):
           '--config.total_steps=100000', '--config.eval_every=0']
   p = _start(args, user)
   try:
-    t0 = time.time()      # the lock is taken before anything is compiled
-    while f'"pid": {p.pid}' not in ((run / 'lock').read_text() if (run / 'lock').exists() else ''):
+    t0 = time.time()      # the first trainer holds the lock and has written its config
+    while not ((run / 'config.json').exists() and
+               f'"pid": {p.pid}' in (run / 'lock').read_text()):
       assert p.poll() is None and time.time() - t0 < 300, p.stdout.read()[-3000:]
       time.sleep(0.1)
-    config_json = (run / 'config.json').read_text() if (run / 'config.json').exists() else None
+    config_json = (run / 'config.json').read_text()
     r = _main(args + ['--config.optim.lr=1e-2'], cwd=user, timeout=300)
     _one_error_line(r, 'in use by another trainer', f'pid {p.pid}')
     assert not (run / 'config.restart-0.json').exists()
-    if config_json is not None:
-      assert (run / 'config.json').read_text() == config_json
+    assert (run / 'config.json').read_text() == config_json
   finally:
     p.kill()
     p.wait()

@@ -123,8 +123,8 @@ def test_close_cancels_in_flight_decodes(tmp_path, monkeypatch, caplog):
 
 def test_close_during_next_in_another_thread_raises_there(tmp_path, monkeypatch):
   _long_folder(tmp_path)
+  state = _instrument(monkeypatch, fast_opens=0)   # before the pipeline's threads start
   it = data.get_dataset(_folder_cfg(tmp_path), 'train', SHAPE, 2, seed=1)
-  state = _instrument(monkeypatch, fast_opens=0)
   got = []
 
   def consume():

@@ -17,6 +17,7 @@ import larp_jax
 from larp_jax import checkpoint, config_lib
 from larp_jax.losses import gan
 from larp_jax.train import loop, optim
+from tests.conftest import run_result_script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -254,12 +255,8 @@ os._exit(0)
 
 
 def test_data_parallel_and_fsdp_meshes_match_one_device():
-  env = dict(os.environ, JAX_PLATFORMS='cpu', JAX_DISABLE_MOST_OPTIMIZATIONS='1')
-  r = subprocess.run([sys.executable, '-c', _MESH_SCRIPT.format(root=ROOT)], cwd=ROOT, env=env,
-                     capture_output=True, text=True, timeout=600)
-  line = [l for l in r.stdout.splitlines() if l.startswith('RESULT')]
-  assert line, r.stdout[-2000:] + r.stderr[-3000:]
-  out = json.loads(line[0][len('RESULT'):])
+  out = run_result_script(_MESH_SCRIPT.format(root=ROOT), timeout=600,
+                          JAX_DISABLE_MOST_OPTIMIZATIONS='1')
   for name in ('dp8', 'dp2_fsdp4'):
     for step, (a, b) in enumerate(zip(out['one'], out[name])):
       for key in ('loss', 'l1_loss', 'vq_loss', 'prior_loss', 'gan_loss', 'disc_loss'):

@@ -32,7 +32,10 @@ from typing import Callable, Iterable, Optional, Sequence, Union
 
 import numpy as np
 
-MSE_FLOOR = 1e-10            # as recon_metrics.MSE_FLOOR: an exact reconstruction is 100 dB
+from larp_jax.evaluation import recon_metrics
+from larp_jax.models import patches
+
+MSE_FLOOR = recon_metrics.MSE_FLOOR   # an exact reconstruction is 100 dB, as for the tokenizer
 PCA_COMPONENTS = (1, 4, 16)
 CHUNK_VALUES = 1 << 22       # float64 values per chunk of clips (32 MB)
 _SHIFT = 0.5                 # sums are of x - 0.5: a fixed shift, so shards still add up
@@ -83,17 +86,10 @@ def _blocks(video: np.ndarray, patch_size) -> np.ndarray:
 
 
 def patchify(video: np.ndarray, patch_size) -> np.ndarray:
-  """numpy twin of ``models.patches.patchify``: [B, T, H, W, C] -> [B, P, kt*kh*kw*C]."""
-  x = _blocks(video, patch_size).transpose(0, 1, 3, 5, 2, 4, 6, 7)
-  return x.reshape(x.shape[0], x.shape[1] * x.shape[2] * x.shape[3], -1)
-
-
-def unpatchify(patches: np.ndarray, video_shape, patch_size) -> np.ndarray:
-  """Inverse of ``patchify``: [B, P, kt*kh*kw*C] -> [B, T, H, W, C] with (T, H, W) = video_shape."""
-  (t, h, w), (kt, kh, kw) = video_shape, patch_size
-  b = patches.shape[0]
-  x = patches.reshape(b, t // kt, h // kh, w // kw, kt, kh, kw, -1)
-  return x.transpose(0, 1, 4, 2, 5, 3, 6, 7).reshape(b, t, h, w, -1)
+  """``models.patches.patchify`` (the model's patch order) with a clear error when
+  ``patch_size`` does not divide the clips: [B, T, H, W, C] -> [B, P, kt*kh*kw*C]."""
+  _blocks(video, patch_size)   # checks divisibility
+  return patches.patchify(video, tuple(int(k) for k in patch_size))
 
 
 def clip_mean_recon(video: np.ndarray) -> np.ndarray:

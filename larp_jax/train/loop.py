@@ -11,6 +11,7 @@ latest checkpoint in ``workdir`` if there is one, and trains to ``config.total_s
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -233,45 +234,38 @@ def run(config, workdir: str, *, evaluate_fn=None, stop_at: Optional[int] = None
 def _train(exp, workdir, diff, *, evaluate_fn, stop_at) -> dict:
   config = exp.config
   is_main = jax.process_index() == 0
-  mngr = checkpoint.manager(workdir, keep=int(config.keep_checkpoints))
-  try:
-    start_step, state, state_shardings = init_or_restore(exp, mngr)
-  except BaseException:
-    mngr.close()
-    raise
-  if is_main:
-    workdir_lib.write_config(workdir, config, start_step=start_step, diff=diff)
-    workdir_lib.truncate_metrics(workdir, start_step)
-  writer = metric_writers.create_default_writer(workdir, just_logging=not is_main)
   total = int(config.total_steps)
-  if start_step == 0 and is_main:
-    parameter_overview.log_parameter_overview(state.params, msg='tokenizer (with prior)')
-    parameter_overview.log_parameter_overview(state.disc_params, msg='discriminator')
-  logging.info('Mesh %s on %d devices; starting at step %d of %d.', dict(exp.mesh.shape),
-               jax.device_count(), start_step, total)
-  if start_step >= total:
-    logging.info('Nothing to do: checkpoint step %d >= total_steps %d.', start_step, total)
-    mngr.close()
-    writer.close()
-    return {}
-
-  per_host = config.batch_size // jax.process_count()
-  train_iter = data_lib.get_dataset(config.data, 'train', video_shape=exp.model.video_shape,
-                                    batch_size=per_host, seed=int(config.seed),
-                                    start_step=start_step)
-  try:
+  # Closed in reverse order on every way out: the input threads first (nothing waits on them
+  # afterwards), then the pending checkpoint writes, the manager, the writers; the signal
+  # handler stays until the end, so a Ctrl-C during the last save is still handled.
+  with contextlib.ExitStack() as stack:
+    preemption = stack.enter_context(_Preemption())
+    mngr = checkpoint.manager(workdir, keep=int(config.keep_checkpoints))
+    stack.callback(mngr.close)
+    start_step, state, state_shardings = init_or_restore(exp, mngr)
+    if is_main:
+      workdir_lib.write_config(workdir, config, start_step=start_step, diff=diff)
+      workdir_lib.truncate_metrics(workdir, start_step)
+    writer = metric_writers.create_default_writer(workdir, just_logging=not is_main)
+    stack.callback(writer.close)
+    stack.callback(mngr.wait_until_finished)
+    if start_step == 0 and is_main:
+      parameter_overview.log_parameter_overview(state.params, msg='tokenizer (with prior)')
+      parameter_overview.log_parameter_overview(state.disc_params, msg='discriminator')
+    logging.info('Mesh %s on %d devices; starting at step %d of %d.', dict(exp.mesh.shape),
+                 jax.device_count(), start_step, total)
+    if start_step >= total:
+      logging.info('Nothing to do: checkpoint step %d >= total_steps %d.', start_step, total)
+      return {}
+    per_host = config.batch_size // jax.process_count()
+    train_iter = stack.enter_context(data_lib.get_dataset(
+        config.data, 'train', video_shape=exp.model.video_shape, batch_size=per_host,
+        seed=int(config.seed), start_step=start_step))
     lpips_params = load_lpips(exp)
     train_step = make_train_step(exp, state_shardings)
-    with _Preemption() as preemption, sharding.logical_context(exp.mesh, exp.rules):
+    with sharding.logical_context(exp.mesh, exp.rules):
       return _steps(exp, workdir, mngr, writer, train_iter, state, start_step, train_step,
                     lpips_params, preemption, evaluate_fn=evaluate_fn, stop_at=stop_at)
-  finally:
-    train_iter.close()        # stop the input threads first: nothing waits on them afterwards
-    try:
-      mngr.wait_until_finished()
-    finally:
-      mngr.close()
-      writer.close()
 
 
 def _steps(exp, workdir, mngr, writer, train_iter, state, start_step, train_step, lpips_params,
