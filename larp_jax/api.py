@@ -18,11 +18,12 @@ import ml_collections
 import numpy as np
 
 from larp_jax import checkpoint
+from larp_jax import workdir as workdir_lib
 from larp_jax.models.tokenizer import LARPTokenizer
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
-  path = os.path.join(workdir, 'config.json')
+  path = os.path.join(workdir, workdir_lib.CONFIG_FILE)
   if not os.path.exists(path):
     raise FileNotFoundError(f'{path} not found: {workdir!r} is not a larp_jax run directory')
   with open(path) as f:
