@@ -25,6 +25,7 @@ def get_config(arg=None):
   arg = config_lib.parse_arg(arg, size='L', tokens=1024, source='tfds', epochs=150,
                              epoch_size=9537, batch=128, paper=False)
   c = ml_collections.ConfigDict()
+  c.task = 'tokenizer'   # larp_jax/tasks/: what the training loop trains
 
   # ---- the tokenizer: exactly LARPTokenizer's keyword arguments.
   c.model = dict(

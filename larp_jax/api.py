@@ -1,6 +1,7 @@
 """Library entry point: a trained tokenizer, ready to use, from a run directory.
 
-    tok = larp_jax.load_tokenizer('runs/demo')
+    tok = larp_jax.load_tokenizer('runs/demo')   # a run directory, or a params directory
+    tok.save('runs/demo_params')      # parameters only (larp_jax/params_io.py)
     tokens = tok.encode(video)        # [B, T, H, W, 3] in [0, 1] (or uint8) -> int32 [B, N]
     video = tok.decode(tokens)        # -> float32 [B, T, H, W, 3] in [0, 1]
 """
@@ -17,15 +18,17 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from larp_jax import checkpoint
+from larp_jax import errors
 from larp_jax import workdir as workdir_lib
 from larp_jax.models.tokenizer import LARPTokenizer
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config.json of a run or params directory."""
   path = os.path.join(workdir, workdir_lib.CONFIG_FILE)
   if not os.path.exists(path):
-    raise FileNotFoundError(f'{path} not found: {workdir!r} is not a larp_jax run directory')
+    raise errors.UserError(f'{path} not found: {workdir!r} is not a larp_jax run or params '
+                           f'directory')
   with open(path) as f:
     return ml_collections.ConfigDict(json.load(f))
 
@@ -38,6 +41,13 @@ class Tokenizer:
   config: ml_collections.ConfigDict
   step: int
   batch_stats: Any = None   # running statistics of a batch-norm bottleneck, if any
+
+  def save(self, directory: str) -> str:
+    """Writes this tokenizer as a params directory (``larp_jax/params_io.py``), loadable by
+    ``load_tokenizer(directory)``; returns its path."""
+    from larp_jax import params_io
+    return params_io.save(directory, self._variables, config=self.config, step=self.step,
+                          task='tokenizer')
 
   def __post_init__(self):
     variables = {'params': self.params}
@@ -128,20 +138,26 @@ def _check_tokens(tokens: np.ndarray, num_tokens: int, codebook_size: int) -> No
                      f'got min {lo}, max {hi}')
 
 
-def load_tokenizer(workdir: str, *, use_ema: bool = True) -> Tokenizer:
-  """The tokenizer of the latest checkpoint in ``workdir`` (EMA weights when trained with EMA)."""
-  from larp_jax.train import loop   # local: keeps `import larp_jax` light
-  config = load_config(workdir)
-  exp = loop.build(config, devices=jax.devices()[:1])
-  mngr = checkpoint.manager(workdir, async_save=False)
-  try:
-    abstract, shardings = exp.abstract_state()
-    step, state = checkpoint.restore_latest(mngr, abstract, shardings, quarantine=False)
-  finally:
-    mngr.close()
-  if state is None:
-    raise FileNotFoundError(f'no checkpoint in {os.path.join(workdir, "checkpoints")}: '
-                            f'train first (python -m larp_jax.main --workdir={workdir} ...)')
-  params = state.ema_params if (use_ema and state.ema_params is not None) else state.params
-  return Tokenizer(model=exp.model, params=params, config=config, step=int(step),
-                   batch_stats=state.batch_stats)
+def load_tokenizer(path: str, *, use_ema: bool = True) -> Tokenizer:
+  """The tokenizer of a run directory (its latest checkpoint) or of a params directory.
+
+  Reads only the model's variables (not the optimiser state, not the discriminator) and places
+  them on one device, whatever mesh wrote them (an FSDP run on many devices loads on a laptop).
+  ``use_ema``: a run trained with an EMA gives its EMA weights (False: the raw weights).
+
+  Raises:
+    UserError: ``path`` holds no config.json, no checkpoint, or another model.
+  """
+  from larp_jax import params_io, sharding
+  from larp_jax.tasks import tokenizer as tokenizer_task   # local: keeps `import larp_jax` light
+  config = load_config(path)
+  model = tokenizer_task.make_model(config.model)
+  mesh = sharding.make_mesh({'data': 1}, jax.devices()[:1])
+  abstract, shardings = tokenizer_task.variable_shardings(model, mesh, sharding.rules(config))
+  fields = {'params': 'ema_params' if use_ema and float(config.optim.ema_decay) > 0
+            else 'params'}
+  if model.uses_batch_stats:
+    fields['batch_stats'] = 'batch_stats'
+  variables, step, _ = params_io.load_variables(path, abstract, shardings, fields)
+  return Tokenizer(model=model, params=variables['params'], config=config, step=step,
+                   batch_stats=variables.get('batch_stats'))

@@ -68,13 +68,30 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_state, shardings, *,
     ValueError: every checkpoint is damaged, or the newest readable one was written for another
       model (parameter names or shapes differ from ``abstract_state``).
   """
-  target = abstract_with_shardings(abstract_state, shardings)
+  return _restore_newest(mngr, abstract_with_shardings(abstract_state, shardings),
+                         partial=False, quarantine=quarantine)
+
+
+def restore_latest_fields(mngr: ocp.CheckpointManager, abstract_fields: dict,
+                          shardings: dict) -> tuple[Optional[int], Optional[dict]]:
+  """(step, {field: value}) of some top-level fields of the newest checkpoint that restores.
+
+  Reads only those fields' arrays (e.g. ``{'ema_params': ..., 'batch_stats': ...}`` of a train
+  state, without its optimiser state), each placed in the given shardings: any mesh, whatever
+  the mesh that wrote them. Read-only: damaged steps are skipped with a warning and left in
+  place. (None, None) when there is no checkpoint; ValueError as ``restore_latest``.
+  """
+  target = {k: abstract_with_shardings(v, shardings[k]) for k, v in abstract_fields.items()}
+  return _restore_newest(mngr, target, partial=True, quarantine=False)
+
+
+def _restore_newest(mngr, target, *, partial: bool, quarantine: bool):
   move = quarantine and not _read_only(mngr)
   damaged = []
   for step in sorted(mngr.all_steps(), reverse=True):
     path = _step_dir(mngr, step)
     logging.info('Restoring checkpoint at step %d from %s', step, path)
-    state, reason = _try_restore(mngr, step, target)
+    state, reason = _try_restore(mngr, step, target, partial=partial)
     if reason is None:
       # Only now, with an older step shown to restore, are the newer ones moved aside: an error
       # that hits every step alike (permissions, a library change) moves nothing.
@@ -93,50 +110,56 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_state, shardings, *,
   return None, None
 
 
-def _try_restore(mngr, step: int, target) -> tuple[Any, Optional[str]]:
+def _try_restore(mngr, step: int, target, *, partial: bool = False) -> tuple[Any, Optional[str]]:
   """(state, None), or (None, short reason) when ``step`` is damaged; raises on a config mismatch."""
   try:
-    stored = _stored_shapes(_step_dir(mngr, step) / _ITEM)
+    stored = stored_shapes(_step_dir(mngr, step) / _ITEM)
   except Exception as e:   # pylint: disable=broad-except
     if not _is_damage(e):
       raise
     return None, _reason(e)
-  mismatch = _first_mismatch(stored, _shapes(target))
+  mismatch = first_mismatch(stored, shapes(target), partial=partial)
   if mismatch:
     raise ValueError(
         f'checkpoint step {step} at {_step_dir(mngr, step)} was written for another model: '
         f'{mismatch}. Restore with the config it was trained with, or use a new --workdir.')
+  if partial:
+    args = ocp.args.PyTreeRestore(item=target, partial_restore=True,
+                                  restore_args=ocp.checkpoint_utils.construct_restore_args(target))
+  else:
+    args = ocp.args.StandardRestore(target)
   try:
-    return mngr.restore(step, args=ocp.args.StandardRestore(target)), None
+    return mngr.restore(step, args=args), None
   except Exception as e:   # pylint: disable=broad-except
     if not _is_damage(e):
       raise
     return None, _reason(e)
 
 
-def _stored_shapes(item_dir: epath.Path) -> dict[str, tuple]:
+def stored_shapes(item_dir: epath.Path) -> dict[str, tuple]:
   """{parameter name: shape} from the item's ``_METADATA``; raises when it is missing or bad."""
   handler = ocp.StandardCheckpointHandler()
   try:
     tree = handler.metadata(item_dir).tree
   finally:
     handler.close()
-  return _shapes(tree)
+  return shapes(tree)
 
 
-def _shapes(tree) -> dict[str, tuple]:
+def shapes(tree) -> dict[str, tuple]:
   leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
   return {'.'.join(ocp.tree.str_keypath(p)): tuple(getattr(x, 'shape', ())) for p, x in leaves}
 
 
-def _first_mismatch(stored: dict, requested: dict) -> Optional[str]:
-  """The first parameter whose presence or shape differs, in words; None when all agree."""
+def first_mismatch(stored: dict, requested: dict, *, partial: bool = False) -> Optional[str]:
+  """The first parameter whose presence or shape differs, in words; None when all agree
+  (``partial``: names stored but not requested are fine)."""
   for name, shape in requested.items():
     if name not in stored:
       return f'{name!r} (shape {shape}) is requested but not in the checkpoint'
     if stored[name] != shape:
       return f'{name!r} is stored with shape {stored[name]} but requested with shape {shape}'
-  extra = [name for name in stored if name not in requested]
+  extra = [] if partial else [name for name in stored if name not in requested]
   return f'{extra[0]!r} is in the checkpoint but not requested' if extra else None
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import difflib
 import importlib.util
-import math
 import os
 from typing import Any
 
@@ -94,33 +93,10 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
   return module.get_config(arg or None)
 
 
-def mesh_shape(mesh_cfg, num_devices: int) -> dict:
-  """Resolves ``{'data': -1, 'fsdp': 1, 'tensor': 1}`` (one -1 allowed) for ``num_devices``."""
-  sizes = {k: int(v) for k, v in dict(mesh_cfg).items()}
-  free = [k for k, v in sizes.items() if v == -1]
-  if len(free) > 1:
-    raise ValueError(f'config.mesh may contain at most one -1, got {sizes}')
-  if any(v == 0 or v < -1 for v in sizes.values()):
-    raise ValueError(f'config.mesh sizes must be positive or -1, got {sizes}')
-  fixed = math.prod(v for v in sizes.values() if v != -1)
-  if free:
-    if num_devices % fixed:
-      raise ValueError(f'config.mesh {sizes} does not divide the {num_devices} devices')
-    sizes[free[0]] = num_devices // fixed
-  if math.prod(sizes.values()) != num_devices:
-    raise ValueError(f'config.mesh {sizes} has {math.prod(sizes.values())} devices but '
-                     f'{num_devices} are available; use -1 for one axis')
-  return sizes
-
-
 def validate(config, num_devices: int | None = None) -> None:
-  """Fails fast, with one clear line, on a config that cannot work. Checks the tokenizer
-  kwargs, the batch/mesh arithmetic and the run settings before anything is compiled."""
-  from larp_jax.models.tokenizer import LARPTokenizer  # local: configs import this module
-  try:
-    LARPTokenizer(**config.model)
-  except TypeError as e:
-    raise ValueError(f'config.model has an unknown or missing tokenizer argument: {e}') from None
+  """Fails fast, with one clear line, on run settings that cannot work: the batch/mesh
+  arithmetic, steps, logging and evaluation counts. Each task checks its own model config
+  when it is built (``larp_jax/tasks/``)."""
   for key in ('batch_size', 'total_steps', 'log_every', 'checkpoint_every', 'keep_checkpoints'):
     if key in config and int(config[key]) <= 0:
       raise ValueError(f'config.{key} must be positive, got {config[key]}')
@@ -136,7 +112,8 @@ def validate(config, num_devices: int | None = None) -> None:
         raise ValueError(f'config.eval.num_clips must be >= 0 (0: the whole eval split), '
                          f'got {value}')
   if num_devices is not None and 'mesh' in config:
-    sizes = mesh_shape(config.mesh, num_devices)
+    from larp_jax import sharding  # local: config files import this module
+    sizes = sharding.mesh_shape(config.mesh, num_devices)
     dp = sizes.get('data', 1) * sizes.get('fsdp', 1)
     if config.batch_size % dp:
       raise ValueError(f'config.batch_size={config.batch_size} is not divisible by the '

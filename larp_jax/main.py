@@ -58,15 +58,15 @@ def main(argv):
   import jax
   if _MULTIHOST.value or _COORDINATOR.value:
     jax.distributed.initialize(coordinator_address=_COORDINATOR.value)
-  from larp_jax.evaluation import evaluator
+  from larp_jax import tasks
   from larp_jax.train import loop
   config = _CONFIG.value
   try:
+    task_cls = tasks.get(tasks.name_of(config))
     if _MODE.value == 'train':
-      loop.run(config, _WORKDIR.value, evaluate_fn=evaluator.evaluate_during_training)
+      loop.run(task_cls, config, _WORKDIR.value)
     else:
-      result = evaluator.evaluate_workdir(config, _WORKDIR.value)
-      print(result['summary'])
+      print(loop.evaluate_run(task_cls, config, _WORKDIR.value)['summary'])
   except _user_errors() as e:
     _exit(2, f'error: {e}')
   except OSError as e:   # full disk, permissions, a vanished mount: the path says where

@@ -9,30 +9,80 @@ from ``jax.eval_shape`` gives the logical specs, which become ``NamedSharding``s
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Any, Callable
 
 import flax.linen as nn
 import jax
-import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from larp_jax import config_lib
+from larp_jax import errors
 
 MESH_AXES = ('data', 'fsdp', 'tensor')
 
 
+def mesh_shape(mesh_cfg, num_devices: int) -> dict:
+  """Resolves ``{'data': -1, 'fsdp': 1, 'tensor': 1}`` (one -1 allowed) for ``num_devices``."""
+  sizes = {k: int(v) for k, v in dict(mesh_cfg).items()}
+  free = [k for k, v in sizes.items() if v == -1]
+  if len(free) > 1:
+    raise errors.ConfigError(f'config.mesh may contain at most one -1, got {sizes}')
+  if any(v == 0 or v < -1 for v in sizes.values()):
+    raise errors.ConfigError(f'config.mesh sizes must be positive or -1, got {sizes}')
+  fixed = math.prod(v for v in sizes.values() if v != -1)
+  if free:
+    if num_devices % fixed:
+      raise errors.ConfigError(f'config.mesh {sizes} does not divide the {num_devices} devices')
+    sizes[free[0]] = num_devices // fixed
+  if math.prod(sizes.values()) != num_devices:
+    raise errors.ConfigError(f'config.mesh {sizes} has {math.prod(sizes.values())} devices but '
+                             f'{num_devices} are available; use -1 for one axis')
+  return sizes
+
+
+def _granules(devices) -> tuple[str, int]:
+  """('slice', n) for a multi-slice TPU job, ('process', n) for several hosts, else ('', 1)."""
+  slices = {getattr(d, 'slice_index', 0) for d in devices}
+  if len(slices) > 1:
+    return 'slice', len(slices)
+  processes = {d.process_index for d in devices}
+  return ('process', len(processes)) if len(processes) > 1 else ('', 1)
+
+
 def make_mesh(mesh_cfg, devices=None) -> Mesh:
-  """A ('data', 'fsdp', 'tensor') mesh; one axis may be -1 (fill the remaining devices)."""
-  devices = jax.devices() if devices is None else devices
+  """A ('data', 'fsdp', 'tensor') mesh; one axis may be -1 (fill the remaining devices).
+
+  One slice on one host: ``mesh_utils.create_device_mesh`` (devices ordered by the physical
+  topology on TPU). Several TPU slices, or several hosts: a hybrid mesh whose ``data`` axis spans
+  the slices / hosts (data-parallel traffic over the slow network, fsdp and tensor inside one
+  slice or host), so ``data`` must be a multiple of their number. Raises ``ConfigError`` when the
+  requested shape does not fit the devices, naming both.
+  """
+  devices = jax.devices() if devices is None else list(devices)
   unknown = set(dict(mesh_cfg)) - set(MESH_AXES)
   if unknown:
-    raise ValueError(f'config.mesh has unknown axes {sorted(unknown)}; use {MESH_AXES}')
-  sizes = config_lib.mesh_shape({a: dict(mesh_cfg).get(a, 1) for a in MESH_AXES}, len(devices))
+    raise errors.ConfigError(f'config.mesh has unknown axes {sorted(unknown)}; use {MESH_AXES}')
+  sizes = mesh_shape({a: dict(mesh_cfg).get(a, 1) for a in MESH_AXES}, len(devices))
   shape = tuple(sizes[a] for a in MESH_AXES)
+  kind, n = _granules(devices)
   try:
-    device_array = jax.experimental.mesh_utils.create_device_mesh(shape, devices)
-  except Exception:  # CPU / odd topologies: plain reshape
-    device_array = np.asarray(devices).reshape(shape)
+    if n > 1:
+      if shape[0] % n:
+        raise errors.ConfigError(
+            f'config.mesh {sizes}: the data axis ({shape[0]}) must be a multiple of the {n} '
+            f'{kind}es of this job (the mesh spans them along data); e.g. '
+            f'--config.mesh.data={n} --config.mesh.fsdp=-1')
+      device_array = mesh_utils.create_hybrid_device_mesh(
+          (shape[0] // n, *shape[1:]), (n, 1, 1), devices, process_is_granule=kind == 'process')
+    else:
+      device_array = mesh_utils.create_device_mesh(shape, devices)
+  except errors.UserError:
+    raise
+  except (AssertionError, ValueError, NotImplementedError) as e:
+    raise errors.ConfigError(
+        f'config.mesh {sizes} cannot be laid out on {len(devices)} '
+        f'{devices[0].device_kind} devices: {" ".join(str(e).split())}') from None
   return Mesh(device_array, MESH_AXES)
 
 

@@ -176,6 +176,8 @@ def _module_default(section: str, field: str):
 
 def _changes_checkpoint(key: str, old, new) -> bool:
   section, _, field = key.partition('.')
+  if key == 'task':   # runs from before config.task trained the tokenizer
+    return (old if old != _ABSENT else 'tokenizer') != (new if new != _ABSENT else 'tokenizer')
   if section in ('model', 'disc'):
     if old == _ABSENT:   # a field added to the code after the run started: its default is what ran
       return new != _module_default(section, field)

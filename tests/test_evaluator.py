@@ -21,6 +21,8 @@ from larp_jax import data as data_lib
 from larp_jax.evaluation import baselines
 from larp_jax.evaluation import evaluator
 from larp_jax.evaluation import fvd as fvd_lib
+from larp_jax.tasks import tokenizer as tokenizer_task
+from larp_jax.tasks.tokenizer import TokenizerTask
 from larp_jax.train import loop
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -43,6 +45,13 @@ def tiny_config(video_shape=(16, 16, 16), patch=(4, 8, 8), **eval_kw):
 
 def init_state(exp, seed=0):
   return jax.jit(lambda: nn.unbox(exp.boxed_init(seed)))()
+
+
+def evaluate(task, params, workdir, step):
+  """A fresh evaluator of ``task`` (its config as it is now) on ``params``."""
+  ev = evaluator.Evaluator(task.config, task.model, task.mesh, task.rules,
+                           task.variable_shardings()[1])
+  return ev.evaluate({'params': params}, workdir, step)
 
 
 class CountingExtractor:
@@ -75,11 +84,11 @@ def test_evaluate_record_hand_metrics_fvd_cache_and_workdir(tmp_path, monkeypatc
   config = tiny_config(fvd=True)
   # Teacher-forced prior without attention dropout: comparable to one full-batch model call.
   config.model.prior_attn_dropout_in_eval = False
-  exp = loop.build(config)
+  exp = tokenizer_task.build(config)
   state = init_state(exp)
   wd = str(tmp_path / 'run')
 
-  m = evaluator.evaluate(exp, state.params, wd, 0)
+  m = evaluate(exp, state.params, wd, 0)
 
   # --- the JSON record
   with open(os.path.join(wd, 'eval', '0.json')) as f:
@@ -139,12 +148,12 @@ def test_evaluate_record_hand_metrics_fvd_cache_and_workdir(tmp_path, monkeypatc
   # --- --mode=eval: no checkpoint -> ValueError; then the latest checkpoint is evaluated,
   # reusing the cached real stats (only the 6 reconstructions go through the extractor).
   with pytest.raises(ValueError, match='no checkpoint'):
-    evaluator.evaluate_workdir(config, wd)
+    loop.evaluate_run(TokenizerTask, config, wd)
   mngr = checkpoint.manager(wd, async_save=False)
   checkpoint.save(mngr, 3, state.replace(step=np.int32(3)), force=True)
   checkpoint.save(mngr, 7, state.replace(step=np.int32(7)), force=True)
   mngr.close()
-  out = evaluator.evaluate_workdir(config, wd)
+  out = loop.evaluate_run(TokenizerTask, config, wd)
   assert CountingExtractor.clips == 18
   assert 'step 7' in out['summary'] and os.path.exists(os.path.join(wd, 'eval', '7.json'))
   for k in ('psnr', 'ssim', 'mse', 'fvd', 'codebook_usage', 'prior_ce'):
@@ -154,7 +163,7 @@ def test_evaluate_record_hand_metrics_fvd_cache_and_workdir(tmp_path, monkeypatc
 def test_evaluate_workdir_without_checkpoint(tmp_path):
   config = tiny_config()
   with pytest.raises(ValueError, match='no checkpoint'):
-    evaluator.evaluate_workdir(config, str(tmp_path / 'empty'))
+    loop.evaluate_run(TokenizerTask, config, str(tmp_path / 'empty'))
   assert not os.path.exists(tmp_path / 'empty')     # nothing created by a failed eval
 
 
@@ -163,8 +172,8 @@ def test_short_clips_skip_fvd(tmp_path, monkeypatch):
   CountingExtractor.calls = 0
   config = tiny_config(video_shape=(4, 16, 16), patch=(2, 8, 8), fvd=True, num_clips=2,
                        batch_size=2, num_videos_to_show=0)
-  exp = loop.build(config)
-  m = evaluator.evaluate(exp, init_state(exp).params, str(tmp_path), 1)
+  exp = tokenizer_task.build(config)
+  m = evaluate(exp, init_state(exp).params, str(tmp_path), 1)
   with open(tmp_path / 'eval' / '1.json') as f:
     rec = json.load(f)
   assert rec['fvd'] is None and 'fvd' not in m and CountingExtractor.calls == 0
@@ -178,9 +187,8 @@ _SHARDED = textwrap.dedent('''
     assert jax.device_count() == 8, jax.devices()
     sys.path.insert(0, {root!r}); sys.path.insert(0, {tests!r})
     import flax.linen as nn
-    from larp_jax.train import loop
-    from larp_jax.evaluation import evaluator
-    from test_evaluator import tiny_config
+    from larp_jax.tasks import tokenizer as tokenizer_task
+    from test_evaluator import evaluate, tiny_config
 
     out = {{}}
     params = None
@@ -190,10 +198,10 @@ _SHARDED = textwrap.dedent('''
                       batch_size=eval_bs, num_videos_to_show=0)
       c.mesh.data = data
       c.batch_size = 8
-      exp = loop.build(c, devices=devices)
+      exp = tokenizer_task.build(c, devices=devices)
       if params is None:
         params = jax.device_get(nn.unbox(exp.boxed_init(0)).params)
-      m = evaluator.evaluate(exp, params, {wd!r} + '/' + name, 0)
+      m = evaluate(exp, params, {wd!r} + '/' + name, 0)
       out[name] = m
     print('RESULT' + json.dumps(out))
 ''')
@@ -249,12 +257,12 @@ def test_baselines_cap_off_and_clip_mean_model(tmp_path, monkeypatch):
   monkeypatch.setattr(evaluator, '_eval_forward', _clip_mean_forward)
   config = tiny_config(video_shape=(4, 16, 16), patch=(2, 8, 8), num_clips=6, batch_size=4,
                        num_videos_to_show=2, baseline_max_clips=5)
-  exp = loop.build(config)
+  exp = tokenizer_task.build(config)
   params = init_state(exp).params
   clips = np.asarray(eval_clips(config, 6))
 
   def run(step):
-    m = evaluator.evaluate(exp, params, str(tmp_path), step)
+    m = evaluate(exp, params, str(tmp_path), step)
     with open(tmp_path / 'eval' / f'{step}.json') as f:
       return m, json.load(f)
 

@@ -16,6 +16,8 @@ import pytest
 import larp_jax
 from larp_jax import checkpoint, config_lib
 from larp_jax.losses import gan
+from larp_jax.tasks import tokenizer as tokenizer_task
+from larp_jax.tasks.tokenizer import TokenizerTask
 from larp_jax.train import loop, optim
 from tests.conftest import run_result_script
 
@@ -84,9 +86,9 @@ def _params(workdir):
 def test_train_resume_and_load(tmp_path):
   """3 steps, then a restart to 4, equals 4 uninterrupted steps; outputs are written."""
   full, part = str(tmp_path / 'full'), str(tmp_path / 'part')
-  loop.run(tiny_config(), full)
-  loop.run(tiny_config(), part, stop_at=3)    # stops with a checkpoint at step 3
-  loop.run(tiny_config(), part)
+  loop.run(TokenizerTask, tiny_config(), full)
+  loop.run(TokenizerTask, tiny_config(), part, stop_at=3)    # stops with a checkpoint at step 3
+  loop.run(TokenizerTask, tiny_config(), part)
   lines = [json.loads(l) for l in open(os.path.join(full, 'metrics.jsonl'))]
   assert [l['step'] for l in lines] == [1, 2, 3, 4]
   for key in ('loss', 'l1_loss', 'lpips_loss', 'gan_loss', 'vq_loss', 'prior_loss', 'disc_loss',
@@ -113,7 +115,7 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
   c.optim.lr = 1e38          # Adam steps of 1e38 overflow the weights within a step or two
   c.optim.warmup_steps = 1
   with pytest.raises(loop.NonFiniteLossError, match='last good checkpoint'):
-    loop.run(c, workdir)
+    loop.run(TokenizerTask, c, workdir)
   mngr = checkpoint.manager(workdir)
   last = mngr.latest_step()
   mngr.close()
@@ -144,7 +146,7 @@ def test_a_signal_after_the_checkpoint_decision_stops_at_the_next_step_with_a_ch
       os.kill(os.getpid(), signal.SIGTERM)   # the loop's handler only sets a flag
     return {}
 
-  loop.run(c, str(tmp_path), evaluate_fn=signal_at_step_2)
+  loop.run(TokenizerTask, c, str(tmp_path), evaluate_fn=signal_at_step_2)
   mngr = checkpoint.manager(str(tmp_path))
   assert mngr.all_steps() == [3]
   mngr.close()
@@ -154,10 +156,12 @@ _TRAIN_SCRIPT = r'''
 import sys, jax
 sys.path.insert(0, {root!r})
 from tests.test_train import tiny_config
+from larp_jax.tasks import tokenizer as tokenizer_task
+from larp_jax.tasks.tokenizer import TokenizerTask
 from larp_jax.train import loop
 c = tiny_config(total_steps={steps}, checkpoint_every={every})
 c.loss.lpips_weight = 0.0
-loop.run(c, {workdir!r})
+loop.run(TokenizerTask, c, {workdir!r})
 import os; os._exit(0)
 '''
 
@@ -189,7 +193,7 @@ def test_sigterm_checkpoints_and_sigkill_restarts_to_the_same_parameters(tmp_pat
   ref, run = str(tmp_path / 'ref'), str(tmp_path / 'run')
   c = tiny_config(total_steps=steps, checkpoint_every=4)
   c.loss.lpips_weight = 0.0
-  loop.run(c, ref)
+  loop.run(TokenizerTask, c, ref)
 
   p = _train_proc(run, steps, every=4)
   _wait_for_step(run, 2, p)
@@ -219,6 +223,8 @@ import jax, numpy as np, flax.linen as nn
 sys.path.insert(0, {root!r})
 from tests.test_train import tiny_config
 from larp_jax import data as data_lib, sharding
+from larp_jax.tasks import tokenizer as tokenizer_task
+from larp_jax.tasks.tokenizer import TokenizerTask
 from larp_jax.train import loop
 out = {{}}
 for name, mesh, n in (('one', dict(data=1, fsdp=1, tensor=1), 1),
@@ -227,7 +233,7 @@ for name, mesh, n in (('one', dict(data=1, fsdp=1, tensor=1), 1),
   c = tiny_config(batch_size=8)
   c.loss.lpips_weight = 0.0
   c.mesh.update(mesh)
-  exp = loop.build(c, devices=jax.devices()[:n])
+  exp = tokenizer_task.build(c, devices=jax.devices()[:n])
   abstract, shardings = exp.abstract_state()
   with sharding.logical_context(exp.mesh, exp.rules):
     state = jax.jit(lambda: nn.unbox(exp.boxed_init(0)), out_shardings=shardings)()
@@ -276,7 +282,7 @@ def test_a_batch_norm_bottleneck_trains_evaluates_and_loads_with_its_running_sta
   c.loss.lpips_weight = 0.0
   c.model.bottleneck_norm = 'bn_b'
   c.eval.update(num_clips=2, batch_size=2, fvd=False, lpips=False, num_videos_to_show=0)
-  loop.run(c, wd, evaluate_fn=evaluator.evaluate_during_training)
+  loop.run(TokenizerTask, c, wd)
   tok = larp_jax.load_tokenizer(wd)
   stats = jax.tree_util.tree_leaves(tok.batch_stats)
   assert stats and any(float(np.abs(np.asarray(s)).sum()) > 0 for s in stats)

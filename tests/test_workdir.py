@@ -11,6 +11,8 @@ import pytest
 import larp_jax
 from larp_jax import workdir as workdir_lib
 from larp_jax.evaluation import evaluator
+from larp_jax.tasks import tokenizer as tokenizer_task
+from larp_jax.tasks.tokenizer import TokenizerTask
 from larp_jax.train import loop
 from tests.test_train import tiny_config
 
@@ -29,12 +31,12 @@ def _steps(wd):
 
 def test_a_restart_with_another_model_is_refused_and_the_run_is_kept(tmp_path):
   wd = str(tmp_path)
-  loop.run(_cfg(total_steps=2), wd)
+  loop.run(TokenizerTask, _cfg(total_steps=2), wd)
   config_json = open(os.path.join(wd, 'config.json')).read()
   other = _cfg(total_steps=4)
   other.model.width = 64
   with pytest.raises(workdir_lib.WorkdirError, match=r'model.width 32 -> 64.*another --workdir'):
-    loop.run(other, wd)
+    loop.run(TokenizerTask, other, wd)
   assert open(os.path.join(wd, 'config.json')).read() == config_json
   assert _steps(wd) == [1, 2]
   assert larp_jax.load_tokenizer(wd).step == 2        # the checkpoints still load
@@ -42,10 +44,10 @@ def test_a_restart_with_another_model_is_refused_and_the_run_is_kept(tmp_path):
 
 def test_allowed_changes_are_kept_beside_config_json(tmp_path, caplog):
   wd = str(tmp_path)
-  loop.run(_cfg(total_steps=2), wd)
+  loop.run(TokenizerTask, _cfg(total_steps=2), wd)
   config_json = open(os.path.join(wd, 'config.json')).read()
   with caplog.at_level('WARNING'):
-    loop.run(_cfg(total_steps=3), wd)
+    loop.run(TokenizerTask, _cfg(total_steps=3), wd)
   assert open(os.path.join(wd, 'config.json')).read() == config_json
   restart = json.load(open(os.path.join(wd, 'config.restart-2.json')))
   assert restart['total_steps'] == 3
@@ -57,10 +59,10 @@ def test_resume_drops_metrics_past_the_restored_step(tmp_path):
   """A run killed after logging steps it never checkpointed: on resume each step is there once,
   in order."""
   wd = str(tmp_path)
-  loop.run(_cfg(total_steps=4), wd, stop_at=2)
+  loop.run(TokenizerTask, _cfg(total_steps=4), wd, stop_at=2)
   with open(os.path.join(wd, 'metrics.jsonl'), 'a') as f:
     f.write('{"step": 3, "loss": 9.0}\n{"step": 4, "loss": 9.0}\n{"step": 3, "lo')   # torn
-  loop.run(_cfg(total_steps=4), wd)
+  loop.run(TokenizerTask, _cfg(total_steps=4), wd)
   lines = [json.loads(l) for l in open(os.path.join(wd, 'metrics.jsonl'))]
   assert [l['step'] for l in lines] == [1, 2, 3, 4]
   assert all(l['loss'] != 9.0 for l in lines)
@@ -91,13 +93,13 @@ def test_the_lock_names_its_holder_and_a_dead_holder_never_blocks(tmp_path):
   try:
     assert p.stdout.readline().strip() == 'locked'
     with pytest.raises(workdir_lib.WorkdirError, match=f'in use by another trainer .*pid {p.pid}'):
-      loop.run(_cfg(total_steps=2), wd)
+      loop.run(TokenizerTask, _cfg(total_steps=2), wd)
     assert not os.path.exists(os.path.join(wd, 'config.json'))   # nothing written
   finally:
     p.kill()
     p.wait()
   assert json.load(open(os.path.join(wd, 'lock')))['pid'] == p.pid   # a stale file is left...
-  loop.run(_cfg(total_steps=2), wd)                                  # ...and taken over
+  loop.run(TokenizerTask, _cfg(total_steps=2), wd)                                  # ...and taken over
   assert _steps(wd) == [1, 2]
   with workdir_lib.Lock(wd):      # released at the end of the run
     pass

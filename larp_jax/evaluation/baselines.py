@@ -205,7 +205,7 @@ def baseline_metrics(clips: Clips, patch_size, *, video_shape=None,
     patch_size: the model's (kt, kh, kw).
     video_shape: (T, H, W); needed only when this process has no clips.
     pca_components: the k of the PCA baselines.
-    all_sum: sums a tree of numpy arrays over processes (``evaluator._all_sum``); every process
+    all_sum: sums a tree of numpy arrays over processes (``evaluation.multihost.all_sum``); every process
       must call this function then. None: the clips are all there is.
   Returns:
     None if there are no clips anywhere, else {'clips': N (all processes), 'baselines': {name:

