@@ -33,7 +33,6 @@ DEFAULT_SHARDING_RULES = (
     ('embed', 'fsdp'),
     ('mlp', 'tensor'),
     ('qkv', 'tensor'),
-    ('heads', 'tensor'),
 )
 
 

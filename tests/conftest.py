@@ -33,9 +33,10 @@ def run_result_script(code: str, *, timeout: int, **env):
 
 
 def tiny_tokenizer_kwargs(**overrides):
-  kw = dict(video_shape=(4, 16, 16), patch_size=(2, 8, 8), num_latent_tokens=8, width=32,
-            encoder_depth=1, decoder_depth=1, num_heads=2, codebook_size=64, code_dim=8,
-            prior_depth=1, prior_width=16, prior_heads=2)
+  """LARPTokenizer kwargs of the tiny test model (``larp_jax/configs/common.py``, the configs'
+  ``tiny`` argument) on 4x16x16 clips; other fields at the module defaults."""
+  from larp_jax.configs import common
+  kw = dict(common.TINY_MODEL, video_shape=(4, 16, 16))
   kw.update(overrides)
   return kw
 

@@ -16,8 +16,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from larp_jax import checkpoint, config_lib, visualize
+from larp_jax import checkpoint, visualize
 from larp_jax import data as data_lib
+from larp_jax.configs import demo
 from larp_jax.evaluation import baselines
 from larp_jax.evaluation import evaluator
 from larp_jax.evaluation import fvd as fvd_lib
@@ -32,11 +33,9 @@ REQUIRED = ('psnr', 'ssim', 'lpips', 'fvd', 'mse', 'codebook_usage', 'codebook_p
 
 
 def tiny_config(video_shape=(16, 16, 16), patch=(4, 8, 8), **eval_kw):
-  c = config_lib.load_config(os.path.join(ROOT, 'configs', 'demo.py'))
-  c.model.update(video_shape=video_shape, patch_size=patch, num_latent_tokens=8, width=32,
-                 encoder_depth=1, decoder_depth=1, num_heads=2, codebook_size=64, code_dim=8,
-                 prior_depth=1, prior_width=16, prior_heads=2)
-  c.disc.update(width=16, depth=1, num_heads=2, patch_size=patch)
+  c = demo.get_config('tiny')
+  c.model.update(video_shape=video_shape, patch_size=patch)
+  c.disc.update(patch_size=patch)
   c.batch_size = 4
   c.eval.update(dict(num_clips=6, batch_size=4, num_videos_to_show=2, fvd=False, lpips=False),
                 **eval_kw)

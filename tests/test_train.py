@@ -7,7 +7,6 @@ import subprocess
 import sys
 import time
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,8 +14,8 @@ import pytest
 
 import larp_jax
 from larp_jax import checkpoint, config_lib
+from larp_jax.configs import demo
 from larp_jax.losses import gan
-from larp_jax.tasks import tokenizer as tokenizer_task
 from larp_jax.tasks.tokenizer import TokenizerTask
 from larp_jax.train import loop, optim
 from tests.conftest import run_result_script
@@ -26,17 +25,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def tiny_config(**run):
   """All losses on (LPIPS-AlexNet, GAN with LeCam, VQ, prior with scheduled sampling)."""
-  c = config_lib.load_config(os.path.join(ROOT, 'configs/demo.py'))
-  c.model.update(video_shape=(4, 32, 32), patch_size=(2, 8, 8), num_latent_tokens=8, width=32,
-                 encoder_depth=1, decoder_depth=1, num_heads=2, codebook_size=64, code_dim=8,
-                 prior_depth=1, prior_width=16, prior_heads=2)
-  c.disc.update(width=16, depth=1, num_heads=2, patch_size=(2, 8, 8))
-  c.batch_size = 2
-  c.total_steps = 4
-  c.loss.disc_every = 2
-  c.log_every = 1
-  c.checkpoint_every = 2
-  c.eval_every = 0
+  c = demo.get_config('tiny')
   c.data.synthetic_num_train = 64
   c.data.synthetic_num_frames = 8
   c.update(run)
@@ -276,7 +265,6 @@ def test_data_parallel_and_fsdp_meshes_match_one_device():
 def test_a_batch_norm_bottleneck_trains_evaluates_and_loads_with_its_running_stats(tmp_path):
   """bottleneck_norm='bn_b': the running statistics live in the train state, are updated by the
   step, checkpointed, used by the evaluation and by load_tokenizer."""
-  from larp_jax.evaluation import evaluator
   wd = str(tmp_path)
   c = tiny_config(total_steps=2, eval_every=2)
   c.loss.lpips_weight = 0.0

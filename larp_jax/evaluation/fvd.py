@@ -28,7 +28,7 @@ import json
 import os
 import pickle
 import tempfile
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -287,26 +287,3 @@ def cached_stats(key_dict: dict, compute_fn: Callable[[], FeatureStats], cache_d
     stats.save(path, protocol=key)
     stats.protocol = key
     return stats
-
-
-def stats_from_batches(batches: Iterable, extractor: I3DFeatureExtractor,
-                       stats: Optional[FeatureStats] = None) -> FeatureStats:
-    """Streams video batches [n,T,H,W,3] through I3D into a FeatureStats."""
-    stats = stats if stats is not None else FeatureStats()
-    for b in batches:
-        stats.update(extractor(b))
-    return stats
-
-
-def compute_fvd(real_videos, fake_videos, extractor: Optional[I3DFeatureExtractor] = None,
-                protocol: Optional[dict] = None) -> dict:
-    """In-memory convenience: FVD between two video arrays [N,T,H,W,3].
-
-    Returns {'fvd', 'n_real', 'n_fake', 'protocol'}.
-    """
-    extractor = extractor or I3DFeatureExtractor()
-    real = FeatureStats.from_features(extractor(real_videos))
-    fake = FeatureStats.from_features(extractor(fake_videos))
-    proto = protocol or make_protocol(n_clips=real.n, num_frames=int(np.shape(real_videos)[1]),
-                                      resolution=list(np.shape(real_videos)[2:4]))
-    return {"fvd": fvd_from_stats(real, fake), "n_real": real.n, "n_fake": fake.n, "protocol": proto}

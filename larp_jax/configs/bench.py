@@ -1,0 +1,82 @@
+r"""Benchmark configs for ``python -m larp_jax.bench`` (see BENCHMARKS.md).
+
+Run:
+  python -m larp_jax.bench --config=configs/bench.py:tiny
+  python -m larp_jax.bench --config=configs/bench.py:larp_l --what=gen,forward --runs=3
+  python -m larp_jax.bench --config=configs/bench.py:micro,dtype=bfloat16 --what=gen
+
+Arguments after ':' (comma separated): one preset word
+  tiny    (default) the reference "tiny" model: 16x64x64 clips, 4x8x8 patches, N=256 latent
+          tokens, width 256, 4 + 4 layers, 4 heads, codebook 1024 (code_dim 16), a 2-layer
+          128-wide prior with 2 heads; a 2-layer discriminator of the official width (512, 8
+          heads, 4x8x8 patches); LPIPS-VGG; batch 4.
+  larp_l  configs/ucf101.py as released (size L, N=1024, 16x128x128), batch 1.
+  micro   a toy model small enough for the test suite (8x32x32, width 64, 1 + 1 layers).
+and
+  dtype   float32 (default) | bfloat16: the compute dtype of the tokenizer and discriminator
+          (parameters stay float32; LPIPS always runs in float32).
+  batch   the bench batch (default: 4 tiny, 1 larp_l, 2 micro); ``--batch`` overrides it.
+  source  the data source of the input-pipeline measurement (default synthetic; the UCF101 data
+          is not needed to time the model, which runs on random input).
+
+What each measurement runs (``config.bench.<what>_overrides`` are applied to ``config.loss``):
+  train   the full training step of the config (generator + discriminator every
+          ``loss.disc_every`` steps, LPIPS, GAN, LeCam, VQ, prior): no overrides.
+  gen     the same train step with ``gan_weight=0`` (no discriminator) and, in these presets,
+          ``lpips_weight=0``: L1 + VQ + prior losses and Adam, like the reference generator step.
+  encode / decode / forward: deterministic encode, decode, and both in one program.
+"""
+
+from larp_jax import config_lib
+from larp_jax.configs import ucf101
+import ml_collections
+
+PRESETS = ('tiny', 'larp_l', 'micro')
+
+
+def _ucf101(batch, source):
+  return ucf101.get_config(f'batch={batch},source={source}')
+
+
+def get_config(arg=None):
+  arg = config_lib.parse_arg(arg, tiny=False, larp_l=False, micro=False, dtype='float32',
+                             batch=0, source='synthetic')
+  chosen = [p for p in PRESETS if arg[p]]
+  if len(chosen) > 1:
+    raise ValueError(f'choose one bench preset of {PRESETS}, got {chosen}')
+  preset = chosen[0] if chosen else 'tiny'
+  if arg.dtype not in ('float32', 'bfloat16'):
+    raise ValueError(f'config argument dtype={arg.dtype!r} must be float32 or bfloat16')
+  batch = arg.batch or {'tiny': 4, 'larp_l': 1, 'micro': 2}[preset]
+  c = _ucf101(batch, arg.source)
+
+  if preset == 'tiny':
+    c.model.update(
+        video_shape=(16, 64, 64), patch_size=(4, 8, 8), num_latent_tokens=256,
+        width=256, encoder_depth=4, decoder_depth=4, num_heads=4,
+        codebook_size=1024, code_dim=16, prior_depth=2, prior_width=128, prior_heads=2)
+    c.disc.update(width=512, depth=2, num_heads=8, patch_size=(4, 8, 8))
+    c.loss.update(lpips_weight=1.0, lpips_net='vgg')
+  elif preset == 'micro':
+    c.model.update(
+        video_shape=(8, 32, 32), patch_size=(4, 8, 8), num_latent_tokens=16,
+        width=64, encoder_depth=1, decoder_depth=1, num_heads=2,
+        codebook_size=64, code_dim=8, prior_depth=1, prior_width=32, prior_heads=2)
+    c.disc.update(width=64, depth=1, num_heads=2, patch_size=(4, 8, 8))
+    c.loss.update(lpips_weight=1.0, lpips_net='alex')
+  # larp_l: configs/ucf101.py unchanged (LPIPS-VGG, the 12-layer 512-wide discriminator).
+
+  c.model.dtype = arg.dtype
+  c.model.param_dtype = 'float32'
+  c.mesh.update(data=-1, fsdp=1, tensor=1)
+
+  c.bench = ml_collections.ConfigDict(dict(
+      warmup=2,                # untimed runs after compilation (--warmup overrides)
+      runs=5,                  # timed runs; median / min / max are reported (--runs overrides)
+      # Loss overrides per measurement. The reference generator step has neither LPIPS nor a GAN.
+      train_overrides=dict(),
+      gen_overrides=dict(gan_weight=0.0, lpips_weight=0.0),
+      peak_size=0,             # matmul size of the peak measurement; 0 = 2048 CPU, 8192 GPU/TPU
+      input_steps=10,          # batches timed for the input-pipeline clips/s
+  ))
+  return c
