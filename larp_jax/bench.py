@@ -433,9 +433,9 @@ TWIN_NOTE = ("XLA's cost analysis counts a loop body once (scan_layers, 'chunked
 
 def needs_cost_twin(model) -> bool:
   """True if XLA's FLOP count of ``model``'s programs would miss work (loops, custom calls)."""
-  from larp_jax.models import transformer
+  from larp_jax.models import attention
   return (bool(model.scan_layers)
-          or transformer.resolve_attention_impl(model.attention_impl) != 'xla')
+          or attention.resolve_attention_impl(model.attention_impl) != 'xla')
 
 
 def _cost_twin(config):

@@ -4,7 +4,7 @@ r"""Attention kernel benchmark: forward and forward + backward of each ``attenti
   python -m larp_jax.bench_attention --shape=1,1023,6,64 --causal --dropout=0.1   # its prior
   python -m larp_jax.bench_attention --impls=xla,dot_product_attention --dtype=bfloat16 --shape=8,2048,12,64
 
-For each impl of ``larp_jax.models.transformer.attention`` it compiles the forward and the
+For each impl of ``larp_jax.models.attention.attention`` it compiles the forward and the
 gradient w.r.t. q, k and v of ``sum(attention(q, k, v) * cotangent)``, then times them in
 interleaved rounds (every impl once per round, so a drifting machine hits all of them alike)
 and reports the median and min, the achieved FLOP/s and its fraction of the matmul rate
@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from larp_jax import bench
-from larp_jax.models import transformer
+from larp_jax.models import attention
 
 DEFAULT_SHAPE = (1, 2048, 12, 64)      # LARP-L: 1024 patches + 1024 queries, 12 heads of 64
 
@@ -52,7 +52,7 @@ def _inputs(shape, q_len, dtype, seed):
 
 def _programs(impl, *, causal, rate, rng):
   def fwd(q, k, v):
-    return transformer.attention(q, k, v, causal=causal, impl=impl, dropout_rate=rate,
+    return attention.attention(q, k, v, causal=causal, impl=impl, dropout_rate=rate,
                                  dropout_rng=rng if rate > 0 else None)
 
   def grads(q, k, v, g):
@@ -95,7 +95,7 @@ def run(*, shape: Sequence[int] = DEFAULT_SHAPE, q_len: Optional[int] = None,
   impls = default_impls(shape, dtype) if impls is None else list(impls)
   q, k, v, g = _inputs(shape, q_len, jnp.dtype(dtype), seed)
   # The kernel each impl runs as; a clear error now for an unknown name or one that cannot run.
-  ran_as = {i: transformer.select_attention_impl(i, q, k, v, dropout=dropout > 0) for i in impls}
+  ran_as = {i: attention.select_attention_impl(i, q, k, v, dropout=dropout > 0) for i in impls}
   rng = jax.random.key(seed + 1)
   flops = attention_flops(b, q_len, l, h, d, causal)
 
@@ -181,7 +181,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                        'block).', flag_values=fv)
   flags.DEFINE_bool('causal', False, 'Lower-triangular mask (the prior).', flag_values=fv)
   flags.DEFINE_float('dropout', 0.0, 'Attention-dropout rate (the prior: 0.1).', flag_values=fv)
-  flags.DEFINE_list('impls', None, f'Any of {transformer.ATTENTION_CHOICES} (default: '
+  flags.DEFINE_list('impls', None, f'Any of {attention.ATTENTION_CHOICES} (default: '
                     "'cpu_flash' where it runs: CPU, float32, head dim % 16 == 0; 'chunked', "
                     "'xla').", flag_values=fv)
   flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], 'q, k, v dtype.',
