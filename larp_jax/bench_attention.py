@@ -8,9 +8,9 @@ For each impl of ``larp_jax.models.attention.attention`` it compiles the forward
 gradient w.r.t. q, k and v of ``sum(attention(q, k, v) * cotangent)``, then times them in
 interleaved rounds (every impl once per round, so a drifting machine hits all of them alike)
 and reports the median and min, the achieved FLOP/s and its fraction of the matmul rate
-measured in the same run (``bench.measure_peak``), and the largest difference of the output and
-of the gradients from the 'xla' impl computed in float32 (the kernels must agree, dropout
-included: all impls draw the same counter-based mask).
+measured in the same run (``bench.timing.measure_peak``), and the largest difference of the
+output and of the gradients from the 'xla' impl computed in float32 (the kernels must agree,
+dropout included: all impls draw the same counter-based mask).
 
 FLOPs are model FLOPs: 4 * B * H * Lq * Lk * Dh for the forward (QK^T and PV; half of it with a
 causal mask), twice that for the backward (dV, dP, dK, dQ). A kernel that recomputes the scores
@@ -28,7 +28,7 @@ from typing import Optional, Sequence
 import jax
 import jax.numpy as jnp
 
-from larp_jax import bench
+from larp_jax.bench import timing
 from larp_jax.models import attention
 
 DEFAULT_SHAPE = (1, 2048, 12, 64)      # LARP-L: 1024 patches + 1024 queries, 12 heads of 64
@@ -105,7 +105,7 @@ def run(*, shape: Sequence[int] = DEFAULT_SHAPE, q_len: Optional[int] = None,
 
   compiled, results = {}, {}
   for impl in impls:
-    bench._log(f'{impl}: compiling')
+    timing.log(f'{impl}: compiling')
     fwd, grads = _programs(impl, causal=causal, rate=dropout, rng=rng)
     t0 = time.perf_counter()
     cf = fwd.lower(q, k, v).compile()
@@ -120,7 +120,7 @@ def run(*, shape: Sequence[int] = DEFAULT_SHAPE, q_len: Optional[int] = None,
             **{f'd{n}': _max_diff(a, r) for n, a, r in zip('qkv', gr, ref_g)}},
         'forward_s': [], 'forward_backward_s': []}
     compiled[impl] = (lambda cf=cf: cf(q, k, v), lambda cg=cg: cg(q, k, v, g))
-  bench._log(f'timing {len(impls)} impls in {runs} interleaved rounds')
+  timing.log(f'timing {len(impls)} impls in {runs} interleaved rounds')
   for impl, (f, fb) in compiled.items():
     for _ in range(warmup):
       jax.block_until_ready(f())
@@ -133,14 +133,14 @@ def run(*, shape: Sequence[int] = DEFAULT_SHAPE, q_len: Optional[int] = None,
         results[impl][key].append(time.perf_counter() - t)
 
   device = jax.devices()[0]
-  peak_rec = (bench.measure_peak(jnp.dtype(dtype), bench.default_peak_size(device.platform))
+  peak_rec = (timing.measure_peak(jnp.dtype(dtype), timing.default_peak_size(device.platform))
               if peak else None)
   peak_rate = peak_rec['flops_per_s'] if peak_rec else None
   for impl, r in results.items():
     for key, what in (('forward_s', 'forward'), ('forward_backward_s', 'forward_backward')):
       times = r.pop(key)
       med = statistics.median(times)
-      r[what] = {'seconds': bench._stats(times), 'flops': flops[what],
+      r[what] = {'seconds': timing.stats(times), 'flops': flops[what],
                  'flops_per_s': flops[what] / med,
                  'fraction_of_peak': flops[what] / med / peak_rate if peak_rate else None}
   return {'shape': {'batch': b, 'q_len': q_len, 'k_len': l, 'heads': h, 'head_dim': d},
