@@ -4,13 +4,13 @@ r"""Attention kernel benchmark: forward and forward + backward of each ``attenti
   python -m larp_jax.bench_attention --shape=1,1023,6,64 --causal --dropout=0.1   # its prior
   python -m larp_jax.bench_attention --impls=xla,dot_product_attention --dtype=bfloat16 --shape=8,2048,12,64
 
-For each impl of ``larp_jax.models.transformer.attention`` it compiles the forward and the
+For each impl of ``larp_jax.models.attention.attention`` it compiles the forward and the
 gradient w.r.t. q, k and v of ``sum(attention(q, k, v) * cotangent)``, then times them in
 interleaved rounds (every impl once per round, so a drifting machine hits all of them alike)
 and reports the median and min, the achieved FLOP/s and its fraction of the matmul rate
-measured in the same run (``bench.measure_peak``), and the largest difference of the output and
-of the gradients from the 'xla' impl computed in float32 (the kernels must agree, dropout
-included: all impls draw the same counter-based mask).
+measured in the same run (``bench.timing.measure_peak``), and the largest difference of the
+output and of the gradients from the 'xla' impl computed in float32 (the kernels must agree,
+dropout included: all impls draw the same counter-based mask).
 
 FLOPs are model FLOPs: 4 * B * H * Lq * Lk * Dh for the forward (QK^T and PV; half of it with a
 causal mask), twice that for the backward (dV, dP, dK, dQ). A kernel that recomputes the scores
@@ -28,8 +28,8 @@ from typing import Optional, Sequence
 import jax
 import jax.numpy as jnp
 
-from larp_jax import bench
-from larp_jax.models import transformer
+from larp_jax.bench import timing
+from larp_jax.models import attention
 
 DEFAULT_SHAPE = (1, 2048, 12, 64)      # LARP-L: 1024 patches + 1024 queries, 12 heads of 64
 
@@ -52,7 +52,7 @@ def _inputs(shape, q_len, dtype, seed):
 
 def _programs(impl, *, causal, rate, rng):
   def fwd(q, k, v):
-    return transformer.attention(q, k, v, causal=causal, impl=impl, dropout_rate=rate,
+    return attention.attention(q, k, v, causal=causal, impl=impl, dropout_rate=rate,
                                  dropout_rng=rng if rate > 0 else None)
 
   def grads(q, k, v, g):
@@ -95,7 +95,7 @@ def run(*, shape: Sequence[int] = DEFAULT_SHAPE, q_len: Optional[int] = None,
   impls = default_impls(shape, dtype) if impls is None else list(impls)
   q, k, v, g = _inputs(shape, q_len, jnp.dtype(dtype), seed)
   # The kernel each impl runs as; a clear error now for an unknown name or one that cannot run.
-  ran_as = {i: transformer.select_attention_impl(i, q, k, v, dropout=dropout > 0) for i in impls}
+  ran_as = {i: attention.select_attention_impl(i, q, k, v, dropout=dropout > 0) for i in impls}
   rng = jax.random.key(seed + 1)
   flops = attention_flops(b, q_len, l, h, d, causal)
 
@@ -105,7 +105,7 @@ def run(*, shape: Sequence[int] = DEFAULT_SHAPE, q_len: Optional[int] = None,
 
   compiled, results = {}, {}
   for impl in impls:
-    bench._log(f'{impl}: compiling')
+    timing.log(f'{impl}: compiling')
     fwd, grads = _programs(impl, causal=causal, rate=dropout, rng=rng)
     t0 = time.perf_counter()
     cf = fwd.lower(q, k, v).compile()
@@ -120,7 +120,7 @@ def run(*, shape: Sequence[int] = DEFAULT_SHAPE, q_len: Optional[int] = None,
             **{f'd{n}': _max_diff(a, r) for n, a, r in zip('qkv', gr, ref_g)}},
         'forward_s': [], 'forward_backward_s': []}
     compiled[impl] = (lambda cf=cf: cf(q, k, v), lambda cg=cg: cg(q, k, v, g))
-  bench._log(f'timing {len(impls)} impls in {runs} interleaved rounds')
+  timing.log(f'timing {len(impls)} impls in {runs} interleaved rounds')
   for impl, (f, fb) in compiled.items():
     for _ in range(warmup):
       jax.block_until_ready(f())
@@ -133,14 +133,14 @@ def run(*, shape: Sequence[int] = DEFAULT_SHAPE, q_len: Optional[int] = None,
         results[impl][key].append(time.perf_counter() - t)
 
   device = jax.devices()[0]
-  peak_rec = (bench.measure_peak(jnp.dtype(dtype), bench.default_peak_size(device.platform))
+  peak_rec = (timing.measure_peak(jnp.dtype(dtype), timing.default_peak_size(device.platform))
               if peak else None)
   peak_rate = peak_rec['flops_per_s'] if peak_rec else None
   for impl, r in results.items():
     for key, what in (('forward_s', 'forward'), ('forward_backward_s', 'forward_backward')):
       times = r.pop(key)
       med = statistics.median(times)
-      r[what] = {'seconds': bench._stats(times), 'flops': flops[what],
+      r[what] = {'seconds': timing.stats(times), 'flops': flops[what],
                  'flops_per_s': flops[what] / med,
                  'fraction_of_peak': flops[what] / med / peak_rate if peak_rate else None}
   return {'shape': {'batch': b, 'q_len': q_len, 'k_len': l, 'heads': h, 'head_dim': d},
@@ -181,7 +181,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                        'block).', flag_values=fv)
   flags.DEFINE_bool('causal', False, 'Lower-triangular mask (the prior).', flag_values=fv)
   flags.DEFINE_float('dropout', 0.0, 'Attention-dropout rate (the prior: 0.1).', flag_values=fv)
-  flags.DEFINE_list('impls', None, f'Any of {transformer.ATTENTION_CHOICES} (default: '
+  flags.DEFINE_list('impls', None, f'Any of {attention.ATTENTION_CHOICES} (default: '
                     "'cpu_flash' where it runs: CPU, float32, head dim % 16 == 0; 'chunked', "
                     "'xla').", flag_values=fv)
   flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], 'q, k, v dtype.',

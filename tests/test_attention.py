@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from larp_jax.models import transformer
+from larp_jax.models import attention, dropout, layers, vit
 from tests.conftest import assert_vjp_close
 from larp_jax.models.quantizer import sample_categorical
 
@@ -22,8 +22,8 @@ def test_chunked_attention_matches_reference(causal, length, rate):
 
   def run(impl):
     out, pullback = jax.vjp(
-        lambda q, k, v: transformer.attention(q, k, v, causal=causal, impl=impl,
-                                              dropout_rng=jax.random.key(3), dropout_rate=rate),
+        lambda q, k, v: attention.attention(q, k, v, causal=causal, impl=impl,
+                                            dropout_rng=jax.random.key(3), dropout_rate=rate),
         q, k, v)
     return out, pullback(dout)
 
@@ -31,7 +31,7 @@ def test_chunked_attention_matches_reference(causal, length, rate):
   o = got[0]
   assert_vjp_close(got, run('xla'), atol_out=2e-6, atol_grad=2e-5)
   if rate:
-    no_drop = transformer.attention(q, k, v, causal=causal, impl='chunked')
+    no_drop = attention.attention(q, k, v, causal=causal, impl='chunked')
     assert not np.allclose(o, no_drop, atol=1e-3)           # the mask did act
 
 
@@ -42,8 +42,8 @@ def test_attention_dropout_mask_rate_and_causal_rows():
   v = jnp.eye(length)[None, :, None, :]                    # value j = one-hot j: output = P row
   q = jnp.zeros((1, length, 1, length))                    # equal scores: P = 1 / (row + 1)
   for impl in ('xla', 'chunked'):
-    p = np.asarray(transformer.attention(q, q, v, causal=True, impl=impl, dropout_rate=rate,
-                                         dropout_rng=jax.random.key(0)))[0, :, 0]
+    p = np.asarray(attention.attention(q, q, v, causal=True, impl=impl, dropout_rate=rate,
+                                       dropout_rng=jax.random.key(0)))[0, :, 0]
     assert np.all(np.triu(p, 1) == 0)
     lower = p[np.tril_indices(length)]
     assert abs(np.mean(lower == 0) - rate) < 0.04
@@ -54,12 +54,12 @@ def test_attention_dropout_mask_rate_and_causal_rows():
 
 def test_auto_attention_matches_xla():
   q = jax.random.normal(jax.random.key(0), (1, 16, 2, 16))   # head dim 16: 'cpu_flash' on CPU
-  np.testing.assert_allclose(transformer.attention(q, q, q, causal=False, impl='auto'),
-                             transformer.attention(q, q, q, causal=False, impl='xla'), atol=1e-6)
-  np.testing.assert_array_equal(transformer.attention(
+  np.testing.assert_allclose(attention.attention(q, q, q, causal=False, impl='auto'),
+                             attention.attention(q, q, q, causal=False, impl='xla'), atol=1e-6)
+  np.testing.assert_array_equal(attention.attention(
       q, q, q, causal=True, impl='chunked', dropout_rng=jax.random.key(1), dropout_rate=1.0), 0)
   with pytest.raises(ValueError, match='attention impl'):
-    transformer.attention(q, q, q, causal=False, impl='flash')
+    attention.attention(q, q, q, causal=False, impl='flash')
 
 
 def test_sample_categorical_follows_softmax_and_skips_zero_probability():
@@ -90,7 +90,7 @@ def test_vit_stack_out_slice_equals_slicing_the_full_output(impl, out_slice):
   """The last block computing only the kept rows gives the rows (and gradients) of the full
   computation; the encoder keeps its query outputs, the decoder its patch queries and the
   discriminator its CLS token this way."""
-  stack = transformer.ViTStack(depth=2, num_heads=2, attention_impl=impl)
+  stack = vit.ViTStack(depth=2, num_heads=2, attention_impl=impl)
   x = jax.random.normal(jax.random.key(0), (2, 40, 16))
   params = stack.init(jax.random.key(1), x)
   a, b = out_slice
@@ -105,26 +105,26 @@ def test_vit_stack_out_slice_equals_slicing_the_full_output(impl, out_slice):
 
 def test_gelu_matches_jax_exact_gelu_values_and_gradients():
   x = jnp.concatenate([jnp.linspace(-9.0, 9.0, 1001), jax.random.normal(jax.random.key(0), (999,))])
-  np.testing.assert_allclose(transformer.gelu(x), jax.nn.gelu(x, approximate=False), atol=1e-6)
+  np.testing.assert_allclose(layers.gelu(x), jax.nn.gelu(x, approximate=False), atol=1e-6)
   grad = lambda f: jax.grad(lambda x: jnp.sum(jnp.cos(x) * f(x)))(x)
-  np.testing.assert_allclose(grad(transformer.gelu),
+  np.testing.assert_allclose(grad(layers.gelu),
                              grad(lambda x: jax.nn.gelu(x, approximate=False)), atol=1e-6)
 
 
 def test_dropout_drops_at_the_rate_and_keeps_the_mean():
   x = jnp.ones((400, 1000))
-  y = np.asarray(transformer.dropout(x, 0.1, jax.random.key(0)))
+  y = np.asarray(dropout.dropout(x, 0.1, jax.random.key(0)))
   keep = y != 0
   assert abs(np.mean(~keep) - 0.1) < 0.0015                # ~3 standard errors of 4e5 draws
   assert abs(y.mean() - 1.0) < 0.005 and np.allclose(y[keep], 1 / 0.9)
   # Neighbouring counters give independent draws: P(both kept) = 0.9^2 along rows and columns.
   assert abs(np.mean(keep[:, 1:] & keep[:, :-1]) - 0.81) < 0.003
   assert abs(np.mean(keep[1:] & keep[:-1]) - 0.81) < 0.003
-  np.testing.assert_array_equal(y, transformer.dropout(x, 0.1, jax.random.key(0)))
-  other = np.asarray(transformer.dropout(x, 0.1, jax.random.key(1))) != 0
+  np.testing.assert_array_equal(y, dropout.dropout(x, 0.1, jax.random.key(0)))
+  other = np.asarray(dropout.dropout(x, 0.1, jax.random.key(1))) != 0
   assert abs(np.mean(keep & other) - 0.81) < 0.003          # another key: an independent mask
-  np.testing.assert_array_equal(transformer.dropout(x, 0.0, jax.random.key(0)), x)
-  np.testing.assert_array_equal(transformer.dropout(x, 1.0, jax.random.key(0)), 0)
+  np.testing.assert_array_equal(dropout.dropout(x, 0.0, jax.random.key(0)), x)
+  np.testing.assert_array_equal(dropout.dropout(x, 1.0, jax.random.key(0)), 0)
 
 
 def test_prior_attention_impls_agree_in_training_mode():
@@ -153,7 +153,7 @@ def test_layer_norm_matches_flax_values_and_gradients(dtype):
   import flax.linen as nn
   x = 3.0 + 2.0 * jax.random.normal(jax.random.key(0), (3, 40, 32))
   w = jax.random.normal(jax.random.key(1), x.shape)
-  ours, ref = (transformer.LayerNorm(epsilon=1e-6, dtype=dtype),
+  ours, ref = (layers.LayerNorm(epsilon=1e-6, dtype=dtype),
                nn.LayerNorm(epsilon=1e-6, dtype=dtype))
   params = ref.init(jax.random.key(2), x)
   assert jax.tree_util.tree_structure(nn.unbox(ours.init(jax.random.key(2), x))) == \

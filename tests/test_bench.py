@@ -7,7 +7,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from larp_jax import bench, config_lib
+from larp_jax import config_lib
+from larp_jax.bench import flops, runners, timing
 from tests.conftest import ROOT
 
 
@@ -18,8 +19,8 @@ def _bench_config(arg):
 def test_vit_layer_flops_by_hand():
   # B=1, L=2, d=4, mlp 4: qkv 2*2*4*12 + proj 2*2*4*4 + fc1 2*2*4*16 + fc2 2*2*16*4
   # = 192 + 64 + 256 + 256 = 768; scores 2*2*2*4 = 32 and values 32.
-  assert bench.vit_layer_flops(1, 2, 4, 4.0) == 768 + 64
-  assert bench.vit_layer_flops(3, 5, 8, 2.0) == 2 * 3 * 5 * 8 * 8 * 8 + 4 * 3 * 25 * 8
+  assert flops.vit_layer_flops(1, 2, 4, 4.0) == 768 + 64
+  assert flops.vit_layer_flops(3, 5, 8, 2.0) == 2 * 3 * 5 * 8 * 8 * 8 + 4 * 3 * 25 * 8
 
 
 def test_tokenizer_flops_by_hand():
@@ -29,28 +30,28 @@ def test_tokenizer_flops_by_hand():
     encoder_depth, decoder_depth = 1, 2
     codebook_size, code_dim = 10, 3
     use_prior, prior_width, prior_depth, prior_n_rounds = True, 4, 1, 2
-  f = bench.tokenizer_forward_flops(M, batch=1)
+  f = flops.tokenizer_forward_flops(M, batch=1)
   layer6 = 2 * 6 * 12 * 16 + 4 * 36 * 4            # L = P + N = 6, d = 4: 2304 + 576
   assert layer6 == 2880
   # A last block keeping k of the 6 tokens: qkv on all 6 (576), attention with k queries
   # (4*k*6*4), proj + MLP on k rows (2*k*(16 + 128)). Encoder keeps N = 2, decoder P = 4.
   last = lambda k: 576 + 4 * k * 6 * 4 + 2 * k * 144
-  assert last(6) == layer6 and bench.vit_stack_flops(2, 1, 6, 4, 4.0, kept=2) == 2880 + 1344
+  assert last(6) == layer6 and flops.vit_stack_flops(2, 1, 6, 4, 4.0, kept=2) == 2880 + 1344
   assert f['encoder'] == last(2) == 1344 and f['decoder'] == 2880 + last(4) == 4992
   assert f['patch_embed'] == f['final_linear'] == 2 * 4 * 48 * 4 == 1536
   assert f['in_linear'] == f['out_linear'] == 2 * 2 * 4 * 3 == 48
   assert f['vq_logits'] == 2 * 2 * 10 * 3 == 120
   # Prior on L = N - 1 = 1: proj 2*1*3*4 + block (2*1*12*16 + 4*1*1*4) + head 2*1*4*3.
   assert f['prior'] == 24 + 384 + 16 + 24 == 448 and f['prior_logits'] == 2 * 1 * 10 * 3 == 60
-  assert bench.analytic_flops('encode', M, None, None, 1)['total'] == 1536 + 1344 + 48 + 120
-  assert bench.analytic_flops('decode', M, None, None, 1)['total'] == 48 + 4992 + 1536
-  assert bench.analytic_flops('forward', M, None, None, 1)['total'] == 3048 + 6576
+  assert flops.analytic_flops('encode', M, None, None, 1)['total'] == 1536 + 1344 + 48 + 120
+  assert flops.analytic_flops('decode', M, None, None, 1)['total'] == 48 + 4992 + 1536
+  assert flops.analytic_flops('forward', M, None, None, 1)['total'] == 3048 + 6576
 
   class Loss:
     gan_weight = lpips_weight = 0.0
   # Generator step: 3x the trained pieces, 1x the VQ logits (codes are sampled), per prior
   # round 3x the prior and 2x its logits against the detached codebook.
-  gen = bench.analytic_flops('gen', M, None, Loss, 1)
+  gen = flops.analytic_flops('gen', M, None, Loss, 1)
   assert gen['total'] == 3 * (9624 - 120) + 120 + 2 * (3 * 448 + 2 * 60) == 31560
   assert gen['lpips'] == 0
 
@@ -59,30 +60,30 @@ def test_xla_cost_analysis_of_a_matmul():
   m, k, n = 64, 48, 80
   a, b = jnp.ones((m, k)), jnp.ones((k, n))
   compiled = jax.jit(jnp.matmul).lower(a, b).compile()
-  assert bench.xla_flops(compiled) == 2 * m * n * k
+  assert flops.xla_flops(compiled) == 2 * m * n * k
 
 
 def test_cost_twin_for_loops_and_custom_calls():
   class M:
     scan_layers, attention_impl = False, 'xla'
-  assert not bench.needs_cost_twin(M)
+  assert not flops.needs_cost_twin(M)
   M.attention_impl = 'chunked'
-  assert bench.needs_cost_twin(M)
+  assert flops.needs_cost_twin(M)
   M.attention_impl, M.scan_layers = 'xla', True
-  assert bench.needs_cost_twin(M)
+  assert flops.needs_cost_twin(M)
   # Why: XLA's cost analysis counts a loop body once, not once per iteration.
   x = jnp.ones((32, 32))
   looped = jax.jit(lambda x: jax.lax.fori_loop(0, 4, lambda i, y: y @ x, x)).lower(x)
-  assert bench.xla_flops(looped) < 4 * 2 * 32 ** 3
+  assert flops.xla_flops(looped) < 4 * 2 * 32 ** 3
 
 
 def test_datasheet_peaks():
-  assert bench.datasheet_peak('NVIDIA H100 80GB HBM3') == 989e12
-  assert bench.datasheet_peak('NVIDIA H100 PCIe') == 756e12
-  assert bench.datasheet_peak('NVIDIA A100-SXM4-40GB') == 312e12
-  assert bench.datasheet_peak('TPU v5 lite') == 197e12
-  assert bench.datasheet_peak('TPU v5') == 459e12
-  assert bench.datasheet_peak('cpu') is None
+  assert timing.datasheet_peak('NVIDIA H100 80GB HBM3') == 989e12
+  assert timing.datasheet_peak('NVIDIA H100 PCIe') == 756e12
+  assert timing.datasheet_peak('NVIDIA A100-SXM4-40GB') == 312e12
+  assert timing.datasheet_peak('TPU v5 lite') == 197e12
+  assert timing.datasheet_peak('TPU v5') == 459e12
+  assert timing.datasheet_peak('cpu') is None
 
 
 def test_tiny_preset_matches_the_reference():
@@ -124,9 +125,9 @@ def test_larp_l_preset_is_the_released_recipe_at_batch_1():
 def test_bench_main_on_micro(tmp_path):
   out = tmp_path / 'micro.json'
   batch = 2 * jax.device_count()
-  record = bench.main(['bench', f'--config={ROOT}/configs/bench.py:micro',
-                       '--what=gen,encode,decode', '--runs=1', '--warmup=1', f'--batch={batch}',
-                       '--peak_size=256', f'--out={out}'])
+  record = runners.main(['bench', f'--config={ROOT}/configs/bench.py:micro',
+                         '--what=gen,encode,decode', '--runs=1', '--warmup=1', f'--batch={batch}',
+                         '--peak_size=256', f'--out={out}'])
   on_disk = json.loads(out.read_text())
   assert on_disk['measurements'].keys() == {'gen', 'encode', 'decode'}
   assert on_disk['batch'] == batch and on_disk['dtype'] == 'float32'
@@ -157,4 +158,4 @@ def test_bench_main_on_micro(tmp_path):
 
 def test_bad_measurement_name():
   with pytest.raises(ValueError, match='unknown measurement'):
-    bench.run(_bench_config('micro'), what=['fwd'])
+    runners.run(_bench_config('micro'), what=['fwd'])

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from larp_jax.models import transformer
+from larp_jax.models import attention
 from larp_jax.native import flash_attention as native
 from tests.conftest import assert_vjp_close
 
@@ -29,7 +29,7 @@ def test_kernel_builds_where_a_compiler_exists():
   assert native.build() == lib and lib.stat().st_mtime_ns == stamp   # cached, not rebuilt
   assert os.access(lib, os.R_OK | os.X_OK)
   if jax.device_count() == 1:
-    assert transformer.resolve_attention_impl('auto') == 'cpu_flash'
+    assert attention.resolve_attention_impl('auto') == 'cpu_flash'
 
 
 needs_kernel = pytest.mark.skipif(not HAVE_CXX, reason='no C++ compiler on this machine')
@@ -37,8 +37,8 @@ needs_kernel = pytest.mark.skipif(not HAVE_CXX, reason='no C++ compiler on this 
 
 def _run(impl, q, k, v, dout, causal, rate, seed=3):
   def f(q, k, v):
-    return transformer.attention(q, k, v, causal=causal, impl=impl, dropout_rate=rate,
-                                 dropout_rng=jax.random.key(seed))
+    return attention.attention(q, k, v, causal=causal, impl=impl, dropout_rate=rate,
+                               dropout_rng=jax.random.key(seed))
   out, pullback = jax.vjp(f, q, k, v)
   return out, pullback(dout)
 
@@ -55,7 +55,7 @@ def test_cpu_flash_matches_reference(shape, causal, rate):
   o = got[0]
   assert_vjp_close(got, _run('xla', q, k, v, dout, causal, rate), atol_out=3e-6, atol_grad=3e-5)
   if rate:
-    no_drop = transformer.attention(q, k, v, causal=causal, impl='cpu_flash')
+    no_drop = attention.attention(q, k, v, causal=causal, impl='cpu_flash')
     assert not np.allclose(o, no_drop, atol=1e-3)           # the mask did act
 
 
@@ -67,7 +67,7 @@ def test_cpu_flash_fewer_queries_than_keys():
   k, v = (jax.random.normal(kk, (3, 1, 200, 2, 32)) for kk in ks[2:])
 
   def loss(impl):
-    f = lambda q, k, v: jnp.sum(transformer.attention(q, k, v, causal=False, impl=impl) * dout)
+    f = lambda q, k, v: jnp.sum(attention.attention(q, k, v, causal=False, impl=impl) * dout)
     return jax.jit(jax.vmap(jax.value_and_grad(f, argnums=(0, 1, 2))))(q, k, v)
 
   assert_vjp_close(loss('cpu_flash'), loss('xla'), atol_out=1e-3, atol_grad=3e-5)
@@ -86,8 +86,8 @@ def test_cpu_flash_dropout_with_fewer_queries_than_keys():
 @needs_kernel
 def test_cpu_flash_is_deterministic_and_follows_the_key():
   q = jax.random.normal(jax.random.key(0), (1, 64, 2, 16))
-  run = jax.jit(lambda r: transformer.attention(q, q, q, causal=True, impl='cpu_flash',
-                                                dropout_rate=0.5, dropout_rng=r))
+  run = jax.jit(lambda r: attention.attention(q, q, q, causal=True, impl='cpu_flash',
+                                              dropout_rate=0.5, dropout_rng=r))
   a, b, c = run(jax.random.key(1)), run(jax.random.key(1)), run(jax.random.key(2))
   np.testing.assert_array_equal(a, b)
   assert not np.allclose(a, c)
@@ -97,14 +97,14 @@ def test_auto_falls_back_to_chunked_for_inputs_the_kernel_does_not_take():
   """bfloat16 and a head dim of 8: 'auto' runs 'chunked' (same values), an explicit
   'cpu_flash' says why it cannot run."""
   q = jax.random.normal(jax.random.key(0), (1, 32, 2, 8))
-  np.testing.assert_array_equal(transformer.attention(q, q, q, causal=True, impl='auto'),
-                                transformer.attention(q, q, q, causal=True, impl='chunked'))
+  np.testing.assert_array_equal(attention.attention(q, q, q, causal=True, impl='auto'),
+                                attention.attention(q, q, q, causal=True, impl='chunked'))
   with pytest.raises(ValueError, match='multiple of 16'):
-    transformer.attention(q, q, q, causal=True, impl='cpu_flash')
+    attention.attention(q, q, q, causal=True, impl='cpu_flash')
   qb = jnp.ones((1, 32, 2, 16), jnp.bfloat16)
-  assert transformer.attention(qb, qb, qb, causal=False, impl='auto').dtype == jnp.bfloat16
+  assert attention.attention(qb, qb, qb, causal=False, impl='auto').dtype == jnp.bfloat16
   with pytest.raises(ValueError, match='float32'):
-    transformer.attention(qb, qb, qb, causal=False, impl='cpu_flash')
+    attention.attention(qb, qb, qb, causal=False, impl='cpu_flash')
 
 
 def test_unavailable_kernel_gives_a_reason_and_auto_uses_chunked(monkeypatch, tmp_path, capsys):
@@ -115,10 +115,10 @@ def test_unavailable_kernel_gives_a_reason_and_auto_uses_chunked(monkeypatch, tm
   monkeypatch.setenv('CXX', 'false')
   assert 'failed' in native.unavailable_reason()
   assert 'unavailable' in capsys.readouterr().err
-  assert transformer.resolve_attention_impl('auto') == 'chunked'
+  assert attention.resolve_attention_impl('auto') == 'chunked'
   q = jnp.ones((1, 8, 1, 16))
   with pytest.raises(ValueError, match="'cpu_flash' cannot run here"):
-    transformer.attention(q, q, q, causal=False, impl='cpu_flash')
+    attention.attention(q, q, q, causal=False, impl='cpu_flash')
   monkeypatch.setattr(native, '_state', {})
   monkeypatch.setenv('LARP_JAX_NATIVE', '0')
   assert 'LARP_JAX_NATIVE=0' in native.unavailable_reason()
@@ -140,19 +140,19 @@ import os
 os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=4'
 import jax, numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-from larp_jax.models import transformer
+from larp_jax.models import attention
 from larp_jax.native import flash_attention as native
 x = jax.random.normal(jax.random.key(1), (1, 20, 1, 16))      # the module on its own, first
 direct = native.flash_attention(x, x, x, jax.numpy.zeros((2,), jax.numpy.uint32), False, 0.0)
 print('DIRECT', float(np.abs(np.asarray(direct) - np.asarray(
-    transformer.attention(x, x, x, causal=False, impl='xla'))).max()))
-print('AUTO', transformer.resolve_attention_impl('auto'))
+    attention.attention(x, x, x, causal=False, impl='xla'))).max()))
+print('AUTO', attention.resolve_attention_impl('auto'))
 mesh = Mesh(np.array(jax.devices()), ('data',))
 q = jax.random.normal(jax.random.key(0), (4, 48, 2, 16))
 spec = NamedSharding(mesh, P('data'))
-f = jax.jit(lambda q: transformer.attention(q, q, q, causal=True, impl='cpu_flash'),
+f = jax.jit(lambda q: attention.attention(q, q, q, causal=True, impl='cpu_flash'),
             out_shardings=spec)
-ref = transformer.attention(q, q, q, causal=True, impl='xla')
+ref = attention.attention(q, q, q, causal=True, impl='xla')
 print('DIFF', float(np.abs(np.asarray(f(jax.device_put(q, spec))) - np.asarray(ref)).max()))
 '''
 

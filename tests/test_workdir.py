@@ -11,7 +11,6 @@ import pytest
 import larp_jax
 from larp_jax import workdir as workdir_lib
 from larp_jax.evaluation import evaluator
-from larp_jax.tasks import tokenizer as tokenizer_task
 from larp_jax.tasks.tokenizer import TokenizerTask
 from larp_jax.train import loop
 from tests.test_train import tiny_config

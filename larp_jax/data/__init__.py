@@ -20,6 +20,8 @@ if typing.TYPE_CHECKING:
   from larp_jax.data.pipeline import make_global_batch
   from larp_jax.data.pipeline import num_skipped
 
+__all__ = ['default_config', 'DataIterator', 'get_dataset', 'make_global_batch', 'num_skipped']
+
 _LAZY = {
     'default_config': 'larp_jax.data.config',
     'DataIterator': 'larp_jax.data.pipeline',
@@ -27,7 +29,6 @@ _LAZY = {
     'make_global_batch': 'larp_jax.data.pipeline',
     'num_skipped': 'larp_jax.data.pipeline',
 }
-__all__ = list(_LAZY)
 
 
 def __getattr__(name: str):

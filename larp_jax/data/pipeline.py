@@ -17,7 +17,6 @@ Stream contract (all sources):
   the Python work of the synthetic and folder sources sees the pipeline's cancel event and returns
   placeholders instead of decoding, and the tf.data iterator is destroyed then and there.
 """
-import dataclasses
 import gc
 import logging
 import os
@@ -32,20 +31,9 @@ from larp_jax.data import clips
 from larp_jax.data import config as config_lib
 from larp_jax.data import synthetic
 from larp_jax.data import video_io
-
-AUTOTUNE = tf.data.AUTOTUNE
+from larp_jax.data.source_api import Built, parallel_calls, split_location
 
 _log = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass
-class Built:
-  ds: tf.data.Dataset   # unbatched {'video', 'label', 'clip_id'}
-  num_eval: int | None  # eval: planned local element count (before bad files are dropped)
-  skip_log: video_io.SkipLog
-  # Set only by `DataIterator.close()`; the source's Python functions then return placeholders.
-  cancel: threading.Event = dataclasses.field(default_factory=threading.Event)
-  upscale_log: video_io.UpscaleLog | None = None  # None: the source does not track upscaling
 
 
 class DataIterator:
@@ -183,23 +171,6 @@ def index_train_stream(n: int, seed: int, skip: int) -> tf.data.Dataset:
   return epoch(tf.constant(e0, tf.int64)).skip(r).concatenate(rest)
 
 
-def split_location(cfg, split: str) -> str:
-  """File location of a split: `eval_path` (eval) or `path`, or its `<split name>` subfolder."""
-  base = cfg.eval_path if (split == 'eval' and cfg.eval_path) else cfg.path
-  name = cfg.train_split if split == 'train' else cfg.eval_split
-  sub = os.path.join(base, name)
-  return sub if os.path.isdir(base) and os.path.exists(sub) else base
-
-
-def _npc(cfg, python_decode: bool = False):
-  """Parallel map calls. Default (None): one per core where each call runs Python (it holds the
-  GIL part of the time, and AUTOTUNE over-subscribes small machines), AUTOTUNE for pure TF maps."""
-  n = cfg.num_parallel_calls
-  if n is None:
-    return (os.cpu_count() or 1) if python_decode else AUTOTUNE
-  return AUTOTUNE if int(n) < 0 else max(1, int(n))
-
-
 # ----------------------------------------------------------------------------- synthetic
 
 
@@ -241,7 +212,7 @@ def _synthetic(cfg, split, video_shape, seed, skip, pi, pc) -> Built:
       return {'video': video, 'label': label, 'clip_id': tf.cast(index, tf.int32)}
 
     ds = index_train_stream(len(ids), seed, skip).map(
-        train_elem, num_parallel_calls=_npc(cfg, python_decode=True))
+        train_elem, num_parallel_calls=parallel_calls(cfg, python_decode=True))
     return Built(ds, None, video_io.SkipLog(), cancel, video_io.UpscaleLog())
 
   chunks = int(clips.num_chunks(length, t, stride)) if cfg.eval_chunks == 'all' else 1
@@ -251,7 +222,8 @@ def _synthetic(cfg, split, video_shape, seed, skip, pi, pc) -> Built:
     return {'video': video, 'label': label, 'clip_id': tf.cast(index * chunks + k, tf.int32)}
 
   n = len(ids) * chunks
-  ds = tf.data.Dataset.range(n).map(eval_elem, num_parallel_calls=_npc(cfg, python_decode=True))
+  ds = tf.data.Dataset.range(n).map(eval_elem,
+                                    num_parallel_calls=parallel_calls(cfg, python_decode=True))
   return Built(ds, n, video_io.SkipLog(), cancel, video_io.UpscaleLog())
 
 
@@ -338,7 +310,7 @@ def _folder(cfg, split, video_shape, seed, skip, pi, pc) -> Built:
       u = clips.clip_uniforms(clips.element_key(seed, epoch, tf.gather(ids_t, pos)))
       return decoded(py_train, [pos, u[0]], u, True)
     ds = index_train_stream(len(paths), seed, skip).map(
-        train_elem, num_parallel_calls=_npc(cfg, python_decode=True))
+        train_elem, num_parallel_calls=parallel_calls(cfg, python_decode=True))
     return Built(ds.map(_drop_ok), None, log, cancel, upscaled)
 
   if cfg.eval_chunks == 'all':
@@ -359,7 +331,7 @@ def _folder(cfg, split, video_shape, seed, skip, pi, pc) -> Built:
   zero_u = tf.zeros([4])
   ds = tf.data.Dataset.from_tensor_slices((pos, starts)).map(
       lambda p, s: decoded(py_eval, [p, s], zero_u, False),
-      num_parallel_calls=_npc(cfg, python_decode=True))
+      num_parallel_calls=parallel_calls(cfg, python_decode=True))
   ds = ds.filter(lambda e: e['ok']).map(_drop_ok)
   return Built(ds, len(pos), log, cancel, upscaled)
 

@@ -17,7 +17,7 @@ import numpy as np
 import tensorflow as tf
 
 from larp_jax.data import clips
-from larp_jax.data import pipeline
+from larp_jax.data import source_api
 from larp_jax.data import video_io
 
 MANIFEST = 'manifest.json'
@@ -66,10 +66,10 @@ def decode_frames(encoded, idx, num_frames: int):
   return tf.stack([tf.io.decode_png(picked[i], channels=3) for i in range(num_frames)])
 
 
-def build(cfg, split, video_shape, seed, skip, pi, pc) -> pipeline.Built:
+def build(cfg, split, video_shape, seed, skip, pi, pc) -> source_api.Built:
   t, _, _ = video_shape
   stride = int(cfg.frame_stride)
-  root = pipeline.split_location(cfg, split)
+  root = source_api.split_location(cfg, split)
   m = read_manifest(root)
   shards = m['shards']
   # Whole shard files per host when they divide evenly (no host reads another's bytes);
@@ -97,7 +97,7 @@ def build(cfg, split, video_shape, seed, skip, pi, pc) -> pipeline.Built:
     pick = lambda s: tf.equal(tf.io.parse_single_example(s, {'index': FEATURES['index']})['index'] % pc, pi)
     return ds.filter(pick)
 
-  npc = pipeline._npc(cfg)  # pylint: disable=protected-access
+  npc = source_api.parallel_calls(cfg)
   short = cfg.short_side
 
   if split == 'train':
@@ -130,7 +130,7 @@ def build(cfg, split, video_shape, seed, skip, pi, pc) -> pipeline.Built:
       return {'video': video, 'label': tf.cast(ex['label'], tf.int32),
               'clip_id': tf.cast(ex['index'], tf.int32)}
 
-    return pipeline.Built(ds.map(train_elem, num_parallel_calls=npc), None, log)
+    return source_api.Built(ds.map(train_elem, num_parallel_calls=npc), None, log)
 
   # Eval: files in order; 'all' expands each video into its chunks (counts from the manifest).
   ds = host_filter(tf.data.TFRecordDataset(files))
@@ -161,4 +161,4 @@ def build(cfg, split, video_shape, seed, skip, pi, pc) -> pipeline.Built:
             'clip_id': tf.cast(cid, tf.int32)}
 
   ds = ds.flat_map(expand).map(eval_elem, num_parallel_calls=npc)
-  return pipeline.Built(ds, num_eval, log)
+  return source_api.Built(ds, num_eval, log)

@@ -61,7 +61,7 @@ def _shape_dist(kind, u, v):
 def _hero_track(rng, motion, t, r, wn, hn):
   """(cx, cy, angle, scale, alpha), each [T], for the class-defining object."""
   nt = t.shape[0]
-  one, zero = np.ones(nt, np.float32), np.zeros(nt, np.float32)
+  one = np.ones(nt, np.float32)
   lo_x, hi_x, lo_y, hi_y = r, wn - r, r, hn - r
   x0, y0 = rng.uniform(lo_x, hi_x), rng.uniform(lo_y, hi_y)
   sgn = rng.choice([-1.0, 1.0], size=2)

@@ -10,7 +10,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from larp_jax.data import clips
-from larp_jax.data import pipeline
+from larp_jax.data import source_api
 from larp_jax.data import video_io
 
 
@@ -44,7 +44,7 @@ def _frames(video, idx, num_frames: int):
   return tf.cast(picked, tf.uint8)
 
 
-def build(cfg, split, video_shape, seed, skip, pi, pc) -> pipeline.Built:
+def build(cfg, split, video_shape, seed, skip, pi, pc) -> source_api.Built:
   t = video_shape[0]
   stride = int(cfg.frame_stride)
   name = cfg.train_split if split == 'train' else cfg.eval_split
@@ -62,7 +62,7 @@ def build(cfg, split, video_shape, seed, skip, pi, pc) -> pipeline.Built:
   # (clip_id, encoded video, label); positions are stable because file order is fixed.
   base = base.enumerate(start=offset).map(
       lambda i, ex: (tf.cast(i, tf.int32), ex[vkey], tf.cast(ex[lkey], tf.int32)))
-  npc = pipeline._npc(cfg)  # pylint: disable=protected-access
+  npc = source_api.parallel_calls(cfg)
   short = cfg.short_side
 
   if split == 'train':
@@ -82,7 +82,7 @@ def build(cfg, split, video_shape, seed, skip, pi, pc) -> pipeline.Built:
                           random_crop=cfg.train_crop == 'random', flip=bool(cfg.flip))
       return {'video': out, 'label': label, 'clip_id': cid}
 
-    return pipeline.Built(ds.map(train_elem, num_parallel_calls=npc), None, video_io.SkipLog())
+    return source_api.Built(ds.map(train_elem, num_parallel_calls=npc), None, video_io.SkipLog())
 
   all_mode = cfg.eval_chunks == 'all'
   def chunks(video):
@@ -108,4 +108,4 @@ def build(cfg, split, video_shape, seed, skip, pi, pc) -> pipeline.Built:
     return {'video': out, 'label': label, 'clip_id': cid}
 
   ds = base.flat_map(expand).map(eval_elem, num_parallel_calls=npc)
-  return pipeline.Built(ds, num_eval, video_io.SkipLog())
+  return source_api.Built(ds, num_eval, video_io.SkipLog())

@@ -13,7 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from larp_jax.models import embeddings, patches, transformer
+from larp_jax.models import embeddings, layers, patches, vit
 
 
 def _torch_xavier_uniform_3d(key, shape, dtype=jnp.float32):
@@ -30,7 +30,7 @@ class TransformerDiscriminator(nn.Module):
   num_heads: int = 8
   mlp_ratio: float = 4.0
   norm_eps: float = 1e-5
-  attention_impl: str = 'auto'         # see transformer.resolve_attention_impl
+  attention_impl: str = 'auto'         # see models.attention.resolve_attention_impl
   remat: str = 'none'
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
@@ -50,15 +50,15 @@ class TransformerDiscriminator(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     grid = [s // p for s, p in zip(self.video_shape, self.patch_size)]
     x = patches.patchify(video.astype(self.dtype), self.patch_size)
-    x = transformer.dense(self.width, ('patch', 'embed'), name='patch_embed', **kw)(x)
+    x = layers.dense(self.width, ('patch', 'embed'), name='patch_embed', **kw)(x)
     x = x + jnp.asarray(embeddings.sincos_3d(self.width, *grid)).astype(x.dtype)
     cls = self.param('cls_token', nn.with_logical_partitioning(_torch_xavier_uniform_3d,
                                                                (None, None, 'embed')),
                      (1, 1, self.width), self.param_dtype)
     cls = jnp.broadcast_to(cls.astype(x.dtype), (x.shape[0], 1, self.width))
     x = jnp.concatenate([cls, x], axis=1)
-    x = transformer.ViTStack(self.depth, self.num_heads, self.mlp_ratio, self.norm_eps,
-                             self.attention_impl, self.remat, name='blocks', **kw)(
-                                 x, out_slice=(0, 1))       # only the CLS output is used
-    x = transformer.layer_norm(1e-6, name='norm', **kw)(x[:, 0])
-    return transformer.dense(1, ('embed', None), name='head', **kw)(x)[:, 0].astype(jnp.float32)
+    x = vit.ViTStack(self.depth, self.num_heads, self.mlp_ratio, self.norm_eps,
+                     self.attention_impl, self.remat, name='blocks', **kw)(
+                         x, out_slice=(0, 1))       # only the CLS output is used
+    x = layers.layer_norm(1e-6, name='norm', **kw)(x[:, 0])
+    return layers.dense(1, ('embed', None), name='head', **kw)(x)[:, 0].astype(jnp.float32)

@@ -9,14 +9,14 @@ the straight-through latents, the encoder -- never the codebook.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
 
-from larp_jax.models import transformer
+from larp_jax.models import dropout as dropout_lib, gpt, layers
 from larp_jax.models.quantizer import l2_normalize, sample_categorical
 
 
@@ -34,7 +34,7 @@ class PriorGPT(nn.Module):
   dropout: float = 0.1
   attn_dropout_in_eval: bool = True
   norm_eps: float = 1e-5
-  attention_impl: str = 'auto'     # transformer.attention impl (see resolve_attention_impl)
+  attention_impl: str = 'auto'     # models.attention impl (see resolve_attention_impl)
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -44,18 +44,18 @@ class PriorGPT(nn.Module):
     if l > self.max_len:
       raise ValueError(f'prior sequence length {l} exceeds its max_len {self.max_len}')
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    h = transformer.dense(self.width, ('code', 'embed'), name='input_proj', **kw)(x)
+    h = layers.dense(self.width, ('code', 'embed'), name='input_proj', **kw)(x)
     pos = self.param('pos_embed', nn.with_logical_partitioning(
         nn.initializers.normal(0.02), (None, 'length', 'embed')),
         (1, self.max_len, self.width), self.param_dtype)
     h = h + pos[:, :l].astype(h.dtype)
-    h = transformer.Dropout(self.dropout)(h, deterministic=deterministic)
+    h = dropout_lib.Dropout(self.dropout)(h, deterministic=deterministic)
     for i in range(self.depth):
-      h, _ = transformer.GPTBlock(
+      h, _ = gpt.GPTBlock(
           self.num_heads, self.mlp_ratio, self.norm_eps, self.dropout, self.attn_dropout_in_eval,
           self.attention_impl, name=f'blocks_{i}', **kw)(h, deterministic)
-    h = transformer.layer_norm(self.norm_eps, name='ln_f', **kw)(h)
-    out = transformer.dense(self.input_dim, ('embed', 'code'), name='head', **kw)(h)
+    h = layers.layer_norm(self.norm_eps, name='ln_f', **kw)(h)
+    out = layers.dense(self.input_dim, ('embed', 'code'), name='head', **kw)(h)
     return out.astype(jnp.float32)
 
 

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from larp_jax.models import embeddings, patches, prior as prior_lib, transformer
+from larp_jax.models import attention, embeddings, layers, patches, prior as prior_lib, vit
 from larp_jax.models.quantizer import (BATCH_STAT_NORMS, BOTTLENECK_NORMS, VQ_TYPES,
                                        BottleneckNorm, VectorQuantizer)
 
@@ -60,9 +60,9 @@ def check_tokenizer_kwargs(video_shape, patch_size, num_latent_tokens, width, nu
     raise ValueError(f'width={width} must be divisible by 4 for the 2D/3D sin-cos embedding')
   if codebook_size < 2 or code_dim < 1:
     raise ValueError(f'bad codebook: codebook_size={codebook_size}, code_dim={code_dim}')
-  transformer.check_choice('vq_type', vq_type, VQ_TYPES)
-  transformer.check_choice('query_init', query_init, QUERY_INITS)
-  transformer.check_choice('bottleneck_norm', bottleneck_norm, BOTTLENECK_NORMS)
+  layers.check_choice('vq_type', vq_type, VQ_TYPES)
+  layers.check_choice('query_init', query_init, QUERY_INITS)
+  layers.check_choice('bottleneck_norm', bottleneck_norm, BOTTLENECK_NORMS)
   if not vq_temperature > 0:
     raise ValueError(f'vq_temperature must be > 0, got {vq_temperature} (the official '
                      f'stochastic_temperature < 0, a learned temperature, is '
@@ -76,8 +76,8 @@ def check_tokenizer_kwargs(video_shape, patch_size, num_latent_tokens, width, nu
   if vq_entropy_weight < 0 or not vq_entropy_temperature > 0:
     raise ValueError(f'vq_entropy_weight must be >= 0 and vq_entropy_temperature > 0, got '
                      f'{vq_entropy_weight} and {vq_entropy_temperature}')
-  transformer.check_choice('remat', remat, transformer.REMAT_CHOICES)
-  transformer.check_choice('attention_impl', attention_impl, transformer.ATTENTION_CHOICES)
+  layers.check_choice('remat', remat, vit.REMAT_CHOICES)
+  layers.check_choice('attention_impl', attention_impl, attention.ATTENTION_CHOICES)
   if use_prior:
     if prior_width % prior_heads:
       raise ValueError(f'prior_width={prior_width} is not divisible by prior_heads={prior_heads}')
@@ -142,7 +142,7 @@ class LARPTokenizer(nn.Module):
   prior_attn_dropout_in_eval: bool = True   # released-code quirk (LARP_SPEC 5)
   prior_n_rounds: int = 2
   prior_ce_temperature: float = 1.0
-  attention_impl: str = 'auto'         # see transformer.resolve_attention_impl
+  attention_impl: str = 'auto'         # see models.attention.resolve_attention_impl
   remat: str = 'none'
   scan_layers: bool = False
   dtype: Any = jnp.float32
@@ -190,8 +190,8 @@ class LARPTokenizer(nn.Module):
                  **kw)
     # Conv3d(kernel=stride=patch) == Dense on flattened patches; the official init is xavier
     # on the weight viewed as [width, patch_dim], which is the Dense fan_in/fan_out.
-    self.patch_embed = transformer.dense(self.width, ('patch', 'embed'), name='patch_embed', **kw)
-    self.encoder = transformer.ViTStack(self.encoder_depth, name='encoder', **stack)
+    self.patch_embed = layers.dense(self.width, ('patch', 'embed'), name='patch_embed', **kw)
+    self.encoder = vit.ViTStack(self.encoder_depth, name='encoder', **stack)
     if self.query_init == 'sincos':
       query_init = lambda key, shape, dtype: jnp.asarray(
           embeddings.sincos_1d_table(shape[1], shape[0]), dtype)
@@ -200,7 +200,7 @@ class LARPTokenizer(nn.Module):
     self.latent_queries = self.param(
         'latent_queries', nn.with_logical_partitioning(query_init, ('latent', 'embed')),
         (self.num_latent_tokens, self.width), self.param_dtype)
-    self.in_linear = transformer.dense(self.code_dim, ('embed', 'code'), name='in_linear', **kw)
+    self.in_linear = layers.dense(self.code_dim, ('embed', 'code'), name='in_linear', **kw)
     if self.bottleneck_norm != 'none':
       self.norm_layer = BottleneckNorm(self.bottleneck_norm, param_dtype=self.param_dtype,
                                        name='norm_layer')
@@ -212,15 +212,15 @@ class LARPTokenizer(nn.Module):
         learnable_temperature=self.vq_temperature_learnable,
         entropy_weight=self.vq_entropy_weight, entropy_temperature=self.vq_entropy_temperature,
         param_dtype=self.param_dtype, name='quantizer')
-    self.out_linear = transformer.dense(self.width, ('code', 'embed'), name='out_linear', **kw)
-    self.decoder = transformer.ViTStack(self.decoder_depth, name='decoder', **stack)
+    self.out_linear = layers.dense(self.width, ('code', 'embed'), name='out_linear', **kw)
+    self.decoder = vit.ViTStack(self.decoder_depth, name='decoder', **stack)
     self.query_type_embed = self.param(
         'query_type_embed', nn.with_logical_partitioning(nn.initializers.normal(0.02),
                                                          (None, None, 'embed')),
         (1, 1, self.width), self.param_dtype)
-    self.final_norm = transformer.layer_norm(1e-6, name='final_norm', **kw)
-    self.final_linear = transformer.dense(self.patch_dim, ('embed', 'patch'), name='final_linear',
-                                          kernel_init=transformer.zeros, **kw)
+    self.final_norm = layers.layer_norm(1e-6, name='final_norm', **kw)
+    self.final_linear = layers.dense(self.patch_dim, ('embed', 'patch'), name='final_linear',
+                                     kernel_init=layers.zeros, **kw)
     if self.use_prior:
       self.prior = prior_lib.PriorGPT(
           depth=self.prior_depth, num_heads=self.prior_heads, width=self.prior_width,

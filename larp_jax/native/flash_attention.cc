@@ -5,7 +5,7 @@
 // scores. Scores are scaled by 1/sqrt(D) here. With causal=1, key j is visible from query i iff
 // j <= i. Attention dropout (threshold > 0) keeps probability (b*H + h, i, j) when
 // counter_bits(seeds, ((b*H + h) * Lq + i) * Lk + j) >= threshold and scales kept ones by
-// keep_scale: the same mask as the JAX kernels in larp_jax/models/transformer.py.
+// keep_scale: the same mask as the JAX kernels (larp_jax/models/attention_masks.py).
 //
 // Work: the forward pass splits (batch*head, query block) items, the backward pass whole
 // (batch*head) items (so dK and dV never race), over XLA's intra-op thread pool with the calling

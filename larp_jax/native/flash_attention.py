@@ -11,8 +11,8 @@ pure-JAX 'chunked' kernel instead.
 
 ``flash_attention(q, k, v, seeds, causal, rate)`` takes the model's own [B, L, H, Dh] float32
 layout (no transposes around the call), scales the scores by Dh^-1/2, and has a custom VJP
-whose backward pass is the second FFI handler. Its dropout mask is ``_attention_keep`` of
-``larp_jax.models.transformer``: the same elements as the 'xla' and 'chunked' kernels drop.
+whose backward pass is the second FFI handler. Its dropout mask is ``attention_keep`` of
+``larp_jax.models.attention_masks``: the same elements as the 'xla' and 'chunked' kernels drop.
 """
 
 from __future__ import annotations
@@ -33,6 +33,8 @@ from typing import Optional, Tuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from larp_jax.models import dropout
 
 SOURCE = Path(__file__).with_name('flash_attention.cc')
 FLAGS = ('-O3', '-march=native', '-std=c++17', '-shared', '-fPIC', '-w')
@@ -160,8 +162,7 @@ def _require():
 
 
 def _attrs(causal: bool, rate: float) -> dict:
-  from larp_jax.models.transformer import _keep_rule
-  threshold, scale = _keep_rule(rate) if rate > 0 else (0, 1.0)
+  threshold, scale = dropout.keep_rule(rate) if rate > 0 else (0, 1.0)
   return dict(causal=np.int64(causal), threshold=np.int64(threshold),
               keep_scale=np.float32(scale))
 

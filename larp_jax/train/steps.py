@@ -17,7 +17,6 @@ A batch-norm bottleneck (``model.uses_batch_stats``) needs the state to carry th
 
 from __future__ import annotations
 
-from typing import Any
 
 import jax
 import jax.numpy as jnp

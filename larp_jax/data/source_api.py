@@ -1,0 +1,38 @@
+"""What every source's `build` shares: the `Built` it returns, `split_location` (where a split's
+files are) and `parallel_calls` (the `num_parallel_calls` of its maps)."""
+import dataclasses
+import os
+import threading
+
+import tensorflow as tf
+
+from larp_jax.data import video_io
+
+AUTOTUNE = tf.data.AUTOTUNE
+
+
+@dataclasses.dataclass
+class Built:
+  ds: tf.data.Dataset   # unbatched {'video', 'label', 'clip_id'}
+  num_eval: int | None  # eval: planned local element count (before bad files are dropped)
+  skip_log: video_io.SkipLog
+  # Set only by `DataIterator.close()`; the source's Python functions then return placeholders.
+  cancel: threading.Event = dataclasses.field(default_factory=threading.Event)
+  upscale_log: video_io.UpscaleLog | None = None  # None: the source does not track upscaling
+
+
+def split_location(cfg, split: str) -> str:
+  """File location of a split: `eval_path` (eval) or `path`, or its `<split name>` subfolder."""
+  base = cfg.eval_path if (split == 'eval' and cfg.eval_path) else cfg.path
+  name = cfg.train_split if split == 'train' else cfg.eval_split
+  sub = os.path.join(base, name)
+  return sub if os.path.isdir(base) and os.path.exists(sub) else base
+
+
+def parallel_calls(cfg, python_decode: bool = False):
+  """Parallel map calls. Default (None): one per core where each call runs Python (it holds the
+  GIL part of the time, and AUTOTUNE over-subscribes small machines), AUTOTUNE for pure TF maps."""
+  n = cfg.num_parallel_calls
+  if n is None:
+    return (os.cpu_count() or 1) if python_decode else AUTOTUNE
+  return AUTOTUNE if int(n) < 0 else max(1, int(n))
