@@ -31,7 +31,7 @@ from larp_jax.data import clips
 from larp_jax.data import config as config_lib
 from larp_jax.data import synthetic
 from larp_jax.data import video_io
-from larp_jax.data.source_api import Built, parallel_calls, split_location
+from larp_jax.data.source_api import Built, parallel_calls, resumed_epochs, split_location
 
 _log = logging.getLogger(__name__)
 
@@ -159,16 +159,13 @@ def index_train_stream(n: int, seed: int, skip: int) -> tf.data.Dataset:
 
   Starts `skip` elements in, without touching the skipped ones.
   """
-  e0, r = divmod(int(skip), n)
-
   def epoch(e):
     key = tf.stack([tf.constant(seed, tf.int64), tf.cast(e, tf.int64)])
     def pos(i):
       return tf.random.experimental.index_shuffle(i, seed=key, max_index=n - 1), tf.cast(e, tf.int64)
     return tf.data.Dataset.range(n).map(pos)
 
-  rest = tf.data.Dataset.range(e0 + 1, np.iinfo(np.int64).max).flat_map(epoch)
-  return epoch(tf.constant(e0, tf.int64)).skip(r).concatenate(rest)
+  return resumed_epochs(epoch, n, skip)
 
 
 # ----------------------------------------------------------------------------- synthetic

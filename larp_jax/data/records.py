@@ -101,7 +101,6 @@ def build(cfg, split, video_shape, seed, skip, pi, pc) -> source_api.Built:
   short = cfg.short_side
 
   if split == 'train':
-    e0, r = divmod(int(skip), n_local)
     buf = int(cfg.shuffle_buffer)
 
     files_t = tf.constant(files)
@@ -117,8 +116,7 @@ def build(cfg, split, video_shape, seed, skip, pi, pc) -> source_api.Built:
       ds = host_filter(ds).shuffle(buf, seed=seed * 1_000_003 + e)
       return ds.map(lambda x: (x, e))
 
-    rest = tf.data.Dataset.range(e0 + 1, np.iinfo(np.int64).max).flat_map(epoch)
-    ds = epoch(tf.constant(e0, tf.int64)).skip(r).concatenate(rest)
+    ds = source_api.resumed_epochs(epoch, n_local, skip)
 
     def train_elem(serialized, e):
       ex = parse(serialized)

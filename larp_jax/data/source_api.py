@@ -1,9 +1,11 @@
 """What every source's `build` shares: the `Built` it returns, `split_location` (where a split's
-files are) and `parallel_calls` (the `num_parallel_calls` of its maps)."""
+files are), `parallel_calls` (the `num_parallel_calls` of its maps) and `resumed_epochs` (the
+endless training stream, started any number of elements in)."""
 import dataclasses
 import os
 import threading
 
+import numpy as np
 import tensorflow as tf
 
 from larp_jax.data import video_io
@@ -36,3 +38,16 @@ def parallel_calls(cfg, python_decode: bool = False):
   if n is None:
     return (os.cpu_count() or 1) if python_decode else AUTOTUNE
   return AUTOTUNE if int(n) < 0 else max(1, int(n))
+
+
+def resumed_epochs(epoch, epoch_size: int, skip: int) -> tf.data.Dataset:
+  """Epochs ``epoch(e)`` for e = 0, 1, ... concatenated, starting ``skip`` elements in.
+
+  ``epoch(e)`` (e an int64 scalar tensor) is one epoch of ``epoch_size`` elements, in an order
+  that depends only on e, so a resumed run (``skip = start_step * batch_size``) continues the
+  uninterrupted stream exactly. Only the partial epoch is skipped element by element; the whole
+  epochs before it are never built.
+  """
+  e0, r = divmod(int(skip), int(epoch_size))
+  rest = tf.data.Dataset.range(e0 + 1, np.iinfo(np.int64).max).flat_map(epoch)
+  return epoch(tf.constant(e0, tf.int64)).skip(r).concatenate(rest)

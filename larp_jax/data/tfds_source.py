@@ -66,14 +66,12 @@ def build(cfg, split, video_shape, seed, skip, pi, pc) -> source_api.Built:
   short = cfg.short_side
 
   if split == 'train':
-    e0, r = divmod(int(skip), n_local)
     buf = int(cfg.shuffle_buffer)
 
     def epoch(e):
       return base.shuffle(buf, seed=seed * 1_000_003 + e).map(lambda *x: x + (e,))
 
-    rest = tf.data.Dataset.range(e0 + 1, np.iinfo(np.int64).max).flat_map(epoch)
-    ds = epoch(tf.constant(e0, tf.int64)).skip(r).concatenate(rest)
+    ds = source_api.resumed_epochs(epoch, n_local, skip)
 
     def train_elem(cid, video, label, e):
       u = clips.clip_uniforms(clips.element_key(seed, e, cid))
