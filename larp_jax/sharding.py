@@ -1,4 +1,4 @@
-"""Device mesh and logical-axis sharding (STYLE section 4).
+"""Device mesh and logical-axis sharding.
 
 Models name their parameter and activation axes ('embed', 'mlp', 'batch', ...); the config maps
 those names to mesh axes ('data', 'fsdp', 'tensor'). State is born sharded: the abstract state

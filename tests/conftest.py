@@ -47,7 +47,7 @@ def tiny_kwargs():
 
 
 def pytest_configure(config):
-  # Tiny models: XLA's optimisation passes cost more than they save (STYLE section 7).
+  # Tiny models: XLA's optimisation passes cost more than they save.
   import jax
   jax.config.update('jax_disable_most_optimizations', True)
 

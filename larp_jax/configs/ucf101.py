@@ -65,7 +65,7 @@ def get_config(arg=None):
   c.total_steps = arg.epochs * steps_per_epoch
   c.seed = 66667
 
-  # ---- losses (LARP_SPEC section 7).
+  # ---- losses (official models/loss.py, cfgs/larp_tokenizer.yaml).
   c.loss = ml_collections.ConfigDict(dict(
       l1_weight=1.0,
       lpips_weight=1.0, lpips_net='vgg',
@@ -83,14 +83,14 @@ def get_config(arg=None):
       # Released code applies the LeCam weight twice (effective 1e-6); paper: once (1e-3).
       lecam_weight_applied_twice=not arg.paper,
       lecam_ema_decay=0.999,
-      mix_max_ratio=0.5, mix_ramp_fraction=0.3,    # scheduled sampling (LARP_SPEC 5)
+      mix_max_ratio=0.5, mix_ramp_fraction=0.3,    # scheduled sampling (official models/gptc.py)
   ))
 
   # ---- the transformer discriminator (38.2M parameters at this size).
   c.disc = ml_collections.ConfigDict(dict(
       width=512, depth=12, num_heads=8, patch_size=(4, 8, 8), mlp_ratio=4.0, norm_eps=1e-5))
 
-  # ---- optimisers and schedule (LARP_SPEC section 8).
+  # ---- optimisers and schedule (official trainers/base_trainer.py).
   c.optim = ml_collections.ConfigDict(dict(
       lr=1e-4, b1=0.5, b2=0.9, eps=1e-8,                      # generator Adam
       disc_lr=3e-5, disc_b1=0.5, disc_b2=0.9,                 # discriminator Adam

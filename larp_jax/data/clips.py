@@ -1,4 +1,4 @@
-"""Clip sampling and preprocessing shared by every source (LARP_SPEC section 12).
+"""Clip sampling and preprocessing shared by every source (official `datasets/video_dataset.py`).
 
 A clip is T frames `start + i * stride` of a video with N frames; indices past the end repeat the
 last frame. Training draws the start uniformly from [0, max(N - span, 0)], evaluation starts at

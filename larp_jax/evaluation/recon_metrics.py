@@ -10,7 +10,7 @@ value per video, shape [B]; average over the batch (or over the dataset) yoursel
   K2=0.03, data range 1, 'valid' filtering (no padding; as pytorch_msssim and skimage with
   gaussian_weights=True, use_sample_covariance=False), computed per channel, averaged over the
   SSIM map and the channels, then averaged over the frames of each video. Frames must be at least
-  11x11. (The LARP evaluation script does not report SSIM; see LARP_SPEC 12.2.2.)
+  11x11. (The LARP evaluation script does not report SSIM; see the official `eval/eval_larp_tokenizer.py`.)
 """
 from __future__ import annotations
 

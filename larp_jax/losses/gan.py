@@ -1,4 +1,4 @@
-"""GAN losses of the LARP tokenizer (LARP_SPEC section 7): non-saturating generator loss,
+"""GAN losses of the LARP tokenizer (the official `models/loss.py`): non-saturating generator loss,
 the noisy-label ('ns_smooth') discriminator loss and the LeCam regulariser. All float32."""
 
 from __future__ import annotations

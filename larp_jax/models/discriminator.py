@@ -1,4 +1,4 @@
-"""Transformer GAN discriminator (LARP_SPEC section 6, ``TransformerDiscriminator``).
+"""Transformer GAN discriminator (the official `models/loss.py`, ``TransformerDiscriminator``).
 
 video [B, T, H, W, 3] -> 3D patches -> Dense(width) + fixed 3D sin-cos PE -> [CLS ; tokens]
 -> ViT blocks -> CLS -> LayerNorm(1e-6) -> Dense(1) -> one logit per video [B].

@@ -1,4 +1,4 @@
-"""Fixed sin-cos position embeddings (LARP_SPEC section 1).
+"""Fixed sin-cos position embeddings (the official `models/embed.py`).
 
 All tables are built with numpy in float64 and returned as float32 numpy arrays, so that
 they are compile-time constants and match the official buffers bit for bit.

@@ -1,5 +1,5 @@
-"""The prior's transformer block (LARP_SPEC section 5): pre-LN, separate q/k/v Dense with bias,
-causal attention, dropout on the attention probabilities and the residual paths. ``PriorGPT``
+"""The prior's transformer block (the official `models/gptc.py`): pre-LN, separate q/k/v Dense
+with bias, causal attention, dropout on the attention probabilities and the residual paths. ``PriorGPT``
 (``larp_jax.models.prior``) stacks these blocks.
 
 Only the full-sequence (training) call exists. A decode mode for generation, one token at a time
@@ -42,7 +42,7 @@ class GPTBlock(nn.Module):
     q, k, v = (dense(d, ('embed', 'qkv'), name=n, **kw)(h).reshape(b, l, self.num_heads, h_dim)
                for n in ('q', 'k', 'v'))
     # The official prior passes its attention dropout straight to SDPA, so it stays active in
-    # eval mode as well; ``attn_dropout_in_eval`` reproduces that (LARP_SPEC section 5).
+    # eval mode as well; ``attn_dropout_in_eval`` reproduces that (the official `models/gptc.py`).
     attn_on = (not deterministic) or self.attn_dropout_in_eval
     rng = self.make_rng('dropout') if (attn_on and self.dropout > 0) else None
     a = attention(q, k, v, causal=True, dropout_rng=rng, dropout_rate=self.dropout,

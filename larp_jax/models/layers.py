@@ -19,7 +19,7 @@ from larp_jax.models.dropout import Dropout
 
 Dtype = Any
 
-# Official init: every nn.Linear gets xavier-uniform weights and zero bias (LARP_SPEC section 6).
+# Official init (models/larp_tokenizer.py): every nn.Linear gets xavier-uniform weights, zero bias.
 xavier = nn.initializers.xavier_uniform()
 zeros = nn.initializers.zeros
 

@@ -1,4 +1,6 @@
-"""The training-time autoregressive prior (GPTC) and its scheduled-sampling loss (LARP_SPEC 5).
+"""The training-time autoregressive prior (GPTC) and its scheduled-sampling loss.
+
+As in the official `models/gptc.py`.
 
 The prior is a small causal transformer over the quantized 16-d latent sequence. Its
 predictions are l2-normalised and scored by cosine against the *detached* normalised codebook

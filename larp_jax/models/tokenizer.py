@@ -1,4 +1,4 @@
-"""The LARP video tokenizer (LARP_SPEC sections 1-6).
+"""The LARP video tokenizer (the paper's Section 3; the official `models/larp_tokenizer.py`).
 
 video [B, T, H, W, 3] in [0, 1]
   -> 3D patches (kt, kh, kw) -> Dense(width) + fixed 3D sin-cos PE            (patch tokens)
@@ -139,7 +139,7 @@ class LARPTokenizer(nn.Module):
   prior_heads: int = 6
   prior_max_len: Optional[int] = None  # None: num_latent_tokens (1024 in the released model)
   prior_dropout: float = 0.1
-  prior_attn_dropout_in_eval: bool = True   # released-code quirk (LARP_SPEC 5)
+  prior_attn_dropout_in_eval: bool = True   # released-code quirk (official models/gptc.py)
   prior_n_rounds: int = 2
   prior_ce_temperature: float = 1.0
   attention_impl: str = 'auto'         # see models.attention.resolve_attention_impl

@@ -1,5 +1,5 @@
 """timm's ViT block and the stack of them: the tokenizer's encoder and decoder and the
-discriminator (LARP_SPEC sections 2 and 4).
+discriminator (the official `models/transformer.py` and `models/loss.py`).
 
 ``ViTBlock``: pre-LN, one fused qkv Dense without bias, bidirectional attention, exact (erf)
 GELU MLP; ``out_slice``: a last block that computes only the rows kept. ``ViTStack``: ``depth``

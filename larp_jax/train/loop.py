@@ -1,4 +1,4 @@
-"""The training loop, shared by every model (STYLE section 1).
+"""The training loop, shared by every model.
 
 ``run(task_cls, config, workdir)`` builds the mesh and the task (``larp_jax/tasks/``), the state
 (born sharded), restores the latest checkpoint in ``workdir`` if there is one, and trains to

@@ -1,4 +1,7 @@
-"""Optimisers and learning-rate schedule of the tokenizer (LARP_SPEC section 8)."""
+"""Optimisers and learning-rate schedule of the tokenizer.
+
+As in the official `trainers/base_trainer.py` and `cfgs/larp_tokenizer.yaml`.
+"""
 
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
 ``tokenizer_train_step(state, batch, key, lpips_params, *, ...) -> (state, metrics)`` is bound
 with ``functools.partial`` and jitted with in/out shardings and a donated state by the loop.
 
-One step (LARP_SPEC section 7, "per-step order"):
+One step (in the order of the official `trainers/larp_tokenizer_trainer.py`):
   1. the tokenizer forward pass, kept as a VJP (one forward, one backward);
   2. every ``disc_every`` steps, a discriminator update on the detached reconstruction, with
      noisy labels and the LeCam regulariser (EMAs updated after the regulariser);
