@@ -110,32 +110,33 @@ def _check_video(video, video_shape) -> None:
   expected = (*video_shape, 3)
   shape = tuple(video.shape)
   if len(shape) != len(expected) + 1 or shape[1:] != expected:
-    raise ValueError(f'video must have shape [B, {", ".join(map(str, expected))}] '
-                     f'(channels last), got {shape}')
+    raise errors.UserError(f'video must have shape [B, {", ".join(map(str, expected))}] '
+                           f'(channels last), got {shape}')
   if video.dtype == np.uint8:
     return
   if not jnp.issubdtype(video.dtype, jnp.floating):
-    raise ValueError(f'video must be uint8 (0..255) or float in [0, 1], got dtype {video.dtype}')
+    raise errors.UserError(f'video must be uint8 (0..255) or float in [0, 1], got dtype '
+                           f'{video.dtype}')
   if video.size == 0:
     return
   lo, hi = float(video.min()), float(video.max())  # numpy, or two scalars from the device
   if not (lo >= -_RANGE_TOL and hi <= 1.0 + _RANGE_TOL):  # also rejects NaN
     hint = '; if this is 0..255 data, divide it by 255' if hi > 1.0 + _RANGE_TOL else ''
-    raise ValueError(f'float video values must lie in [0, 1], found [{lo:g}, {hi:g}]{hint}')
+    raise errors.UserError(f'float video values must lie in [0, 1], found [{lo:g}, {hi:g}]{hint}')
 
 
 def _check_tokens(tokens: np.ndarray, num_tokens: int, codebook_size: int) -> None:
   """Raises ValueError unless ``tokens`` are integer ids [B, num_tokens] in [0, codebook_size)."""
   if not jnp.issubdtype(tokens.dtype, jnp.integer):
-    raise ValueError(f'tokens must be an integer array, got dtype {tokens.dtype}')
+    raise errors.UserError(f'tokens must be an integer array, got dtype {tokens.dtype}')
   if tokens.ndim != 2 or tokens.shape[1] != num_tokens:
-    raise ValueError(f'tokens must have shape [B, {num_tokens}], got {tuple(tokens.shape)}')
+    raise errors.UserError(f'tokens must have shape [B, {num_tokens}], got {tuple(tokens.shape)}')
   if tokens.size == 0:
     return
   lo, hi = int(tokens.min()), int(tokens.max())
   if lo < 0 or hi >= codebook_size:
-    raise ValueError(f'token ids must lie in [0, {codebook_size}) (0..{codebook_size - 1}), '
-                     f'got min {lo}, max {hi}')
+    raise errors.UserError(f'token ids must lie in [0, {codebook_size}) (0..{codebook_size - 1}), '
+                           f'got min {lo}, max {hi}')
 
 
 def load_tokenizer(path: str, *, use_ema: bool = True) -> Tokenizer:

@@ -34,6 +34,8 @@ import jax
 from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
 
+from larp_jax import errors
+
 _ITEM = 'default'   # the item directory Orbax writes for a single unnamed item
 _DAMAGED_DIR = 'damaged_checkpoints'
 _TRANSIENT = ('UNAVAILABLE', 'DEADLINE_EXCEEDED', 'RESOURCE_EXHAUSTED', 'CANCELLED', 'ABORTED',
@@ -104,9 +106,9 @@ def _restore_newest(mngr, target, *, partial: bool, quarantine: bool):
     damaged.append((step, path, reason))
   if damaged:
     listed = '; '.join(f'step {s} at {p}: {why}' for s, p, why in damaged)
-    raise ValueError(f'every checkpoint in {mngr.directory} is damaged ({listed}); nothing was '
-                     f'moved: repair them or move them away to start from scratch, or use a new '
-                     f'--workdir.')
+    raise errors.UserError(
+        f'every checkpoint in {mngr.directory} is damaged ({listed}); nothing was moved: '
+        f'repair them or move them away to start from scratch, or use a new --workdir.')
   return None, None
 
 
@@ -120,7 +122,7 @@ def _try_restore(mngr, step: int, target, *, partial: bool = False) -> tuple[Any
     return None, _reason(e)
   mismatch = first_mismatch(stored, shapes(target), partial=partial)
   if mismatch:
-    raise ValueError(
+    raise errors.ConfigError(
         f'checkpoint step {step} at {_step_dir(mngr, step)} was written for another model: '
         f'{mismatch}. Restore with the config it was trained with, or use a new --workdir.')
   if partial:

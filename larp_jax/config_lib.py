@@ -14,6 +14,8 @@ from typing import Any
 
 import ml_collections
 
+from larp_jax.errors import ConfigError  # pylint: disable=unused-import  (configs raise it)
+
 # Tokenizer size presets. Only 'L' is published (the released LARP-L / LARP-L-Long: 768 wide,
 # 12 + 12 blocks, 12 heads, 172.18M parameters without the prior). The paper's LARP-S/B sizes are
 # not in the official repo; 'S' and 'B' below are our own choices, scaled like ViT-S/B.
@@ -40,7 +42,7 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
   """Parses ``'k1=v1,k2=v2'`` (the part after ``:`` in ``--config=file.py:args``).
 
   Values are cast to the type of the default; a bare word ``flag`` sets a boolean default to True.
-  Unknown keys raise ValueError naming the accepted ones.
+  Unknown keys raise ConfigError naming the accepted ones.
   """
   out = ml_collections.ConfigDict(dict(defaults))
   if not arg:
@@ -51,15 +53,15 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
     key, sep, value = item.partition('=')
     key = key.strip()
     if key not in defaults:
-      raise ValueError(f'unknown config argument {key!r}; accepted: {sorted(defaults)}')
+      raise ConfigError(f'unknown config argument {key!r}; accepted: {sorted(defaults)}')
     default = defaults[key]
     if not sep:
       if not isinstance(default, bool):
-        raise ValueError(f'config argument {key!r} needs a value ({key}=...)')
+        raise ConfigError(f'config argument {key!r} needs a value ({key}=...)')
       out[key] = True
     elif isinstance(default, bool):
       if value.lower() not in ('true', 'false', '1', '0'):
-        raise ValueError(f'config argument {key}={value!r} must be true or false')
+        raise ConfigError(f'config argument {key}={value!r} must be true or false')
       out[key] = value.lower() in ('true', '1')
     elif default is None or isinstance(default, str):
       out[key] = value
@@ -67,14 +69,14 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
       try:
         out[key] = type(default)(value)
       except ValueError:
-        raise ValueError(f'config argument {key}={value!r} is not a {type(default).__name__}'
+        raise ConfigError(f'config argument {key}={value!r} is not a {type(default).__name__}'
                          ) from None
   return out
 
 
 def tokenizer_preset(size: str) -> dict:
   if size not in TOKENIZER_PRESETS:
-    raise ValueError(f'unknown tokenizer size preset {size!r}; choose one of '
+    raise ConfigError(f'unknown tokenizer size preset {size!r}; choose one of '
                      f'{sorted(TOKENIZER_PRESETS)}')
   return dict(TOKENIZER_PRESETS[size])
 
@@ -84,7 +86,7 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
   that embed a tokenizer config)."""
   path, _, arg = spec.partition(':')
   if not os.path.exists(path):
-    raise ValueError(f'config file {path!r} does not exist')
+    raise ConfigError(f'config file {path!r} does not exist')
   name = 'larp_config_' + os.path.splitext(os.path.basename(path))[0]
   module_spec = importlib.util.spec_from_file_location(name, path)
   module = importlib.util.module_from_spec(module_spec)
@@ -98,29 +100,29 @@ def validate(config, num_devices: int | None = None) -> None:
   when it is built (``larp_jax/tasks/``)."""
   for key in ('batch_size', 'total_steps', 'log_every', 'checkpoint_every', 'keep_checkpoints'):
     if key in config and int(config[key]) <= 0:
-      raise ValueError(f'config.{key} must be positive, got {config[key]}')
+      raise ConfigError(f'config.{key} must be positive, got {config[key]}')
   if 'eval_every' in config and int(config.eval_every or 0) < 0:
-    raise ValueError(f'config.eval_every must be >= 0 (0: no evaluation during training), '
+    raise ConfigError(f'config.eval_every must be >= 0 (0: no evaluation during training), '
                      f'got {config.eval_every}')
   if 'eval' in config:
     for key in ('num_clips', 'batch_size'):
       value = config.eval.get(key)
       if key == 'batch_size' and value is not None and int(value) <= 0:
-        raise ValueError(f'config.eval.batch_size must be positive, got {value}')
+        raise ConfigError(f'config.eval.batch_size must be positive, got {value}')
       if key == 'num_clips' and value is not None and int(value) < 0:
-        raise ValueError(f'config.eval.num_clips must be >= 0 (0: the whole eval split), '
+        raise ConfigError(f'config.eval.num_clips must be >= 0 (0: the whole eval split), '
                          f'got {value}')
   if num_devices is not None and 'mesh' in config:
     from larp_jax import sharding  # local: config files import this module
     sizes = sharding.mesh_shape(config.mesh, num_devices)
     dp = sizes.get('data', 1) * sizes.get('fsdp', 1)
     if config.batch_size % dp:
-      raise ValueError(f'config.batch_size={config.batch_size} is not divisible by the '
+      raise ConfigError(f'config.batch_size={config.batch_size} is not divisible by the '
                        f'data-parallel size data*fsdp={dp}')
 
 
 def check_field(config, field: str) -> None:
-  """Raises ValueError naming ``field`` (a dotted path such as ``model.width``) and the closest
+  """Raises ConfigError naming ``field`` (a dotted path such as ``model.width``) and the closest
   existing names when ``config`` has no such field."""
   node, done = config, []
   for part in field.split('.'):
@@ -130,7 +132,7 @@ def check_field(config, field: str) -> None:
       close = difflib.get_close_matches(part, names, n=3)
       hint = (f'; did you mean {", ".join(".".join(done + [c]) for c in close)}?' if close
               else f'; {where} has {", ".join(names)}' if names else f'; {where} is not a group')
-      raise ValueError(f'the config has no field {field!r}{hint}')
+      raise ConfigError(f'the config has no field {field!r}{hint}')
     node = node[part]
     done.append(part)
 

@@ -1,18 +1,22 @@
-"""Exception types that are the user's mistakes, not bugs.
+"""The user's mistakes, as exception types: what a command reports in one line.
 
-``python -m larp_jax.main`` prints a ``UserError`` as one line (``error: ...``, exit 2) and any
-other exception with its traceback (exit 1). They subclass ``ValueError``, so callers that catch
-``ValueError`` keep working.
+A command (``python -m larp_jax.main``, ``larp_jax.fvd``, ``larp_jax.data.prepare``, ...) prints
+a ``UserError`` (or an ``OSError``: a full disk, a permission) as one line ``error: ...`` and exits
+with code 2. Every other exception, a plain ``ValueError`` or ``TypeError`` included, is a bug
+and shows its traceback (exit code 1). So raise these for what the user can fix (a config
+field, a data path, a run directory, an input array), never for an internal inconsistency.
+
+``UserError`` subclasses ``ValueError``: library callers that catch ``ValueError`` keep working.
 """
 
 
 class UserError(ValueError):
-  """A mistake the user can fix: a config, a path, data, a run directory."""
+  """A mistake the user can fix; its message is one line that says what to change."""
 
 
 class ConfigError(UserError):
-  """A config value that cannot work (the message names the field)."""
+  """A config file, ``:args``, ``--config.X`` override or config value that cannot work."""
 
 
 class DataError(UserError):
-  """Input data that cannot be used (the message names the file or the split)."""
+  """Input data that is missing or cannot be used as configured (paths, files, splits)."""

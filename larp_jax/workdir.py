@@ -30,6 +30,8 @@ import socket
 import tempfile
 from typing import Optional
 
+from larp_jax import errors
+
 _ABSENT = '<absent>'
 CONFIG_FILE = 'config.json'
 LOCK_FILE = 'lock'
@@ -46,7 +48,7 @@ RESTARTABLE_MODEL_FIELDS = (
     'vq_temperature_ramp_steps', 'vq_entropy_weight', 'vq_entropy_temperature')
 
 
-class WorkdirError(ValueError):
+class WorkdirError(errors.UserError):
   """A run directory that cannot be used as asked (one line for the user)."""
 
 

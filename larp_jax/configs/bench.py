@@ -43,10 +43,11 @@ def get_config(arg=None):
                              batch=0, source='synthetic')
   chosen = [p for p in PRESETS if arg[p]]
   if len(chosen) > 1:
-    raise ValueError(f'choose one bench preset of {PRESETS}, got {chosen}')
+    raise config_lib.ConfigError(f'choose one bench preset of {PRESETS}, got {chosen}')
   preset = chosen[0] if chosen else 'tiny'
   if arg.dtype not in ('float32', 'bfloat16'):
-    raise ValueError(f'config argument dtype={arg.dtype!r} must be float32 or bfloat16')
+    raise config_lib.ConfigError(f'config argument dtype={arg.dtype!r} must be float32 or '
+                                 f'bfloat16')
   batch = arg.batch or {'tiny': 4, 'larp_l': 1, 'micro': 2}[preset]
   c = _ucf101(batch, arg.source)
 

@@ -1,8 +1,10 @@
-"""Data config: defaults and up-front validation (one clear `ValueError` line per problem)."""
+"""Data config: defaults and up-front validation (one clear `DataError` line per problem)."""
 import os
 
 import ml_collections
 from ml_collections.config_dict import placeholder
+
+from larp_jax.errors import DataError
 
 SOURCES = ('synthetic', 'tfds', 'folder', 'records')
 SPLITS = ('train', 'eval')
@@ -45,9 +47,9 @@ def default_config() -> ml_collections.ConfigDict:
 
 
 def validate(cfg, split: str, video_shape) -> None:
-  """Raises ValueError (one line) on a config that cannot work; cheap, touches no data."""
+  """Raises DataError (one line) on a config that cannot work; cheap, touches no data."""
   def bad(msg):
-    raise ValueError(f'data config: {msg}')
+    raise DataError(f'data config: {msg}')
   if cfg.source not in SOURCES:
     bad(f'unknown source {cfg.source!r}; expected one of {SOURCES}')
   if split not in SPLITS:

@@ -32,6 +32,7 @@ from larp_jax.data import config as config_lib
 from larp_jax.data import synthetic
 from larp_jax.data import video_io
 from larp_jax.data.source_api import Built, parallel_calls, resumed_epochs, split_location
+from larp_jax.errors import DataError
 
 _log = logging.getLogger(__name__)
 
@@ -177,7 +178,7 @@ def _synthetic(cfg, split, video_shape, seed, skip, pi, pc) -> Built:
   n_total = int(cfg.synthetic_num_train if split == 'train' else cfg.synthetic_num_eval)
   ids = np.arange(pi, n_total, pc, dtype=np.int64)
   if len(ids) == 0:
-    raise ValueError(f'data: synthetic {split} split has {n_total} videos, fewer than {pc} hosts')
+    raise DataError(f'data: synthetic {split} split has {n_total} videos, fewer than {pc} hosts')
   length = int(cfg.synthetic_num_frames)
   room = max(length - clips.span(t, stride), 0)
   render_args = (int(cfg.synthetic_seed), split, int(cfg.synthetic_num_classes))
@@ -241,7 +242,7 @@ def _folder(cfg, split, video_shape, seed, skip, pi, pc) -> Built:
   loc = split_location(cfg, split)
   vl = video_io.list_videos(loc, classes=folder_classes(cfg), csv_root=cfg.csv_root)
   if not vl.paths:
-    raise ValueError(f'data: no video files found in {loc!r}')
+    raise DataError(f'data: no video files found in {loc!r}')
   ids = np.arange(pi, len(vl.paths), pc)
   paths = [vl.paths[i] for i in ids]
   labels = vl.labels[ids]
@@ -275,7 +276,7 @@ def _folder(cfg, split, video_shape, seed, skip, pi, pc) -> Built:
     except Exception as e:  # pylint: disable=broad-except
       log.add(paths[p], f'{type(e).__name__}: {e}')
   else:
-    raise ValueError(f'data: no decodable video in {loc!r} ({len(paths)} files tried)')
+    raise DataError(f'data: no decodable video in {loc!r} ({len(paths)} files tried)')
 
   def py_train(pos, u):
     n = len(paths)

@@ -19,6 +19,7 @@ import tensorflow as tf
 from larp_jax.data import clips
 from larp_jax.data import source_api
 from larp_jax.data import video_io
+from larp_jax.errors import DataError
 
 MANIFEST = 'manifest.json'
 FEATURES = {
@@ -34,7 +35,7 @@ FEATURES = {
 def read_manifest(root: str) -> dict:
   path = os.path.join(root, MANIFEST)
   if not os.path.exists(path):
-    raise ValueError(f'data: {root!r} has no {MANIFEST}; create it with '
+    raise DataError(f'data: {root!r} has no {MANIFEST}; create it with '
                      f'`python -m larp_jax.data.prepare SRC {root}`')
   with open(path) as f:
     return json.load(f)
@@ -87,7 +88,7 @@ def build(cfg, split, video_shape, seed, skip, pi, pc) -> source_api.Built:
     ids, lens = ids[keep], lens[keep]
   n_local = len(ids)
   if n_local == 0:
-    raise ValueError(f'data: records in {root!r} hold no clip for host {pi} of {pc}')
+    raise DataError(f'data: records in {root!r} hold no clip for host {pi} of {pc}')
   files = [os.path.join(root, s['file']) for s in mine]
   log = video_io.SkipLog()
 

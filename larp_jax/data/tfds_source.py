@@ -12,11 +12,12 @@ import tensorflow_datasets as tfds
 from larp_jax.data import clips
 from larp_jax.data import source_api
 from larp_jax.data import video_io
+from larp_jax.errors import DataError
 
 
-def _missing(cfg, err) -> ValueError:
+def _missing(cfg, err) -> DataError:
   where = cfg.tfds_data_dir or '~/tensorflow_datasets'
-  return ValueError(
+  return DataError(
       f'data: TFDS dataset {cfg.tfds_name!r} is not available in {where} '
       f'({type(err).__name__}); build it with `tfds build {cfg.tfds_name} '
       f'--data_dir={where}` and set config.data.tfds_data_dir')
@@ -57,7 +58,7 @@ def build(cfg, split, video_shape, seed, skip, pi, pc) -> source_api.Built:
   offset = sum(_count(builder, cfg, parts[j]) for j in range(pi))
   n_local = _count(builder, cfg, parts[pi])
   if n_local == 0:
-    raise ValueError(f'data: TFDS {cfg.tfds_name}/{name} has no examples for host {pi} of {pc}')
+    raise DataError(f'data: TFDS {cfg.tfds_name}/{name} has no examples for host {pi} of {pc}')
   vkey, lkey = cfg.tfds_video_key, cfg.tfds_label_key
   # (clip_id, encoded video, label); positions are stable because file order is fixed.
   base = base.enumerate(start=offset).map(

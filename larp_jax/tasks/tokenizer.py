@@ -45,6 +45,8 @@ def make_model(model_cfg) -> LARPTokenizer:
   except TypeError as e:
     raise errors.ConfigError(f'config.model has an unknown or missing tokenizer argument: '
                              f'{e}') from None
+  except ValueError as e:   # models.tokenizer.check_tokenizer_kwargs: inconsistent values
+    raise errors.ConfigError(f'config.model: {e}') from None
 
 
 def model_variables(params, batch_stats=None) -> dict:
@@ -80,10 +82,13 @@ class TokenizerTask(base.Task):
     data_config.validate(config.data, 'train', self.model.video_shape)
     if config.get('eval_every'):
       data_config.validate(config.data, 'eval', self.model.video_shape)
-    self.disc = TransformerDiscriminator(
-        video_shape=self.model.video_shape, dtype=self.model.dtype,
-        param_dtype=self.model.param_dtype, attention_impl=self.model.attention_impl,
-        **config_lib.as_kwargs(config.disc))
+    try:
+      self.disc = TransformerDiscriminator(
+          video_shape=self.model.video_shape, dtype=self.model.dtype,
+          param_dtype=self.model.param_dtype, attention_impl=self.model.attention_impl,
+          **config_lib.as_kwargs(config.disc))
+    except ValueError as e:   # its own consistency checks (patch size, width / heads)
+      raise errors.ConfigError(f'config.disc: {e}') from None
     total = int(config.total_steps)
     self.gen_tx = optim.generator_optimizer(config.optim, total)
     self.disc_tx = optim.discriminator_optimizer(config.optim, total)
