@@ -1,6 +1,7 @@
 """FVD between two sets of videos (command line).
 
     python -m larp_jax.fvd REAL FAKE [--batch=8] [--max_clips=N] [--num_frames=16] [--resolution=128]
+                           [--save_stats=PREFIX]
 
 REAL and FAKE are each one of
 * a folder of video files (searched recursively, so class subfolders are fine; decoded with PyAV):
@@ -17,296 +18,44 @@ With `--resolution R` every clip is resized (short side to R, bilinear with anti
 torchvision's Resize) and center-cropped to RxR before I3D; without it clips go in at their own size
 (I3D resizes to 224 internally). Prints ONE JSON object on stdout:
 {"fvd": ..., "n_real": ..., "n_fake": ..., "protocol": {...}}. Progress goes to stderr.
-Bad input exits with code 2 and one `error: ...` line on stderr; so do fewer than 2 clips on either
-side (the FVD needs a feature covariance). Fewer clips than the 400 feature dimensions give a
-rank-deficient covariance and an FVD biased upward: the number is printed with a warning on stderr.
-The standard protocol (StyleGAN-V, TF-GAN) uses 2048 clips per side.
+Bad input (or a bad flag) exits with code 2 and one `error: ...` line on stderr; so do fewer than
+2 clips on either side (the FVD needs a feature covariance). Fewer clips than the 400 feature
+dimensions give a rank-deficient covariance and an FVD biased upward: the number is printed with a
+warning on stderr. The standard protocol (StyleGAN-V, TF-GAN) uses 2048 clips per side.
+The work is done by `larp_jax.evaluation.fvd_files.fvd_between`.
 """
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import sys
-from typing import Iterator, Optional
+from typing import Optional, Sequence
 
-import numpy as np
+from absl import flags
 
-VIDEO_EXTS = (".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".gif", ".mpg", ".mpeg")
-MIN_CLIPS = 2           # a covariance needs two samples
-STANDARD_CLIPS = 2048   # clips per side in the standard FVD protocol
-
-
-class InputError(Exception):
-    """A user-facing problem with the inputs (reported without a traceback, exit code 2)."""
+from larp_jax import cli_env
+from larp_jax.evaluation import fvd_files
 
 
-def _warn(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+def _command(args: list) -> None:
+    fv = flags.FlagValues()
+    flags.DEFINE_integer("batch", 8, "I3D mini-batch size.", flag_values=fv)
+    flags.DEFINE_integer("max_clips", None, "Use at most N clips from each side.", flag_values=fv)
+    flags.DEFINE_integer("num_frames", 16, "Frames per clip (at least 9).", flag_values=fv)
+    flags.DEFINE_integer("resolution", None, "Resize the short side and center-crop to RxR "
+                         "before I3D (default: keep the clips' size).", flag_values=fv)
+    flags.DEFINE_string("save_stats", None, "Prefix: also write <prefix>_real.npz and "
+                        "<prefix>_fake.npz (FeatureStats).", flag_values=fv)
+    real, fake = cli_env.parse_flags(fv, args, __doc__, positional=("REAL", "FAKE"))
+    result = fvd_files.fvd_between(real, fake, batch=fv.batch, max_clips=fv.max_clips,
+                                   num_frames=fv.num_frames, resolution=fv.resolution,
+                                   save_stats=fv.save_stats)
+    print(json.dumps(result))
 
 
-def resize_center_crop(clip: np.ndarray, size: int) -> np.ndarray:
-    """[T,H,W,3] -> [T,size,size,3]: short side to `size` (bilinear, antialiased, PIL),
-    long side int(size * long / short) as torchvision, then a center crop.
-
-    uint8 in, uint8 out (rounded); float in [0, 1] in, float32 in [0, 1] out (not rounded).
-    """
-    from PIL import Image
-
-    is_uint8 = clip.dtype == np.uint8
-    t, h, w, _ = clip.shape
-    if h <= w:
-        nh, nw = size, max(size, int(size * w / h))
-    else:
-        nh, nw = max(size, int(size * h / w)), size
-    out = np.empty((t, size, size, 3), np.uint8 if is_uint8 else np.float32)
-    top = int(round((nh - size) / 2.0))
-    left = int(round((nw - size) / 2.0))
-    for i in range(t):
-        if (nh, nw) != (h, w):
-            chans = [np.asarray(Image.fromarray(clip[i, :, :, c].astype(np.float32), mode="F")
-                                .resize((nw, nh), Image.BILINEAR)) for c in range(3)]
-            frame = np.stack(chans, -1)
-            frame = np.clip(np.rint(frame), 0, 255).astype(np.uint8) if is_uint8 else np.clip(frame, 0, 1)
-        else:
-            frame = clip[i]
-        out[i] = frame[top:top + size, left:left + size]
-    return out
-
-
-def _decode_first_frames(path: str, num_frames: int) -> Optional[np.ndarray]:
-    import av
-
-    frames = []
-    with av.open(path) as container:
-        if not container.streams.video:
-            return None
-        stream = container.streams.video[0]
-        for frame in container.decode(stream):
-            frames.append(frame.to_ndarray(format="rgb24"))
-            if len(frames) == num_frames:
-                break
-    if len(frames) < num_frames:
-        return None
-    return np.stack(frames)
-
-
-def _list_videos(folder: str) -> list:
-    files = []
-    for root, dirs, names in os.walk(folder):
-        dirs.sort()
-        for n in sorted(names):
-            if n.lower().endswith(VIDEO_EXTS):
-                files.append(os.path.join(root, n))
-    return files
-
-
-def _load_array(path: str):
-    """Returns ('array', arr) or ('stats', FeatureStats)."""
-    from larp_jax.evaluation.fvd import FeatureStats
-
-    try:
-        if path.endswith(".npy"):
-            return "array", np.load(path, mmap_mode="r", allow_pickle=False)
-        with np.load(path, allow_pickle=False) as z:
-            keys = list(z.keys())
-            if {"n", "sum", "sum_outer"} <= set(keys):
-                return "stats", FeatureStats.load(path)
-            if not keys:
-                raise InputError(f"{path}: the .npz file holds no arrays")
-            key = "videos" if "videos" in keys else keys[0]
-            return "array", z[key]
-    except InputError:
-        raise
-    except Exception as e:  # unreadable / corrupt file
-        raise InputError(f"{path}: cannot read array ({type(e).__name__}: {e})") from None
-
-
-def _check_array(path: str, a: np.ndarray, num_frames: int, max_clips: Optional[int]) -> None:
-    """Raises InputError unless `a` is uint8 or [0, 1] float clips [N,T,H,W,3] with T >= num_frames."""
-    is_float = np.issubdtype(a.dtype, np.floating)
-    if not (a.dtype == np.uint8 or is_float) or a.ndim != 5 or a.shape[-1] != 3:
-        raise InputError(f"{path}: expected an array [N,T,H,W,3] of uint8 (0..255) or float in [0, 1], "
-                         f"got {a.dtype} {tuple(a.shape)}")
-    if a.shape[0] == 0:
-        raise InputError(f"{path}: the array holds no clips")
-    if a.shape[1] < num_frames:
-        raise InputError(f"{path}: clips have {a.shape[1]} frames, fewer than --num_frames={num_frames}")
-    if is_float:
-        used = a[:max_clips or a.shape[0], :num_frames]
-        lo, hi = float(np.min(used)), float(np.max(used))
-        if not (lo >= 0.0 and hi <= 1.0):  # also rejects NaN
-            raise InputError(
-                f"{path}: float values span [{lo:g}, {hi:g}]; accepted are uint8 0..255 or float in "
-                f"[0, 1]: convert with np.clip(x, 0, 1) if it is round-off, x / 255 if it is 0..255 data")
-
-
-class ClipSource:
-    """One side of the comparison: streams clips [T,H,W,3] (uint8, or float32 in [0, 1]) or holds
-    precomputed stats."""
-
-    def __init__(self, path: str, num_frames: int, max_clips: Optional[int], resolution: Optional[int]):
-        self.path, self.num_frames, self.max_clips, self.resolution = path, num_frames, max_clips, resolution
-        self.stats = None
-        self.array = None
-        self.files = None
-        if not os.path.exists(path):
-            raise InputError(f"{path}: no such file or directory")
-        if os.path.isdir(path):
-            self.kind = "folder"
-            self.files = _list_videos(path)
-            if not self.files:
-                raise InputError(f"{path}: no video files ({', '.join(VIDEO_EXTS)}) in this folder")
-        elif path.endswith((".npy", ".npz")):
-            kind, obj = _load_array(path)
-            if kind == "stats":
-                self.kind, self.stats = "stats", obj
-                return
-            self.kind, self.array = "array", obj
-            _check_array(path, obj, num_frames, max_clips)
-        else:
-            raise InputError(f"{path}: expected a folder of videos or a .npy/.npz file")
-
-    def max_count(self) -> int:
-        """Clips this side can give at most (exact for arrays and stats; files may fail to decode)."""
-        if self.kind == "stats":
-            return self.stats.n
-        n = self.array.shape[0] if self.kind == "array" else len(self.files)
-        return min(n, self.max_clips) if self.max_clips else n
-
-    def count_text(self) -> str:
-        n = self.max_count()
-        return f"{n} video file{'' if n == 1 else 's'}" if self.kind == "folder" else _clips(n)
-
-    def clips(self) -> Iterator[np.ndarray]:
-        count = 0
-        limit = self.max_clips if self.max_clips else None
-        if self.kind == "array":
-            n = self.array.shape[0] if limit is None else min(limit, self.array.shape[0])
-            for i in range(n):
-                clip = np.asarray(self.array[i, :self.num_frames])
-                clip = clip if clip.dtype == np.uint8 else clip.astype(np.float32)
-                yield resize_center_crop(clip, self.resolution) if self.resolution else clip
-            return
-        for f in self.files:
-            if limit is not None and count >= limit:
-                return
-            try:
-                clip = _decode_first_frames(f, self.num_frames)
-            except Exception as e:  # PyAV raises many error types for broken files
-                _warn(f"warning: skipping {f}: cannot decode ({type(e).__name__}: {e})")
-                continue
-            if clip is None:
-                _warn(f"warning: skipping {f}: fewer than {self.num_frames} decodable frames")
-                continue
-            count += 1
-            yield resize_center_crop(clip, self.resolution) if self.resolution else clip
-
-
-def _batches(clips: Iterator[np.ndarray], batch: int) -> Iterator[np.ndarray]:
-    """Groups consecutive clips of the same shape into arrays of at most `batch` clips."""
-    buf = []
-    for c in clips:
-        if buf and (c.shape != buf[0].shape or len(buf) == batch):
-            yield np.stack(buf)
-            buf = []
-        buf.append(c)
-    if buf:
-        yield np.stack(buf)
-
-
-def _clips(n: int) -> str:
-    return f"{n} clip" if n == 1 else f"{n} clips"
-
-
-def _too_few_clips(real: str, fake: str) -> InputError:
-    return InputError(
-        f"FVD needs a covariance of the features, i.e. at least {MIN_CLIPS} clips per side (got real: "
-        f"{real}, fake: {fake}); for a meaningful value use hundreds to thousands (the standard "
-        f"protocol uses {STANDARD_CLIPS})")
-
-
-def _check_clip_counts(real, fake) -> None:
-    """Raises InputError for fewer than MIN_CLIPS clips on a side; warns below the feature dim."""
-    if min(real.n, fake.n) < MIN_CLIPS:
-        raise _too_few_clips(_clips(real.n), _clips(fake.n))
-    if min(real.n, fake.n) < real.dim:
-        _warn(f"warning: fewer clips than the {real.dim} feature dimensions (real: {real.n}, fake: "
-              f"{fake.n}): the covariance is rank-deficient, so this FVD is biased upward and not "
-              f"comparable to published FVDs (the standard protocol uses {STANDARD_CLIPS} clips per side)")
-
-
-def _stats_for(src: ClipSource, extractor, label: str, batch: int):
-    from larp_jax.evaluation.fvd import FeatureStats
-
-    if src.kind == "stats":
-        return src.stats, None
-    stats = FeatureStats()
-    shapes = set()
-    for b in _batches(src.clips(), batch):
-        shapes.add(tuple(b.shape[2:4]))
-        stats.update(extractor(b))
-        _warn(f"[{label}] {stats.n} clips")
-    if stats.n == 0:
-        raise InputError(f"{src.path}: no decodable videos with at least {src.num_frames} frames")
-    return stats, sorted(shapes)
-
-
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m larp_jax.fvd", description=__doc__.split("\n\n")[0])
-    ap.add_argument("real", help="folder of videos, .npy/.npz [N,T,H,W,3] (uint8, or float in [0, 1]), "
-                                 "or a stats .npz")
-    ap.add_argument("fake", help="same kinds as REAL")
-    ap.add_argument("--batch", type=int, default=8, help="I3D mini-batch size (default 8)")
-    ap.add_argument("--max_clips", type=int, default=None, help="use at most N clips from each side")
-    ap.add_argument("--num_frames", type=int, default=16, help="frames per clip (default 16, min 9)")
-    ap.add_argument("--resolution", type=int, default=None,
-                    help="resize short side + center crop to RxR before I3D (default: keep size)")
-    ap.add_argument("--save_stats", default=None,
-                    help="optional prefix: write <prefix>_real.npz / <prefix>_fake.npz statistics")
-    args = ap.parse_args(argv)
-
-    try:
-        from larp_jax.evaluation.fvd import MIN_FRAMES
-
-        if args.batch < 1:
-            raise InputError("--batch must be >= 1")
-        if args.max_clips is not None and args.max_clips < 1:
-            raise InputError("--max_clips must be >= 1")
-        if args.num_frames < MIN_FRAMES:
-            raise InputError(f"--num_frames must be >= {MIN_FRAMES} (I3D's temporal receptive field)")
-        if args.resolution is not None and args.resolution < 1:
-            raise InputError("--resolution must be >= 1")
-        real_src = ClipSource(args.real, args.num_frames, args.max_clips, args.resolution)
-        fake_src = ClipSource(args.fake, args.num_frames, args.max_clips, args.resolution)
-        if min(real_src.max_count(), fake_src.max_count()) < MIN_CLIPS:  # fail before running I3D
-            raise _too_few_clips(real_src.count_text(), fake_src.count_text())
-
-        from larp_jax.evaluation import fvd as F
-
-        extractor = None
-        if not (real_src.kind == "stats" and fake_src.kind == "stats"):
-            extractor = F.I3DFeatureExtractor(batch_size=args.batch)
-        real, real_shapes = _stats_for(real_src, extractor, "real", args.batch)
-        fake, fake_shapes = _stats_for(fake_src, extractor, "fake", args.batch)
-        _check_clip_counts(real, fake)
-        if args.save_stats:
-            real.save(args.save_stats + "_real.npz")
-            fake.save(args.save_stats + "_fake.npz")
-        score = F.fvd_from_stats(real, fake)
-    except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-
-    protocol = F.make_protocol(
-        dataset="", split="", n_clips={"real": real.n, "fake": fake.n}, num_frames=args.num_frames,
-        resolution=args.resolution if args.resolution else {"real": real_shapes, "fake": fake_shapes},
-        seed=None, real=os.path.abspath(args.real), fake=os.path.abspath(args.fake),
-        clip_selection="first num_frames frames of each file / array entry",
-        crop=("short side resize (bilinear, antialias) + center crop" if args.resolution else "none"),
-        max_clips=args.max_clips)
-    print(json.dumps({"fvd": score, "n_real": real.n, "n_fake": fake.n, "protocol": protocol}))
-    return 0
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Runs the command on ``argv`` (the arguments after the program name; default
+    ``sys.argv[1:]``); returns the exit code (2 after one ``error:`` line on stderr)."""
+    return cli_env.run_command(_command, argv)
 
 
 if __name__ == "__main__":

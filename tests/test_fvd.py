@@ -235,7 +235,7 @@ def test_cli_float_out_of_range_says_how_to_convert(tiny_arrays, capsys, name, f
 
 
 def test_resize_center_crop_float_matches_uint8():
-    from larp_jax import fvd as cli
+    from larp_jax.evaluation import fvd_files as cli
 
     u = np.random.default_rng(11).integers(0, 256, (2, 12, 20, 3), dtype=np.uint8)
     a = cli.resize_center_crop(u, 8)
@@ -265,7 +265,7 @@ def test_cli_too_few_clips_exit_2(tiny_arrays, capsys, real, fake, extra, counts
 
 def test_clip_count_check_after_decoding(capsys):
     """Folders are counted after decoding (files may be skipped): the same rules then apply."""
-    from larp_jax import fvd as cli
+    from larp_jax.evaluation import fvd_files as cli
 
     stats = {n: F.FeatureStats.from_features(_rand_feats(n, 400, n)) for n in (1, 2, 400)}
     with pytest.raises(cli.InputError, match="real: 400 clips, fake: 1 clip"):

@@ -1,6 +1,7 @@
 """Decode a video folder or CSV list once into sharded TFRecords for the `records` source.
 
   python -m larp_jax.data.prepare SRC OUT [--short_side=128] [--shards=N] [--workers=K]
+                                           [--csv_root=DIR]
 
 SRC is a folder (class = parent folder name, ids in sorted() order) or a CSV (`path,label` or
 `id,path,action,label`). Every video is decoded with PyAV and resized by swscale (antialiased
@@ -9,27 +10,30 @@ hold exactly the uint8 frames that `video_io.decode(path, short_side=...)` retur
 files are skipped with a warning and listed in the manifest. Videos resized up by more than
 `video_io.UPSCALE_WARN_FACTOR` on a side get one warning each and are counted (`num_upscaled`).
 Videos are written in a fixed shuffled order (round-robin over shards) so that every shard mixes
-the classes.
+the classes. A missing source or no decodable video exits with code 2 and one `error:` line.
+The work is done by `prepare()`.
 """
-import argparse
 import concurrent.futures
 import io
 import json
 import logging
 import os
 import sys
+from typing import Optional, Sequence
 
 from larp_jax import cli_env
 
 cli_env.quiet_tensorflow()  # before TensorFlow loads
 
 # pylint: disable=wrong-import-position
+from absl import flags
 import numpy as np
 from PIL import Image
 import tensorflow as tf
 
 from larp_jax.data import records
 from larp_jax.data import video_io
+from larp_jax.errors import DataError
 
 _log = logging.getLogger(__name__)
 
@@ -53,12 +57,13 @@ def _example(frames, label, index, path):
 
 def prepare(src: str, out: str, short_side: int = 128, shards: int = 8, workers: int | None = None,
             csv_root: str | None = None, seed: int = 0) -> dict:
-  """Writes OUT/shard-*.tfrecord and OUT/manifest.json; returns the manifest."""
+  """Writes OUT/shard-*.tfrecord and OUT/manifest.json; returns the manifest. Raises DataError
+  (one line) for a missing source or one without a decodable video."""
   if not os.path.exists(src):
-    raise ValueError(f'source does not exist: {src!r}')
+    raise DataError(f'prepare: source does not exist: {src!r}')
   vl = video_io.list_videos(src, csv_root=csv_root)
   if not vl.paths:
-    raise ValueError(f'no video files found in {src!r}')
+    raise DataError(f'prepare: no video files found in {src!r}')
   os.makedirs(out, exist_ok=True)
   shards = max(1, min(int(shards), len(vl.paths)))
   names = [f'shard-{s:05d}-of-{shards:05d}.tfrecord' for s in range(shards)]
@@ -89,7 +94,7 @@ def prepare(src: str, out: str, short_side: int = 128, shards: int = 8, workers:
   for w in writers:
     w.close()
   if written == 0:
-    raise ValueError(f'no decodable video in {src!r} ({len(vl.paths)} files tried)')
+    raise DataError(f'prepare: no decodable video in {src!r} ({len(vl.paths)} files tried)')
   for s in info:
     s['sha256'] = records.sha256(os.path.join(out, s['file']))
   manifest = {'version': 1, 'source': os.path.abspath(src), 'num_clips': written,
@@ -101,23 +106,28 @@ def prepare(src: str, out: str, short_side: int = 128, shards: int = 8, workers:
   return manifest
 
 
-def main(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  p.add_argument('src', help='video folder or CSV list')
-  p.add_argument('out', help='output directory')
-  p.add_argument('--short_side', type=int, default=128)
-  p.add_argument('--shards', type=int, default=8)
-  p.add_argument('--workers', type=int, default=None)
-  p.add_argument('--csv_root', default=None, help='base of relative CSV paths (default: CSV dir)')
-  a = p.parse_args(argv)
+def _command(args: list) -> None:
+  fv = flags.FlagValues()
+  flags.DEFINE_integer('short_side', 128, 'Resize every video so that its short side is this.',
+                       flag_values=fv)
+  flags.DEFINE_integer('shards', 8, 'Number of TFRecord files (at most one per video).',
+                       flag_values=fv)
+  flags.DEFINE_integer('workers', None, 'Decoding threads (default: the CPU count).',
+                       flag_values=fv)
+  flags.DEFINE_string('csv_root', None, 'Base of relative paths in a CSV (default: its directory).',
+                      flag_values=fv)
+  src, out = cli_env.parse_flags(fv, args, __doc__, positional=('SRC', 'OUT'))
   logging.basicConfig(level=logging.INFO)
-  try:
-    m = prepare(a.src, a.out, a.short_side, a.shards, a.workers, a.csv_root)
-  except ValueError as e:
-    sys.exit(f'prepare: {e}')
-  print(f'wrote {m["num_clips"]} clips in {len(m["shards"])} shards to {a.out} '
+  m = prepare(src, out, fv.short_side, fv.shards, fv.workers, fv.csv_root)
+  print(f'wrote {m["num_clips"]} clips in {len(m["shards"])} shards to {out} '
         f'({m["num_skipped"]} skipped)')
 
 
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  """Runs the command on ``argv`` (the arguments after the program name; default
+  ``sys.argv[1:]``); returns the exit code (2 after one ``error:`` line on stderr)."""
+  return cli_env.run_command(_command, argv)
+
+
 if __name__ == '__main__':
-  main()
+  sys.exit(main())
