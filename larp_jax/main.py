@@ -6,8 +6,9 @@ r"""Command-line entry point.
 
 Training resumes automatically from the latest good checkpoint in --workdir. A config, data or
 run-directory mistake fails before anything is compiled or written, with one line on stderr
-(``error: ...``) and exit code 2; any other failure is a bug and shows its traceback (exit 1).
-SIGTERM or Ctrl-C saves a checkpoint and exits 0; a second Ctrl-C exits at once.
+(``error: ...``) and exit code 2: a flag or config file that cannot be parsed, or any
+``errors.UserError`` (or ``OSError``) raised by the run. Any other exception is a bug and shows its
+traceback (exit 1). SIGTERM or Ctrl-C saves a checkpoint and exits 0; a second Ctrl-C exits at once.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import os
 import sys
 
 from larp_jax import cli_env
+from larp_jax import errors
 
 cli_env.quiet_tensorflow()   # before TensorFlow loads: our error line is the only one on stderr
 
@@ -35,8 +37,6 @@ _COORDINATOR = flags.DEFINE_string('coordinator_address', None,
                                    '(jax.distributed); on TPU pods and SLURM leave unset.')
 _MULTIHOST = flags.DEFINE_bool('multihost', False, 'Call jax.distributed.initialize().')
 
-_HELP_FLAGS = ('-h', '--help', '-help', '--helpshort', '--helpfull', '-?')
-
 
 class _QuietOrbax(py_logging.Filter):
   """Orbax logs every save at INFO level through absl; keep its warnings only."""
@@ -45,15 +45,8 @@ class _QuietOrbax(py_logging.Filter):
     return record.levelno >= py_logging.WARNING or 'orbax' not in record.pathname
 
 
-def _user_errors():
-  """The exception types that are the user's mistakes (one line), not bugs (traceback)."""
-  from larp_jax.train import loop
-  return (ValueError, FileNotFoundError, loop.NonFiniteLossError)
-
-
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  del argv   # parse_flags has refused positional arguments
   logging.get_absl_handler().addFilter(_QuietOrbax())
   import jax
   if _MULTIHOST.value or _COORDINATOR.value:
@@ -67,15 +60,13 @@ def main(argv):
       loop.run(task_cls, config, _WORKDIR.value)
     else:
       print(loop.evaluate_run(task_cls, config, _WORKDIR.value)['summary'])
-  except _user_errors() as e:
-    _exit(2, f'error: {e}')
-  except OSError as e:   # full disk, permissions, a vanished mount: the path says where
-    where = f' ({e.filename})' if getattr(e, 'filename', None) else ''
-    _exit(2, f'error: {e.strerror or e}{where}')
-  except BaseException:
-    import traceback
-    traceback.print_exc()
-    _exit(1)
+  except BaseException as e:   # pylint: disable=broad-except
+    line = cli_env.error_line(e)   # a UserError or OSError (a full disk, a permission): one line
+    if line is None:               # anything else is a bug
+      import traceback
+      traceback.print_exc()
+      _exit(1)
+    _exit(2, line)
   _exit(0)
 
 
@@ -104,16 +95,17 @@ def _flag_values(argv, name):
 
 
 def check_command_line(argv) -> None:
-  """Raises ValueError (one line) for a missing config file or a ``--config.X`` override that
-  names no field, before absl parses the flags (its own messages are multi-line reprs)."""
+  """Raises ConfigError (one line) for a missing config file, a bad ``:arg`` or a ``--config.X``
+  override that names no field, before absl parses the flags (its own messages for these are
+  multi-line reprs). Loads the config file once: a bug in it shows its traceback here."""
   from larp_jax import config_lib
   specs = _flag_values(argv, 'config')
   if not specs:
     return
   path = specs[-1].split(':', 1)[0]
   if not os.path.isfile(path):
-    raise ValueError(f'config file {path!r} not found (working directory {os.getcwd()}); '
-                     f'e.g. --config=configs/demo.py')
+    raise errors.ConfigError(f'config file {path!r} not found (working directory {os.getcwd()}); '
+                             f'e.g. --config=configs/demo.py')
   config = config_lib.load_config(specs[-1])
   for arg in argv:
     if arg.startswith('--config.'):
@@ -121,10 +113,29 @@ def check_command_line(argv) -> None:
       config_lib.check_field(config, field)
 
 
+def parse_flags(argv):
+  """``app.run``'s flag parser: absl's, with what absl and ml_collections refuse (an unknown
+  flag, a bad value for a ``--config.X`` field, a missing --workdir) and stray arguments
+  exiting 2 with one ``error:`` line instead of absl's usage text."""
+  try:
+    rest = flags.FLAGS(argv)
+    if len(rest) > 1:
+      raise errors.UserError(f'unexpected arguments {rest[1:]}: this command takes flags only '
+                             f'(see --help)')
+  except (flags.Error, errors.UserError) as e:
+    _fail(cli_env.flag_error(e, flags.FLAGS))
+  return rest
+
+
+def _fail(e: errors.UserError):
+  print(cli_env.error_line(e), file=sys.stderr)
+  sys.exit(2)
+
+
 def _run():
   from larp_jax import host_malloc
   host_malloc.reexec_if_needed()       # CPU: keep XLA's step buffers mapped (host_malloc.py)
-  if any(a in _HELP_FLAGS for a in sys.argv[1:]):
+  if any(a in cli_env.HELP_FLAGS for a in sys.argv[1:]):
     flags.FLAGS(sys.argv[:1], known_only=True)
     print(__doc__.strip() + '\n')
     print(flags.FLAGS.module_help(sys.modules[__name__]))
@@ -132,12 +143,9 @@ def _run():
   flags.mark_flags_as_required(['config', 'workdir'])
   try:
     check_command_line(sys.argv[1:])
-    app.run(main)
-  except (ValueError, TypeError, AttributeError, KeyError, OSError) as e:
-    # Only flag parsing gets here (main() exits on its own): bad --config / --config.X values.
-    message = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
-    print('error: ' + ' '.join(message.split()), file=sys.stderr)
-    sys.exit(2)
+  except errors.UserError as e:   # only these: a bug in the config file shows its traceback
+    _fail(e)
+  app.run(main, flags_parser=parse_flags)
 
 
 if __name__ == '__main__':

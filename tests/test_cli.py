@@ -171,6 +171,55 @@ def test_help_exits_0():
   assert '--workdir' in r.stdout and '--config' in r.stdout
 
 
+def test_flag_mistakes_are_one_line(tmp_path):
+  """What absl or ml_collections cannot parse: one line, exit 2 (not absl's usage text)."""
+  wd = str(tmp_path / 'wd')
+  _one_error_line(_main(['--config=configs/demo.py', f'--workdir={wd}', '--config.batch_size=abc']),
+                  'flag --config.batch_size=abc', 'invalid literal for int()')
+  _one_error_line(_main(['--config=configs/demo.py:bogus=1', f'--workdir={wd}']),
+                  "unknown config argument 'bogus'", "accepted: ['batch', 'lpips', 'steps']")
+  _one_error_line(_main(['--config=configs/demo.py', f'--wrokdir={wd}']),
+                  'unknown flag --wrokdir; did you mean --workdir?')
+  _one_error_line(_main(['--config=configs/demo.py', f'--workdir={wd}', 'extra']),
+                  "unexpected arguments ['extra']")
+  _one_error_line(_main(['--config=configs/demo.py']), 'Flag --workdir must have a value')
+  assert not os.path.exists(wd)
+
+
+def test_a_bug_in_the_config_file_shows_its_traceback(tmp_path):
+  cfg = tmp_path / 'broken.py'
+  cfg.write_text('def get_config(arg=None):\n  return {}["model"]\n')
+  r = _main([f'--config={cfg}', f'--workdir={tmp_path}/wd'])
+  assert r.returncode == 1, r.stderr[-3000:]
+  assert 'Traceback' in r.stderr and "KeyError: 'model'" in r.stderr, r.stderr[-3000:]
+
+
+@pytest.mark.parametrize('exception,code', [
+    ('ValueError("shapes (3,) and (4,) not aligned")', 1),   # a plain ValueError is a bug
+    ('errors.ConfigError("config.optim.lr must be positive")', 2),
+])
+def test_a_bug_during_the_run_shows_its_traceback_a_mistake_one_line(tmp_path, exception, code):
+  """main's real entry point, with loop.run replaced by one that raises at once."""
+  script = ('import sys\n'
+            'from larp_jax import main\n'   # first: it keeps TensorFlow's start-up lines quiet
+            'from larp_jax import errors\n'
+            'from larp_jax.train import loop\n'
+            'def run(*args, **kwargs):\n'
+            f'  raise {exception}\n'
+            'loop.run = run\n'
+            f'sys.argv = ["larp_jax.main", "--config=configs/demo.py", "--workdir={tmp_path}/wd"]\n'
+            'main._run()\n')
+  r = subprocess.run([sys.executable, '-c', script], cwd=ROOT, capture_output=True, text=True,
+                     env=dict(_env(), LARP_JAX_MALLOC_TUNING='0'), timeout=600)
+  name, message = exception.split('(', 1)
+  message = message.strip('")')
+  if code == 1:
+    assert r.returncode == 1, r.stderr[-3000:]
+    assert 'Traceback' in r.stderr and f'{name.split(".")[-1]}: {message}' in r.stderr
+  else:
+    _one_error_line(r, message)
+
+
 def test_unwritable_workdir_is_one_line(tmp_path):
   blocker = tmp_path / 'a_file'
   blocker.write_text('not a directory')
