@@ -127,7 +127,7 @@ def parse_flags(argv):
   return rest
 
 
-def _fail(e: errors.UserError):
+def _fail(e):
   print(cli_env.error_line(e), file=sys.stderr)
   sys.exit(2)
 
@@ -143,7 +143,7 @@ def _run():
   flags.mark_flags_as_required(['config', 'workdir'])
   try:
     check_command_line(sys.argv[1:])
-  except errors.UserError as e:   # only these: a bug in the config file shows its traceback
+  except (errors.UserError, OSError) as e:   # only these: a bug in the config file: traceback
     _fail(e)
   app.run(main, flags_parser=parse_flags)
 
