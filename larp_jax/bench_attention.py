@@ -191,13 +191,13 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
   flags.DEFINE_bool('peak', True, 'Also measure the matmul rate (for "of peak").',
                     flag_values=fv)
   flags.DEFINE_string('out', None, 'JSON output path (default: none).', flag_values=fv)
-  rest = fv(list(sys.argv if argv is None else argv))
-  if len(rest) > 1:
-    raise ValueError(f'unexpected arguments: {rest[1:]}')
+  from larp_jax import cli_env, errors
+  cli_env.parse_flags(fv, list(sys.argv if argv is None else argv)[1:], __doc__)
   try:
     shape = [int(x) for x in fv.shape]
   except ValueError:
-    raise ValueError(f'--shape must be four integers B,L,H,Dh, got {",".join(fv.shape)}')
+    raise errors.UserError(f'--shape must be four integers B,L,H,Dh, got {",".join(fv.shape)}'
+                           ) from None
   record = run(shape=shape, q_len=fv.q_len, causal=fv.causal, dropout=fv.dropout,
                impls=fv.impls, dtype=fv.dtype, runs=fv.runs, warmup=fv.warmup, peak=fv.peak)
   print(format_table(record))
@@ -209,14 +209,10 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
 
 def _run():
-  from absl import flags
-  from larp_jax import host_malloc
+  from larp_jax import cli_env, host_malloc
   host_malloc.reexec_if_needed()       # CPU: keep XLA's buffers mapped (host_malloc.py)
-  try:
-    main()
-  except (ValueError, flags.Error) as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
+  # A user's mistake is one line (exit 2); a bug shows its traceback (exit 1).
+  sys.exit(cli_env.run_command(lambda args: main(['larp_jax.bench_attention', *args])))
 
 
 if __name__ == '__main__':

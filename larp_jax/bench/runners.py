@@ -332,6 +332,13 @@ def run(config, *, what: Sequence[str] = MEASUREMENTS, batch: Optional[int] = No
   return record
 
 
+_USAGE = """python -m larp_jax.bench --config=configs/bench.py:PRESET [flags]
+
+Times the tokenizer's training step and its encode/decode/forward, counts FLOPs (XLA and
+analytic), reports MFU against a matmul peak measured in the same run, and writes a JSON record
+(BENCHMARKS.md explains every column)."""
+
+
 def _flags(argv):
   from absl import flags
   from ml_collections import config_flags
@@ -355,11 +362,10 @@ def _flags(argv):
                       '<out_dir>/<config-name>-<what>.json).', flag_values=fv)
   flags.DEFINE_string('out_dir', 'bench_results', 'Directory of the default --out.',
                       flag_values=fv)
-  rest = fv(list(argv))
-  if len(rest) > 1:
-    raise ValueError(f'unexpected arguments: {rest[1:]}')
+  from larp_jax import cli_env, errors
+  cli_env.parse_flags(fv, list(argv)[1:], _USAGE)
   if fv.config is None:
-    raise ValueError('--config is required, e.g. --config=configs/bench.py:tiny')
+    raise errors.UserError('--config is required, e.g. --config=configs/bench.py:tiny')
   return fv
 
 

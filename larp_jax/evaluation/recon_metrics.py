@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from larp_jax import errors
+
 MSE_FLOOR = 1e-10
 SSIM_WIN = 11
 SSIM_SIGMA = 1.5
@@ -76,7 +78,7 @@ def ssim_frames(x, y, data_range: float = 1.0, win_size: int = SSIM_WIN,
     x, y = _to_unit(x), _to_unit(y)
     _check_pair(x, y, ndim=4)
     if min(x.shape[1], x.shape[2]) < win_size:
-        raise ValueError(f"SSIM needs frames of at least {win_size}x{win_size}, got {x.shape[1:3]}")
+        raise errors.ConfigError(f"SSIM needs frames of at least {win_size}x{win_size}, got {x.shape[1:3]}")
     g = gaussian_window_1d(win_size, sigma)
     c1 = (k1 * data_range) ** 2
     c2 = (k2 * data_range) ** 2

@@ -17,6 +17,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from larp_jax import errors
 from larp_jax.models.attention_chunked import chunked_attention
 from larp_jax.models.attention_masks import attention_keep, causal_keep
 from larp_jax.models.dropout import drop, dropout_seeds, keep_rule
@@ -77,7 +78,7 @@ def select_attention_impl(impl: str, q, k, v=None, *, dropout: bool = False) -> 
     if why and requested == 'auto':
       return 'chunked'
     if why:
-      raise ValueError(f"attention impl 'cpu_flash' cannot run here: {why}. Use "
+      raise errors.ConfigError(f"attention impl 'cpu_flash' cannot run here: {why}. Use "
                        "attention_impl='auto' or 'chunked'.")
   return impl
 

@@ -15,6 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from larp_jax import errors
 from larp_jax.models.dropout import Dropout
 
 Dtype = Any
@@ -141,5 +142,5 @@ class Mlp(nn.Module):
 
 def check_choice(name, value, choices):
   if value not in choices:
-    raise ValueError(f'{name}={value!r} is not one of {choices}')
+    raise errors.ConfigError(f'{name}={value!r} is not one of {choices}')
 

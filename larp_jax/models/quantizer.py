@@ -21,6 +21,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from larp_jax import errors
+
 VQ_TYPES = ('svq', 'nearest')
 # Official Bottleneck(norm=...): what lies between in_linear and the quantizer.
 BOTTLENECK_NORMS = ('none', 'bn_bn', 'bn_b', 'ln_d', 'ln_nd', 'ln_d_na')
@@ -170,7 +172,7 @@ class BottleneckNorm(nn.Module):
         return self._affine(y, (n, d), ('latent', 'code'))
       return self._affine(y, (d,), ('code',))
     if self.kind not in BATCH_STAT_NORMS:
-      raise ValueError(f'unknown bottleneck norm {self.kind!r}; choose from {BOTTLENECK_NORMS}')
+      raise errors.ConfigError(f'unknown bottleneck norm {self.kind!r}; choose from {BOTTLENECK_NORMS}')
     # bn_bn: features d, reduced over (B, N); bn_b: features N*d, reduced over B.
     x = z if self.kind == 'bn_bn' else z.reshape(b, n * d)
     axes = tuple(range(x.ndim - 1))
@@ -182,7 +184,7 @@ class BottleneckNorm(nn.Module):
       if not self.is_initializing():
         count = math.prod(x.shape[:-1])
         if count < 2:
-          raise ValueError(f'bottleneck_norm={self.kind!r} needs more than one value per '
+          raise errors.ConfigError(f'bottleneck_norm={self.kind!r} needs more than one value per '
                            f'channel in training (got {count}): use a larger global batch')
         m = self.momentum
         batch_mean, batch_var = jax.lax.stop_gradient((mean.reshape(-1), var.reshape(-1)))

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from larp_jax import errors
 from larp_jax.models import attention, embeddings, layers, patches, prior as prior_lib, vit
 from larp_jax.models.quantizer import (BATCH_STAT_NORMS, BOTTLENECK_NORMS, VQ_TYPES,
                                        BottleneckNorm, VectorQuantizer)
@@ -34,7 +35,7 @@ QUERY_INITS = ('normal', 'sincos')
 def _as_triple(name, value):
   value = tuple(int(v) for v in value)
   if len(value) != 3 or min(value) <= 0:
-    raise ValueError(f'{name} must be three positive ints (T, H, W), got {value}')
+    raise errors.ConfigError(f'{name} must be three positive ints (T, H, W), got {value}')
   return value
 
 
@@ -50,39 +51,39 @@ def check_tokenizer_kwargs(video_shape, patch_size, num_latent_tokens, width, nu
   pt, ph, pw = _as_triple('patch_size', patch_size)
   for dim, (size, patch) in zip('THW', ((t, pt), (h, ph), (w, pw))):
     if size % patch:
-      raise ValueError(f'video_shape {dim}={size} is not divisible by patch_size {dim}={patch}; '
+      raise errors.ConfigError(f'video_shape {dim}={size} is not divisible by patch_size {dim}={patch}; '
                        f'choose a {dim} that is a multiple of {patch}')
   if num_latent_tokens <= 1:
-    raise ValueError(f'num_latent_tokens must be > 1, got {num_latent_tokens}')
+    raise errors.ConfigError(f'num_latent_tokens must be > 1, got {num_latent_tokens}')
   if width % num_heads:
-    raise ValueError(f'width={width} is not divisible by num_heads={num_heads}')
+    raise errors.ConfigError(f'width={width} is not divisible by num_heads={num_heads}')
   if width % 4:
-    raise ValueError(f'width={width} must be divisible by 4 for the 2D/3D sin-cos embedding')
+    raise errors.ConfigError(f'width={width} must be divisible by 4 for the 2D/3D sin-cos embedding')
   if codebook_size < 2 or code_dim < 1:
-    raise ValueError(f'bad codebook: codebook_size={codebook_size}, code_dim={code_dim}')
+    raise errors.ConfigError(f'bad codebook: codebook_size={codebook_size}, code_dim={code_dim}')
   layers.check_choice('vq_type', vq_type, VQ_TYPES)
   layers.check_choice('query_init', query_init, QUERY_INITS)
   layers.check_choice('bottleneck_norm', bottleneck_norm, BOTTLENECK_NORMS)
   if not vq_temperature > 0:
-    raise ValueError(f'vq_temperature must be > 0, got {vq_temperature} (the official '
+    raise errors.ConfigError(f'vq_temperature must be > 0, got {vq_temperature} (the official '
                      f'stochastic_temperature < 0, a learned temperature, is '
                      f'vq_temperature_learnable=True with vq_temperature=0.1)')
   if vq_temperature_ramp_steps < 0 or not vq_temperature_start > 0:
-    raise ValueError(f'vq_temperature_ramp_steps must be >= 0 and vq_temperature_start > 0, got '
+    raise errors.ConfigError(f'vq_temperature_ramp_steps must be >= 0 and vq_temperature_start > 0, got '
                      f'{vq_temperature_ramp_steps} and {vq_temperature_start}')
   if vq_temperature_learnable and vq_temperature_ramp_steps > 0:
-    raise ValueError('vq_temperature_learnable=True and vq_temperature_ramp_steps > 0 exclude '
+    raise errors.ConfigError('vq_temperature_learnable=True and vq_temperature_ramp_steps > 0 exclude '
                      'each other: choose a learned or a scheduled temperature')
   if vq_entropy_weight < 0 or not vq_entropy_temperature > 0:
-    raise ValueError(f'vq_entropy_weight must be >= 0 and vq_entropy_temperature > 0, got '
+    raise errors.ConfigError(f'vq_entropy_weight must be >= 0 and vq_entropy_temperature > 0, got '
                      f'{vq_entropy_weight} and {vq_entropy_temperature}')
   layers.check_choice('remat', remat, vit.REMAT_CHOICES)
   layers.check_choice('attention_impl', attention_impl, attention.ATTENTION_CHOICES)
   if use_prior:
     if prior_width % prior_heads:
-      raise ValueError(f'prior_width={prior_width} is not divisible by prior_heads={prior_heads}')
+      raise errors.ConfigError(f'prior_width={prior_width} is not divisible by prior_heads={prior_heads}')
     if prior_max_len is not None and prior_max_len < num_latent_tokens - 1:
-      raise ValueError(f'prior_max_len={prior_max_len} is shorter than the '
+      raise errors.ConfigError(f'prior_max_len={prior_max_len} is shorter than the '
                        f'{num_latent_tokens - 1} positions the prior must see')
 
 
