@@ -28,7 +28,7 @@ TOKENIZER_PRESETS = {
 # GPTC-S, the released prior (21.70M parameters).
 PRIOR_GPTC_S = dict(prior_depth=12, prior_width=384, prior_heads=6)
 
-# Logical-axis -> mesh-axis rules (STYLE section 4). Names not listed are replicated; the small
+# Logical-axis -> mesh-axis rules. Names not listed are replicated; the small
 # codebook ('vocab', 'code') therefore stays replicated.
 DEFAULT_SHARDING_RULES = (
     ('batch', ('data', 'fsdp')),

@@ -26,7 +26,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.tfds_label_key = 'label'
   c.train_split = 'train'
   c.eval_split = 'test'
-  # Clip sampling and augmentation (LARP_SPEC section 12).
+  # Clip sampling and augmentation (as the official datasets/video_dataset.py).
   c.frame_stride = 1              # temporal stride between the T frames (1 = native fps)
   c.short_side = placeholder(int)  # resize the short side to this (antialiased); None = smallest cover of (H, W)
   c.train_crop = 'center'         # 'center' | 'random'
