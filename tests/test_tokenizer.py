@@ -275,3 +275,69 @@ def test_wrong_video_shape_is_a_clear_error():
   params, _ = init(model)
   with pytest.raises(ValueError, match='video must have shape'):
     model.apply({'params': params}, jnp.zeros((1, 4, 16, 16, 1)), method=LARPTokenizer.encode)
+
+
+# ---------------------------------------------------------------- experimental switches (off by default)
+
+def _identity_blocks(params, stack):
+  """Zeroes the residual branches of ``params[stack]``: every block becomes the identity."""
+  for block in params[stack].values():
+    for branch, proj in (('attn', 'proj'), ('mlp', 'fc2')):
+      block[branch][proj] = jax.tree_util.tree_map(jnp.zeros_like, block[branch][proj])
+  return params
+
+
+def test_patch_skips_and_bypass_add_no_parameters_and_are_off_by_default():
+  base = LARPTokenizer(**tiny_tokenizer_kwargs())
+  assert not (base.query_patch_skip or base.latent_patch_skip or base.vq_bypass)
+  params, video = init(base)
+  for kw in (dict(query_patch_skip=True), dict(latent_patch_skip=True), dict(vq_bypass=True)):
+    model = LARPTokenizer(**tiny_tokenizer_kwargs(**kw))
+    other, _ = init(model)
+    chex.assert_trees_all_equal_shapes(params, other)
+    params['final_linear']['kernel'] = jnp.ones_like(params['final_linear']['kernel']) * 0.01
+    r0, _ = base.apply({'params': params}, video, train=False, rngs=rngs(1))
+    r1, _ = model.apply({'params': params}, video, train=False, rngs=rngs(1))
+    assert not np.allclose(r0, r1), kw
+
+
+@pytest.mark.parametrize('n', [8, 16])
+def test_latent_patch_skip_routes_latent_j_to_patch_j(n):
+  """Identity decoder blocks: only the skip moves a token's code into the patches, so changing
+  token k changes patch k % num_patches alone (8 patches in the tiny model)."""
+  model = LARPTokenizer(**tiny_tokenizer_kwargs(num_latent_tokens=n, latent_patch_skip=True))
+  params, _ = init(model)
+  params = _identity_blocks(params, 'decoder')
+  params['final_linear']['kernel'] = jax.random.normal(
+      jax.random.key(3), params['final_linear']['kernel'].shape)
+  tokens = jnp.zeros((1, n), jnp.int32)
+  decode = lambda t: model.apply({'params': params}, t, method=lambda m, t: m.patchify(
+      m.decode_latents(m.quantizer.lookup(t))))
+  base = decode(tokens)
+  for k in (0, 5, n - 1):
+    moved = decode(tokens.at[0, k].set(7))
+    changed = np.flatnonzero(np.abs(np.asarray(moved - base)).max(-1)[0] > 1e-6)
+    np.testing.assert_array_equal(changed, [k % 8])
+
+
+def test_query_patch_skip_gives_query_i_patch_i():
+  """Identity encoder blocks: latent i is in_linear(query_i + embedded patch i % P)."""
+  model = LARPTokenizer(**tiny_tokenizer_kwargs(num_latent_tokens=16, query_patch_skip=True))
+  params, video = init(model)
+  params = _identity_blocks(params, 'encoder')
+  z = model.apply({'params': params}, video, method=model.encode_latents)
+  x = model.apply({'params': params}, video, method=lambda m, v: m.patch_embed(m.patchify(v))
+                  + m._patch_pe())
+  q = params['latent_queries'][None] + jnp.tile(x, (1, 2, 1))
+  expected = model.apply({'params': params}, q, method=lambda m, h: m.in_linear(m.encoder(h)))
+  np.testing.assert_allclose(z, expected, atol=1e-5)
+
+
+def test_vq_bypass_passes_the_normalised_latents():
+  model = LARPTokenizer(**tiny_tokenizer_kwargs(vq_bypass=True))
+  params, video = init(model)
+  z = model.apply({'params': params}, video, method=model.encode_latents)
+  z_st, aux = model.apply({'params': params}, z, method=model.quantize)
+  zn = z / jnp.linalg.norm(z, axis=-1, keepdims=True)
+  np.testing.assert_allclose(z_st, zn, atol=1e-6)
+  assert aux['indices'].shape == z.shape[:-1]

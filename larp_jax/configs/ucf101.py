@@ -45,6 +45,10 @@ def get_config(arg=None):
       # vq_temperature_ramp_steps=n * steps_per_epoch (0 = fixed vq_temperature).
       vq_temperature_start=0.03, vq_temperature_ramp_steps=0,
       vq_entropy_weight=0.0, vq_entropy_temperature=0.01,     # entropy loss inside vq_loss
+      query_init='normal',            # 'normal' (released) | 'sincos'
+      query_patch_skip=False,         # not LARP: query i also gets patch token i (locality bias)
+      latent_patch_skip=False,        # not LARP: decoder patch query j also gets latent j
+      vq_bypass=False,                # diagnostic only: continuous latents reach the decoder
       use_prior=True, **config_lib.PRIOR_GPTC_S, prior_max_len=placeholder(int), prior_dropout=0.1,
       # Released code: the prior's attention dropout stays on in eval (SDPA quirk).
       prior_attn_dropout_in_eval=not arg.paper,

@@ -226,6 +226,8 @@ class VectorQuantizer(nn.Module):
       from the squared distance d of its non-stochastic branch only, so with SVQ it cannot run
       (``d`` is undefined there); for unit vectors -d = 2 cos - 2, so its temperature T matches
       ``entropy_temperature = T / 2`` here.
+    bypass: a diagnostic, not LARP: the output is the prepared continuous input itself (no
+      quantization reaches the decoder); indices, losses and statistics are still computed.
   """
   codebook_size: int = 8192
   code_dim: int = 16
@@ -239,6 +241,7 @@ class VectorQuantizer(nn.Module):
   learnable_temperature: bool = False
   entropy_weight: float = 0.0
   entropy_temperature: float = 0.01
+  bypass: bool = False
   param_dtype: Any = jnp.float32
 
   def setup(self):
@@ -318,7 +321,9 @@ class VectorQuantizer(nn.Module):
     q = self.lookup(indices)
     commitment = jnp.mean(jnp.square(jax.lax.stop_gradient(q) - zn))
     codebook = jnp.mean(jnp.square(q - jax.lax.stop_gradient(zn)))
-    z_st = zn + jax.lax.stop_gradient(q - zn)
+    # bypass (a diagnostic, not LARP): the decoder sees the continuous (prepared) latents; the
+    # codes, their losses and statistics are still computed.
+    z_st = zn if self.bypass else zn + jax.lax.stop_gradient(q - zn)
     vq_loss = self.commit_weight * commitment + self.codebook_weight * codebook
     extra = {}
     if self.entropy_weight > 0:

@@ -118,6 +118,14 @@ class LARPTokenizer(nn.Module):
   query_init: str = 'normal'           # latent queries: 'normal' (randn * query_init_std, released)
                                        # or 'sincos' (1D sin-cos table; official
                                        # encoder_query_gaussian_init=False)
+  # Not in LARP: query i also receives patch token i (its embedding + PE; with N = k x
+  # num_patches, patch i % num_patches), a locality bias that gives every holistic token its own
+  # content from the first block on. False: the released queries.
+  query_patch_skip: bool = False
+  # Not in LARP: the decoder's patch query j also receives latent token j (out_linear output;
+  # with num_patches = k x N, token j % N; with N >= num_patches, the sum of tokens j + i x
+  # num_patches), the mirror image of query_patch_skip.
+  latent_patch_skip: bool = False
   codebook_size: int = 8192
   code_dim: int = 16
   vq_type: str = 'svq'
@@ -134,6 +142,7 @@ class LARPTokenizer(nn.Module):
   vq_temperature_ramp_steps: int = 0   # start to vq_temperature over that many steps (0 = off)
   vq_entropy_weight: float = 0.0       # entropy loss inside vq_loss (0 = off)
   vq_entropy_temperature: float = 0.01
+  vq_bypass: bool = False              # diagnostic: the decoder sees continuous latents (not LARP)
   use_prior: bool = True
   prior_depth: int = 12
   prior_width: int = 384
@@ -212,7 +221,7 @@ class LARPTokenizer(nn.Module):
         temperature_ramp_steps=self.vq_temperature_ramp_steps,
         learnable_temperature=self.vq_temperature_learnable,
         entropy_weight=self.vq_entropy_weight, entropy_temperature=self.vq_entropy_temperature,
-        param_dtype=self.param_dtype, name='quantizer')
+        bypass=self.vq_bypass, param_dtype=self.param_dtype, name='quantizer')
     self.out_linear = layers.dense(self.width, ('code', 'embed'), name='out_linear', **kw)
     self.decoder = vit.ViTStack(self.decoder_depth, name='decoder', **stack)
     self.query_type_embed = self.param(
@@ -262,6 +271,9 @@ class LARPTokenizer(nn.Module):
     b = x.shape[0]
     queries = jnp.broadcast_to(self.latent_queries.astype(x.dtype)[None],
                                (b, self.num_latent_tokens, self.width))
+    if self.query_patch_skip:
+      reps = -(-self.num_latent_tokens // self.num_patches)
+      queries = queries + jnp.tile(x, (1, reps, 1))[:, :self.num_latent_tokens]
     # Only the query outputs are kept: the last block computes just those rows.
     z = self.encoder(jnp.concatenate([x, queries], axis=1),
                      out_slice=(-self.num_latent_tokens, None))
@@ -279,11 +291,19 @@ class LARPTokenizer(nn.Module):
   def decode_latents(self, z_q):
     """Quantized (normalised) codes [B, N, code_dim] -> reconstruction [B, T, H, W, 3], not clamped."""
     z = self.out_linear(z_q.astype(self.dtype))
+    skip = z
     z = z + jnp.asarray(embeddings.sincos_1d_table(self.width, self.num_latent_tokens,
                                                     self.pe_base)).astype(z.dtype)
     b = z.shape[0]
     queries = self._patch_pe()[None] + self.query_type_embed.astype(jnp.float32)
     queries = jnp.broadcast_to(queries.astype(z.dtype), (b, self.num_patches, self.width))
+    if self.latent_patch_skip:
+      n, p = self.num_latent_tokens, self.num_patches
+      if n >= p:   # latents j, j + p, ... all feed patch query j (the remainder is dropped)
+        skip = skip[:, :(n // p) * p].reshape(b, n // p, p, self.width).sum(1)
+      else:
+        skip = jnp.tile(skip, (1, -(-p // n), 1))[:, :p]
+      queries = queries + skip
     h = self.decoder(jnp.concatenate([z, queries], axis=1),
                      out_slice=(-self.num_patches, None))
     h = self.final_norm(h)
