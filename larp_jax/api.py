@@ -1,9 +1,9 @@
 """Library entry point: a trained tokenizer, ready to use, from a run directory.
 
-    tok = larp_jax.load_tokenizer('runs/demo')   # a run directory, or a params directory
-    tok.save('runs/demo_params')      # parameters only (larp_jax/params_io.py)
-    tokens = tok.encode(video)        # [B, T, H, W, 3] in [0, 1] (or uint8) -> int32 [B, N]
-    video = tok.decode(tokens)        # -> float32 [B, T, H, W, 3] in [0, 1]
+tok = larp_jax.load_tokenizer('runs/demo')   # a run directory, or a params directory
+tok.save('runs/demo_params')      # parameters only (larp_jax/params_io.py)
+tokens = tok.encode(video)        # [B, T, H, W, 3] in [0, 1] (or uint8) -> int32 [B, N]
+video = tok.decode(tokens)        # -> float32 [B, T, H, W, 3] in [0, 1]
 """
 
 from __future__ import annotations
@@ -27,8 +27,9 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
   """The config.json of a run or params directory."""
   path = os.path.join(workdir, workdir_lib.CONFIG_FILE)
   if not os.path.exists(path):
-    raise errors.UserError(f'{path} not found: {workdir!r} is not a larp_jax run or params '
-                           f'directory')
+    raise errors.UserError(
+      f'{path} not found: {workdir!r} is not a larp_jax run or params directory'
+    )
   with open(path) as f:
     return ml_collections.ConfigDict(json.load(f))
 
@@ -36,18 +37,21 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
 @dataclasses.dataclass
 class Tokenizer:
   """A tokenizer with its parameters; ``encode``/``decode`` are jitted and deterministic."""
+
   model: LARPTokenizer
   params: Any
   config: ml_collections.ConfigDict
   step: int
-  batch_stats: Any = None   # running statistics of a batch-norm bottleneck, if any
+  batch_stats: Any = None  # running statistics of a batch-norm bottleneck, if any
 
   def save(self, directory: str) -> str:
     """Writes this tokenizer as a params directory (``larp_jax/params_io.py``), loadable by
     ``load_tokenizer(directory)``; returns its path."""
     from larp_jax import params_io
-    return params_io.save(directory, self._variables, config=self.config, step=self.step,
-                          task='tokenizer')
+
+    return params_io.save(
+      directory, self._variables, config=self.config, step=self.step, task='tokenizer'
+    )
 
   def __post_init__(self):
     variables = {'params': self.params}
@@ -110,13 +114,15 @@ def _check_video(video, video_shape) -> None:
   expected = (*video_shape, 3)
   shape = tuple(video.shape)
   if len(shape) != len(expected) + 1 or shape[1:] != expected:
-    raise errors.UserError(f'video must have shape [B, {", ".join(map(str, expected))}] '
-                           f'(channels last), got {shape}')
+    raise errors.UserError(
+      f'video must have shape [B, {", ".join(map(str, expected))}] (channels last), got {shape}'
+    )
   if video.dtype == np.uint8:
     return
   if not jnp.issubdtype(video.dtype, jnp.floating):
-    raise errors.UserError(f'video must be uint8 (0..255) or float in [0, 1], got dtype '
-                           f'{video.dtype}')
+    raise errors.UserError(
+      f'video must be uint8 (0..255) or float in [0, 1], got dtype {video.dtype}'
+    )
   if video.size == 0:
     return
   lo, hi = float(video.min()), float(video.max())  # numpy, or two scalars from the device
@@ -135,8 +141,9 @@ def _check_tokens(tokens: np.ndarray, num_tokens: int, codebook_size: int) -> No
     return
   lo, hi = int(tokens.min()), int(tokens.max())
   if lo < 0 or hi >= codebook_size:
-    raise errors.UserError(f'token ids must lie in [0, {codebook_size}) (0..{codebook_size - 1}), '
-                           f'got min {lo}, max {hi}')
+    raise errors.UserError(
+      f'token ids must lie in [0, {codebook_size}) (0..{codebook_size - 1}), got min {lo}, max {hi}'
+    )
 
 
 def load_tokenizer(path: str, *, use_ema: bool = True) -> Tokenizer:
@@ -150,15 +157,20 @@ def load_tokenizer(path: str, *, use_ema: bool = True) -> Tokenizer:
     UserError: ``path`` holds no config.json, no checkpoint, or another model.
   """
   from larp_jax import params_io, sharding
-  from larp_jax.tasks import tokenizer as tokenizer_task   # local: keeps `import larp_jax` light
+  from larp_jax.tasks import tokenizer as tokenizer_task  # local: keeps `import larp_jax` light
+
   config = load_config(path)
   model = tokenizer_task.make_model(config.model)
   mesh = sharding.make_mesh({'data': 1}, jax.devices()[:1])
   abstract, shardings = tokenizer_task.variable_shardings(model, mesh, sharding.rules(config))
-  fields = {'params': 'ema_params' if use_ema and float(config.optim.ema_decay) > 0
-            else 'params'}
+  fields = {'params': 'ema_params' if use_ema and float(config.optim.ema_decay) > 0 else 'params'}
   if model.uses_batch_stats:
     fields['batch_stats'] = 'batch_stats'
   variables, step, _ = params_io.load_variables(path, abstract, shardings, fields)
-  return Tokenizer(model=model, params=variables['params'], config=config, step=step,
-                   batch_stats=variables.get('batch_stats'))
+  return Tokenizer(
+    model=model,
+    params=variables['params'],
+    config=config,
+    step=step,
+    batch_stats=variables.get('batch_stats'),
+  )

@@ -36,17 +36,26 @@ import orbax.checkpoint as ocp
 
 from larp_jax import errors
 
-_ITEM = 'default'   # the item directory Orbax writes for a single unnamed item
+_ITEM = 'default'  # the item directory Orbax writes for a single unnamed item
 _DAMAGED_DIR = 'damaged_checkpoints'
-_TRANSIENT = ('UNAVAILABLE', 'DEADLINE_EXCEEDED', 'RESOURCE_EXHAUSTED', 'CANCELLED', 'ABORTED',
-              'UNAUTHENTICATED', 'PERMISSION_DENIED')
+_TRANSIENT = (
+  'UNAVAILABLE',
+  'DEADLINE_EXCEEDED',
+  'RESOURCE_EXHAUSTED',
+  'CANCELLED',
+  'ABORTED',
+  'UNAUTHENTICATED',
+  'PERMISSION_DENIED',
+)
 
 
 def manager(workdir: str, *, keep: int = 3, async_save: bool = True) -> ocp.CheckpointManager:
-  options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                         enable_async_checkpointing=async_save)
-  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), 'checkpoints'),
-                               options=options)
+  options = ocp.CheckpointManagerOptions(
+    max_to_keep=keep, create=True, enable_async_checkpointing=async_save
+  )
+  return ocp.CheckpointManager(
+    os.path.join(os.path.abspath(workdir), 'checkpoints'), options=options
+  )
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state: Any, *, force: bool = False) -> bool:
@@ -55,11 +64,13 @@ def save(mngr: ocp.CheckpointManager, step: int, state: Any, *, force: bool = Fa
 
 def abstract_with_shardings(abstract_state, shardings):
   return jax.tree_util.tree_map(
-      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, shardings)
+    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, shardings
+  )
 
 
-def restore_latest(mngr: ocp.CheckpointManager, abstract_state, shardings, *,
-                   quarantine: bool = True) -> tuple[Optional[int], Any]:
+def restore_latest(
+  mngr: ocp.CheckpointManager, abstract_state, shardings, *, quarantine: bool = True
+) -> tuple[Optional[int], Any]:
   """(step, state) of the newest checkpoint that restores, or (None, None) when there is none.
 
   Damaged steps are skipped with a warning and, when ``quarantine`` (and the manager is writable),
@@ -70,12 +81,14 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_state, shardings, *,
     ValueError: every checkpoint is damaged, or the newest readable one was written for another
       model (parameter names or shapes differ from ``abstract_state``).
   """
-  return _restore_newest(mngr, abstract_with_shardings(abstract_state, shardings),
-                         partial=False, quarantine=quarantine)
+  return _restore_newest(
+    mngr, abstract_with_shardings(abstract_state, shardings), partial=False, quarantine=quarantine
+  )
 
 
-def restore_latest_fields(mngr: ocp.CheckpointManager, abstract_fields: dict,
-                          shardings: dict) -> tuple[Optional[int], Optional[dict]]:
+def restore_latest_fields(
+  mngr: ocp.CheckpointManager, abstract_fields: dict, shardings: dict
+) -> tuple[Optional[int], Optional[dict]]:
   """(step, {field: value}) of some top-level fields of the newest checkpoint that restores.
 
   Reads only those fields' arrays (e.g. ``{'ema_params': ..., 'batch_stats': ...}`` of a train
@@ -99,16 +112,22 @@ def _restore_newest(mngr, target, *, partial: bool, quarantine: bool):
       # that hits every step alike (permissions, a library change) moves nothing.
       for bad, bad_path, why in damaged:
         where = _move_aside(mngr, bad) if move else None
-        logging.warning('Checkpoint step %d at %s is damaged (%s); %s; restored step %d.', bad,
-                        bad_path, why, f'moved it to {where}' if where else 'left it in place',
-                        step)
+        logging.warning(
+          'Checkpoint step %d at %s is damaged (%s); %s; restored step %d.',
+          bad,
+          bad_path,
+          why,
+          f'moved it to {where}' if where else 'left it in place',
+          step,
+        )
       return step, state
     damaged.append((step, path, reason))
   if damaged:
     listed = '; '.join(f'step {s} at {p}: {why}' for s, p, why in damaged)
     raise errors.UserError(
-        f'every checkpoint in {mngr.directory} is damaged ({listed}); nothing was moved: '
-        f'repair them or move them away to start from scratch, or use a new --workdir.')
+      f'every checkpoint in {mngr.directory} is damaged ({listed}); nothing was moved: '
+      f'repair them or move them away to start from scratch, or use a new --workdir.'
+    )
   return None, None
 
 
@@ -116,23 +135,27 @@ def _try_restore(mngr, step: int, target, *, partial: bool = False) -> tuple[Any
   """(state, None), or (None, short reason) when ``step`` is damaged; raises on a config mismatch."""
   try:
     stored = stored_shapes(_step_dir(mngr, step) / _ITEM)
-  except Exception as e:   # pylint: disable=broad-except
+  except Exception as e:  # pylint: disable=broad-except
     if not _is_damage(e):
       raise
     return None, _reason(e)
   mismatch = first_mismatch(stored, shapes(target), partial=partial)
   if mismatch:
     raise errors.ConfigError(
-        f'checkpoint step {step} at {_step_dir(mngr, step)} was written for another model: '
-        f'{mismatch}. Restore with the config it was trained with, or use a new --workdir.')
+      f'checkpoint step {step} at {_step_dir(mngr, step)} was written for another model: '
+      f'{mismatch}. Restore with the config it was trained with, or use a new --workdir.'
+    )
   if partial:
-    args = ocp.args.PyTreeRestore(item=target, partial_restore=True,
-                                  restore_args=ocp.checkpoint_utils.construct_restore_args(target))
+    args = ocp.args.PyTreeRestore(
+      item=target,
+      partial_restore=True,
+      restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+    )
   else:
     args = ocp.args.StandardRestore(target)
   try:
     return mngr.restore(step, args=args), None
-  except Exception as e:   # pylint: disable=broad-except
+  except Exception as e:  # pylint: disable=broad-except
     if not _is_damage(e):
       raise
     return None, _reason(e)
@@ -215,9 +238,9 @@ def _unused(path: epath.Path) -> epath.Path:
 
 
 def _step_dir(mngr, step: int) -> epath.Path:
-  return epath.Path(mngr.directory) / str(step)   # ``manager``'s default step names
+  return epath.Path(mngr.directory) / str(step)  # ``manager``'s default step names
 
 
 def _read_only(mngr) -> bool:
-  options = getattr(mngr, '_options', None)   # CheckpointManager has no public accessor
+  options = getattr(mngr, '_options', None)  # CheckpointManager has no public accessor
   return bool(getattr(options, 'read_only', False))

@@ -57,6 +57,7 @@ def error_line(e: BaseException) -> Optional[str]:
 def flag_error(e: Exception, flag_values) -> errors.UserError:
   """A one-line UserError for absl's ``flags.Error`` ``e`` (unknown flags get a suggestion)."""
   from absl import flags
+
   if isinstance(e, errors.UserError):
     return e
   if isinstance(e, flags.UnrecognizedFlagError):
@@ -69,12 +70,11 @@ def flag_error(e: Exception, flag_values) -> errors.UserError:
 def usage(flag_values, doc: str) -> str:
   """``doc`` and the help of every flag in ``flag_values`` (absl's own flags left out)."""
   text = flag_values.get_help(prefix='', include_special_flags=False)
-  lines = [l for l in text.splitlines() if l.startswith(' ')]   # drop the module headers
+  lines = [l for l in text.splitlines() if l.startswith(' ')]  # drop the module headers
   return doc.strip() + '\n\nflags:\n' + '\n'.join(lines)
 
 
-def parse_flags(flag_values, args: Sequence[str], doc: str,
-                positional: Sequence[str] = ()) -> list:
+def parse_flags(flag_values, args: Sequence[str], doc: str, positional: Sequence[str] = ()) -> list:
   """Parses ``args`` (the arguments after the program name) into ``flag_values``; returns the
   positional arguments, one per name in ``positional``.
 
@@ -82,6 +82,7 @@ def parse_flags(flag_values, args: Sequence[str], doc: str,
   or missing value) or a wrong number of positional arguments raises UserError (one line).
   """
   from absl import flags
+
   args = list(args)
   if any(a in HELP_FLAGS for a in args):
     print(usage(flag_values, doc))
@@ -91,11 +92,13 @@ def parse_flags(flag_values, args: Sequence[str], doc: str,
   except flags.Error as e:
     raise flag_error(e, flag_values) from None
   if not positional and rest:
-    raise errors.UserError(f'unexpected arguments {rest}: this command takes flags only '
-                           f'(see --help)')
+    raise errors.UserError(
+      f'unexpected arguments {rest}: this command takes flags only (see --help)'
+    )
   if len(rest) != len(positional):
-    raise errors.UserError(f'expected the arguments {" ".join(positional)} besides the flags, '
-                           f'got {rest} (see --help)')
+    raise errors.UserError(
+      f'expected the arguments {" ".join(positional)} besides the flags, got {rest} (see --help)'
+    )
   return rest
 
 

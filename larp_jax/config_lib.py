@@ -20,9 +20,9 @@ from larp_jax.errors import ConfigError  # pylint: disable=unused-import  (confi
 # 12 + 12 blocks, 12 heads, 172.18M parameters without the prior). The paper's LARP-S/B sizes are
 # not in the official repo; 'S' and 'B' below are our own choices, scaled like ViT-S/B.
 TOKENIZER_PRESETS = {
-    'S': dict(width=512, encoder_depth=8, decoder_depth=8, num_heads=8),
-    'B': dict(width=768, encoder_depth=8, decoder_depth=8, num_heads=12),
-    'L': dict(width=768, encoder_depth=12, decoder_depth=12, num_heads=12),
+  'S': dict(width=512, encoder_depth=8, decoder_depth=8, num_heads=8),
+  'B': dict(width=768, encoder_depth=8, decoder_depth=8, num_heads=12),
+  'L': dict(width=768, encoder_depth=12, decoder_depth=12, num_heads=12),
 }
 
 # GPTC-S, the released prior (21.70M parameters).
@@ -31,10 +31,10 @@ PRIOR_GPTC_S = dict(prior_depth=12, prior_width=384, prior_heads=6)
 # Logical-axis -> mesh-axis rules. Names not listed are replicated; the small
 # codebook ('vocab', 'code') therefore stays replicated.
 DEFAULT_SHARDING_RULES = (
-    ('batch', ('data', 'fsdp')),
-    ('embed', 'fsdp'),
-    ('mlp', 'tensor'),
-    ('qkv', 'tensor'),
+  ('batch', ('data', 'fsdp')),
+  ('embed', 'fsdp'),
+  ('mlp', 'tensor'),
+  ('qkv', 'tensor'),
 )
 
 
@@ -69,15 +69,17 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
       try:
         out[key] = type(default)(value)
       except ValueError:
-        raise ConfigError(f'config argument {key}={value!r} is not a {type(default).__name__}'
-                         ) from None
+        raise ConfigError(
+          f'config argument {key}={value!r} is not a {type(default).__name__}'
+        ) from None
   return out
 
 
 def tokenizer_preset(size: str) -> dict:
   if size not in TOKENIZER_PRESETS:
-    raise ConfigError(f'unknown tokenizer size preset {size!r}; choose one of '
-                     f'{sorted(TOKENIZER_PRESETS)}')
+    raise ConfigError(
+      f'unknown tokenizer size preset {size!r}; choose one of {sorted(TOKENIZER_PRESETS)}'
+    )
   return dict(TOKENIZER_PRESETS[size])
 
 
@@ -102,23 +104,28 @@ def validate(config, num_devices: int | None = None) -> None:
     if key in config and int(config[key]) <= 0:
       raise ConfigError(f'config.{key} must be positive, got {config[key]}')
   if 'eval_every' in config and int(config.eval_every or 0) < 0:
-    raise ConfigError(f'config.eval_every must be >= 0 (0: no evaluation during training), '
-                     f'got {config.eval_every}')
+    raise ConfigError(
+      f'config.eval_every must be >= 0 (0: no evaluation during training), got {config.eval_every}'
+    )
   if 'eval' in config:
     for key in ('num_clips', 'batch_size'):
       value = config.eval.get(key)
       if key == 'batch_size' and value is not None and int(value) <= 0:
         raise ConfigError(f'config.eval.batch_size must be positive, got {value}')
       if key == 'num_clips' and value is not None and int(value) < 0:
-        raise ConfigError(f'config.eval.num_clips must be >= 0 (0: the whole eval split), '
-                         f'got {value}')
+        raise ConfigError(
+          f'config.eval.num_clips must be >= 0 (0: the whole eval split), got {value}'
+        )
   if num_devices is not None and 'mesh' in config:
     from larp_jax import sharding  # local: config files import this module
+
     sizes = sharding.mesh_shape(config.mesh, num_devices)
     dp = sizes.get('data', 1) * sizes.get('fsdp', 1)
     if config.batch_size % dp:
-      raise ConfigError(f'config.batch_size={config.batch_size} is not divisible by the '
-                       f'data-parallel size data*fsdp={dp}')
+      raise ConfigError(
+        f'config.batch_size={config.batch_size} is not divisible by the '
+        f'data-parallel size data*fsdp={dp}'
+      )
 
 
 def check_field(config, field: str) -> None:
@@ -130,8 +137,13 @@ def check_field(config, field: str) -> None:
       where = 'config.' + '.'.join(done) if done else 'config'
       names = sorted(node.keys()) if isinstance(node, (ml_collections.ConfigDict, dict)) else []
       close = difflib.get_close_matches(part, names, n=3)
-      hint = (f'; did you mean {", ".join(".".join(done + [c]) for c in close)}?' if close
-              else f'; {where} has {", ".join(names)}' if names else f'; {where} is not a group')
+      hint = (
+        f'; did you mean {", ".join(".".join(done + [c]) for c in close)}?'
+        if close
+        else f'; {where} has {", ".join(names)}'
+        if names
+        else f'; {where} is not a group'
+      )
       raise ConfigError(f'the config has no field {field!r}{hint}')
     node = node[part]
     done.append(part)

@@ -24,6 +24,7 @@ dimensions give a rank-deficient covariance and an FVD biased upward: the number
 warning on stderr. The standard protocol (StyleGAN-V, TF-GAN) uses 2048 clips per side.
 The work is done by `larp_jax.evaluation.fvd_files.fvd_between`.
 """
+
 from __future__ import annotations
 
 import json
@@ -37,26 +38,40 @@ from larp_jax.evaluation import fvd_files
 
 
 def _command(args: list) -> None:
-    fv = flags.FlagValues()
-    flags.DEFINE_integer("batch", 8, "I3D mini-batch size.", flag_values=fv)
-    flags.DEFINE_integer("max_clips", None, "Use at most N clips from each side.", flag_values=fv)
-    flags.DEFINE_integer("num_frames", 16, "Frames per clip (at least 9).", flag_values=fv)
-    flags.DEFINE_integer("resolution", None, "Resize the short side and center-crop to RxR "
-                         "before I3D (default: keep the clips' size).", flag_values=fv)
-    flags.DEFINE_string("save_stats", None, "Prefix: also write <prefix>_real.npz and "
-                        "<prefix>_fake.npz (FeatureStats).", flag_values=fv)
-    real, fake = cli_env.parse_flags(fv, args, __doc__, positional=("REAL", "FAKE"))
-    result = fvd_files.fvd_between(real, fake, batch=fv.batch, max_clips=fv.max_clips,
-                                   num_frames=fv.num_frames, resolution=fv.resolution,
-                                   save_stats=fv.save_stats)
-    print(json.dumps(result))
+  fv = flags.FlagValues()
+  flags.DEFINE_integer('batch', 8, 'I3D mini-batch size.', flag_values=fv)
+  flags.DEFINE_integer('max_clips', None, 'Use at most N clips from each side.', flag_values=fv)
+  flags.DEFINE_integer('num_frames', 16, 'Frames per clip (at least 9).', flag_values=fv)
+  flags.DEFINE_integer(
+    'resolution',
+    None,
+    "Resize the short side and center-crop to RxR before I3D (default: keep the clips' size).",
+    flag_values=fv,
+  )
+  flags.DEFINE_string(
+    'save_stats',
+    None,
+    'Prefix: also write <prefix>_real.npz and <prefix>_fake.npz (FeatureStats).',
+    flag_values=fv,
+  )
+  real, fake = cli_env.parse_flags(fv, args, __doc__, positional=('REAL', 'FAKE'))
+  result = fvd_files.fvd_between(
+    real,
+    fake,
+    batch=fv.batch,
+    max_clips=fv.max_clips,
+    num_frames=fv.num_frames,
+    resolution=fv.resolution,
+    save_stats=fv.save_stats,
+  )
+  print(json.dumps(result))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Runs the command on ``argv`` (the arguments after the program name; default
-    ``sys.argv[1:]``); returns the exit code (2 after one ``error:`` line on stderr)."""
-    return cli_env.run_command(_command, argv)
+  """Runs the command on ``argv`` (the arguments after the program name; default
+  ``sys.argv[1:]``); returns the exit code (2 after one ``error:`` line on stderr)."""
+  return cli_env.run_command(_command, argv)
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == '__main__':
+  sys.exit(main())

@@ -36,12 +36,21 @@ import platform
 import sys
 from typing import Mapping, Optional
 
-TUNABLES = ('glibc.malloc.arena_max=1', 'glibc.malloc.mmap_max=0',
-            'glibc.malloc.trim_threshold=68719476736')
+TUNABLES = (
+  'glibc.malloc.arena_max=1',
+  'glibc.malloc.mmap_max=0',
+  'glibc.malloc.trim_threshold=68719476736',
+)
 OPT_OUT = 'LARP_JAX_MALLOC_TUNING'
 # Installed plugins that mean JAX will run on an accelerator unless JAX_PLATFORMS says cpu.
-_ACCELERATOR_PLUGINS = ('jax_cuda12_plugin', 'jax_cuda13_plugin', 'jax_rocm60_plugin',
-                        'jax_rocm7_plugin', 'libtpu', 'jax_plugins.xla_cuda12')
+_ACCELERATOR_PLUGINS = (
+  'jax_cuda12_plugin',
+  'jax_cuda13_plugin',
+  'jax_rocm60_plugin',
+  'jax_rocm7_plugin',
+  'libtpu',
+  'jax_plugins.xla_cuda12',
+)
 
 
 def _has_module(name: str) -> bool:
@@ -59,8 +68,9 @@ def runs_on_cpu(environ: Mapping[str, str]) -> bool:
   return not any(_has_module(m) for m in _ACCELERATOR_PLUGINS)
 
 
-def tuned_environment(environ: Mapping[str, str], *, libc: Optional[str] = None,
-                      on_cpu: Optional[bool] = None) -> Optional[dict]:
+def tuned_environment(
+  environ: Mapping[str, str], *, libc: Optional[str] = None, on_cpu: Optional[bool] = None
+) -> Optional[dict]:
   """The environment to re-execute with, or None when nothing should change: not glibc, opted
   out, not on CPU, or the tunables already set (so a re-executed process never loops)."""
   if environ.get(OPT_OUT, '1').strip().lower() in ('0', 'false', 'no', 'off'):
@@ -77,7 +87,7 @@ def tuned_environment(environ: Mapping[str, str], *, libc: Optional[str] = None,
     return None
   env = dict(environ)
   env['GLIBC_TUNABLES'] = ':'.join(current + missing)
-  env[OPT_OUT] = '0'          # belt and braces: the child never re-executes again
+  env[OPT_OUT] = '0'  # belt and braces: the child never re-executes again
   return env
 
 

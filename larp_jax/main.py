@@ -19,22 +19,29 @@ import sys
 from larp_jax import cli_env
 from larp_jax import errors
 
-cli_env.quiet_tensorflow()   # before TensorFlow loads: our error line is the only one on stderr
+cli_env.quiet_tensorflow()  # before TensorFlow loads: our error line is the only one on stderr
 
 import logging as py_logging  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from absl import app, flags, logging  # pylint: disable=g-import-not-at-top,wrong-import-position
 from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (path[:args]).',
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+  'config', None, 'Config file (path[:args]).', lock_config=True
+)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory (checkpoints, logs, samples).')
-_MODE = flags.DEFINE_enum('mode', 'train', ['train', 'eval'],
-                          'train: train (resuming if possible); eval: evaluate the latest '
-                          'checkpoint in --workdir.')
-_COORDINATOR = flags.DEFINE_string('coordinator_address', None,
-                                   'host:port of process 0 for multi-host runs '
-                                   '(jax.distributed); on TPU pods and SLURM leave unset.')
+_MODE = flags.DEFINE_enum(
+  'mode',
+  'train',
+  ['train', 'eval'],
+  'train: train (resuming if possible); eval: evaluate the latest checkpoint in --workdir.',
+)
+_COORDINATOR = flags.DEFINE_string(
+  'coordinator_address',
+  None,
+  'host:port of process 0 for multi-host runs '
+  '(jax.distributed); on TPU pods and SLURM leave unset.',
+)
 _MULTIHOST = flags.DEFINE_bool('multihost', False, 'Call jax.distributed.initialize().')
 
 
@@ -46,13 +53,15 @@ class _QuietOrbax(py_logging.Filter):
 
 
 def main(argv):
-  del argv   # parse_flags has refused positional arguments
+  del argv  # parse_flags has refused positional arguments
   logging.get_absl_handler().addFilter(_QuietOrbax())
   import jax
+
   if _MULTIHOST.value or _COORDINATOR.value:
     jax.distributed.initialize(coordinator_address=_COORDINATOR.value)
   from larp_jax import tasks
   from larp_jax.train import loop
+
   config = _CONFIG.value
   try:
     task_cls = tasks.get(tasks.name_of(config))
@@ -60,10 +69,11 @@ def main(argv):
       loop.run(task_cls, config, _WORKDIR.value)
     else:
       print(loop.evaluate_run(task_cls, config, _WORKDIR.value)['summary'])
-  except BaseException as e:   # pylint: disable=broad-except
-    line = cli_env.error_line(e)   # a UserError or OSError (a full disk, a permission): one line
-    if line is None:               # anything else is a bug
+  except BaseException as e:  # pylint: disable=broad-except
+    line = cli_env.error_line(e)  # a UserError or OSError (a full disk, a permission): one line
+    if line is None:  # anything else is a bug
       import traceback
+
       traceback.print_exc()
       _exit(1)
     _exit(2, line)
@@ -99,17 +109,20 @@ def check_command_line(argv) -> None:
   override that names no field, before absl parses the flags (its own messages for these are
   multi-line reprs). Loads the config file once: a bug in it shows its traceback here."""
   from larp_jax import config_lib
+
   specs = _flag_values(argv, 'config')
   if not specs:
     return
   path = specs[-1].split(':', 1)[0]
   if not os.path.isfile(path):
-    raise errors.ConfigError(f'config file {path!r} not found (working directory {os.getcwd()}); '
-                             f'e.g. --config=configs/demo.py')
+    raise errors.ConfigError(
+      f'config file {path!r} not found (working directory {os.getcwd()}); '
+      f'e.g. --config=configs/demo.py'
+    )
   config = config_lib.load_config(specs[-1])
   for arg in argv:
     if arg.startswith('--config.'):
-      field = arg[len('--config.'):].split('=', 1)[0]
+      field = arg[len('--config.') :].split('=', 1)[0]
       config_lib.check_field(config, field)
 
 
@@ -120,8 +133,9 @@ def parse_flags(argv):
   try:
     rest = flags.FLAGS(argv)
     if len(rest) > 1:
-      raise errors.UserError(f'unexpected arguments {rest[1:]}: this command takes flags only '
-                             f'(see --help)')
+      raise errors.UserError(
+        f'unexpected arguments {rest[1:]}: this command takes flags only (see --help)'
+      )
   except (flags.Error, errors.UserError) as e:
     _fail(cli_env.flag_error(e, flags.FLAGS))
   return rest
@@ -134,7 +148,8 @@ def _fail(e):
 
 def _run():
   from larp_jax import host_malloc
-  host_malloc.reexec_if_needed()       # CPU: keep XLA's step buffers mapped (host_malloc.py)
+
+  host_malloc.reexec_if_needed()  # CPU: keep XLA's step buffers mapped (host_malloc.py)
   if any(a in cli_env.HELP_FLAGS for a in sys.argv[1:]):
     flags.FLAGS(sys.argv[:1], known_only=True)
     print(__doc__.strip() + '\n')
@@ -143,7 +158,7 @@ def _run():
   flags.mark_flags_as_required(['config', 'workdir'])
   try:
     check_command_line(sys.argv[1:])
-  except (errors.UserError, OSError) as e:   # only these: a bug in the config file: traceback
+  except (errors.UserError, OSError) as e:  # only these: a bug in the config file: traceback
     _fail(e)
   app.run(main, flags_parser=parse_flags)
 

@@ -40,8 +40,15 @@ def num_parameters(tree) -> int:
   return int(sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(tree)))
 
 
-def save(directory: str, variables: dict, *, config, step: int, task: str,
-         source: str = 'larp_jax training') -> str:
+def save(
+  directory: str,
+  variables: dict,
+  *,
+  config,
+  step: int,
+  task: str,
+  source: str = 'larp_jax training',
+) -> str:
   """Writes ``variables`` (on any mesh) as a params directory; returns its absolute path.
 
   Every process calls it (Orbax writes each array's shards from the process that holds them);
@@ -57,9 +64,16 @@ def save(directory: str, variables: dict, *, config, step: int, task: str,
   if jax.process_index() == 0:
     config_dict = config.to_dict() if hasattr(config, 'to_dict') else dict(config)
     _write_json(os.path.join(directory, workdir_lib.CONFIG_FILE), config_dict)
-    _write_json(os.path.join(directory, INFO_FILE), dict(
-        format=FORMAT, task=task, step=int(step), source=source,
-        num_parameters=num_parameters(variables.get('params', variables))))
+    _write_json(
+      os.path.join(directory, INFO_FILE),
+      dict(
+        format=FORMAT,
+        task=task,
+        step=int(step),
+        source=source,
+        num_parameters=num_parameters(variables.get('params', variables)),
+      ),
+    )
   return directory
 
 
@@ -67,8 +81,10 @@ def read_info(directory: str) -> dict:
   with open(os.path.join(directory, INFO_FILE)) as f:
     info = json.load(f)
   if info.get('format') != FORMAT:
-    raise errors.UserError(f'{directory}: params format {info.get("format")!r} is not '
-                           f'{FORMAT!r} (written by another larp_jax version?)')
+    raise errors.UserError(
+      f'{directory}: params format {info.get("format")!r} is not '
+      f'{FORMAT!r} (written by another larp_jax version?)'
+    )
   return info
 
 
@@ -80,16 +96,18 @@ def load(directory: str, abstract, shardings) -> Any:
   stored = checkpoint.stored_shapes(epath.Path(path))
   mismatch = checkpoint.first_mismatch(stored, checkpoint.shapes(target))
   if mismatch:
-    raise errors.UserError(f'the parameters in {directory} do not fit the model of its '
-                           f'config.json: {mismatch}')
+    raise errors.UserError(
+      f'the parameters in {directory} do not fit the model of its config.json: {mismatch}'
+    )
   with ocp.StandardCheckpointer() as ckptr:
     variables = ckptr.restore(path, target)
   del info
   return variables
 
 
-def load_variables(path: str, abstract: dict, shardings: dict,
-                   state_fields: Optional[dict] = None) -> tuple[Any, int, str]:
+def load_variables(
+  path: str, abstract: dict, shardings: dict, state_fields: Optional[dict] = None
+) -> tuple[Any, int, str]:
   """(variables, step, kind) from a params directory or a run directory.
 
   Args:
@@ -109,20 +127,24 @@ def load_variables(path: str, abstract: dict, shardings: dict,
     return load(path, abstract, shardings), int(read_info(path)['step']), 'params'
   ckpt_dir = os.path.join(path, 'checkpoints')
   if not os.path.isdir(ckpt_dir):
-    raise errors.UserError(f'{path} is neither a params directory (no {INFO_FILE}) nor a run '
-                           f'directory with checkpoints; train first (python -m larp_jax.main '
-                           f'--config=... --workdir={path})')
+    raise errors.UserError(
+      f'{path} is neither a params directory (no {INFO_FILE}) nor a run '
+      f'directory with checkpoints; train first (python -m larp_jax.main '
+      f'--config=... --workdir={path})'
+    )
   fields = state_fields or {k: k for k in abstract}
   mngr = checkpoint.manager(path, async_save=False)
   try:
     step, restored = checkpoint.restore_latest_fields(
-        mngr, {fields[k]: abstract[k] for k in abstract},
-        {fields[k]: shardings[k] for k in abstract})
+      mngr, {fields[k]: abstract[k] for k in abstract}, {fields[k]: shardings[k] for k in abstract}
+    )
   finally:
     mngr.close()
   if restored is None:
-    raise errors.UserError(f'no checkpoint in {ckpt_dir}: train first (python -m larp_jax.main '
-                           f'--config=... --workdir={path})')
+    raise errors.UserError(
+      f'no checkpoint in {ckpt_dir}: train first (python -m larp_jax.main '
+      f'--config=... --workdir={path})'
+    )
   return {k: restored[fields[k]] for k in abstract}, int(step), 'run'
 
 

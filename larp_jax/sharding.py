@@ -36,8 +36,10 @@ def mesh_shape(mesh_cfg, num_devices: int) -> dict:
       raise errors.ConfigError(f'config.mesh {sizes} does not divide the {num_devices} devices')
     sizes[free[0]] = num_devices // fixed
   if math.prod(sizes.values()) != num_devices:
-    raise errors.ConfigError(f'config.mesh {sizes} has {math.prod(sizes.values())} devices but '
-                             f'{num_devices} are available; use -1 for one axis')
+    raise errors.ConfigError(
+      f'config.mesh {sizes} has {math.prod(sizes.values())} devices but '
+      f'{num_devices} are available; use -1 for one axis'
+    )
   return sizes
 
 
@@ -70,19 +72,22 @@ def make_mesh(mesh_cfg, devices=None) -> Mesh:
     if n > 1:
       if shape[0] % n:
         raise errors.ConfigError(
-            f'config.mesh {sizes}: the data axis ({shape[0]}) must be a multiple of the {n} '
-            f'{kind}es of this job (the mesh spans them along data); e.g. '
-            f'--config.mesh.data={n} --config.mesh.fsdp=-1')
+          f'config.mesh {sizes}: the data axis ({shape[0]}) must be a multiple of the {n} '
+          f'{kind}es of this job (the mesh spans them along data); e.g. '
+          f'--config.mesh.data={n} --config.mesh.fsdp=-1'
+        )
       device_array = mesh_utils.create_hybrid_device_mesh(
-          (shape[0] // n, *shape[1:]), (n, 1, 1), devices, process_is_granule=kind == 'process')
+        (shape[0] // n, *shape[1:]), (n, 1, 1), devices, process_is_granule=kind == 'process'
+      )
     else:
       device_array = mesh_utils.create_device_mesh(shape, devices)
   except errors.UserError:
     raise
   except (AssertionError, ValueError, NotImplementedError) as e:
     raise errors.ConfigError(
-        f'config.mesh {sizes} cannot be laid out on {len(devices)} '
-        f'{devices[0].device_kind} devices: {" ".join(str(e).split())}') from None
+      f'config.mesh {sizes} cannot be laid out on {len(devices)} '
+      f'{devices[0].device_kind} devices: {" ".join(str(e).split())}'
+    ) from None
   return Mesh(device_array, MESH_AXES)
 
 
@@ -122,6 +127,6 @@ def strip_boxes(tree):
   outside ``jit`` fails on abstract values and plain arrays alike; this works in any context.
   """
   is_box = lambda x: isinstance(x, nn.Partitioned)
-  return jax.tree_util.tree_map(lambda x: x.unbox(apply_constraint=False) if is_box(x) else x,
-                                tree, is_leaf=is_box)
-
+  return jax.tree_util.tree_map(
+    lambda x: x.unbox(apply_constraint=False) if is_box(x) else x, tree, is_leaf=is_box
+  )

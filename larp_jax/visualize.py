@@ -21,8 +21,8 @@ def side_by_side(originals, reconstructions, gap: int = 2) -> np.ndarray:
   canvas = np.full((t, n * h + (n - 1) * gap, 2 * w + gap, 3), 255, np.uint8)
   for i in range(n):
     y = i * (h + gap)
-    canvas[:, y:y + h, :w] = a[i]
-    canvas[:, y:y + h, w + gap:] = b[i]
+    canvas[:, y : y + h, :w] = a[i]
+    canvas[:, y : y + h, w + gap :] = b[i]
   return canvas
 
 
@@ -36,15 +36,16 @@ def frame_grid(video: np.ndarray, max_frames: int = 8, gap: int = 0) -> np.ndarr
   return np.concatenate(parts, axis=1)
 
 
-HEADER_MIN_WIDTH = 720    # px: a narrow image is padded (white, right) so the header stays readable
+HEADER_MIN_WIDTH = 720  # px: a narrow image is padded (white, right) so the header stays readable
 
 
 def _font(size: int):
   from PIL import ImageFont
+
   try:
-    return ImageFont.load_default(size=size)   # Pillow >= 10.1 with FreeType: scalable
+    return ImageFont.load_default(size=size)  # Pillow >= 10.1 with FreeType: scalable
   except (TypeError, ImportError, OSError):
-    return ImageFont.load_default()            # the fixed bitmap font
+    return ImageFont.load_default()  # the fixed bitmap font
 
 
 def _wrap(draw, text: str, font, width: int) -> list:
@@ -60,13 +61,15 @@ def _wrap(draw, text: str, font, width: int) -> list:
   return lines + [cur]
 
 
-def add_header(image: np.ndarray, lines: Union[str, Sequence[str]],
-               min_width: int = HEADER_MIN_WIDTH) -> np.ndarray:
+def add_header(
+  image: np.ndarray, lines: Union[str, Sequence[str]], min_width: int = HEADER_MIN_WIDTH
+) -> np.ndarray:
   """[H, W, 3] uint8 -> [h + H, max(W, min_width), 3]: black text lines on white above the image.
 
   Lines are wrapped to the width; the font size follows the width (14 to 28 px).
   """
   from PIL import Image, ImageDraw
+
   lines = [lines] if isinstance(lines, str) else list(lines)
   h, w, _ = image.shape
   width = max(w, int(min_width))
@@ -85,11 +88,13 @@ def add_header(image: np.ndarray, lines: Union[str, Sequence[str]],
   return np.asarray(canvas)
 
 
-def write_png(path: str, image: np.ndarray, upscale: int = 1,
-              header: Optional[Union[str, Sequence[str]]] = None) -> None:
+def write_png(
+  path: str, image: np.ndarray, upscale: int = 1, header: Optional[Union[str, Sequence[str]]] = None
+) -> None:
   """Writes ``image`` [H, W, 3] uint8, pixels repeated ``upscale`` times, with ``add_header``'s
   text above it if ``header`` is given (drawn after the upscale, so the text stays sharp)."""
   from PIL import Image
+
   if upscale > 1:
     image = image.repeat(upscale, 0).repeat(upscale, 1)
   if header:
@@ -101,6 +106,7 @@ def write_png(path: str, image: np.ndarray, upscale: int = 1,
 def write_mp4(path: str, video: np.ndarray, fps: int = 8, upscale: int = 1) -> None:
   """[T, H, W, 3] uint8 -> H.264 mp4 (sizes padded to even numbers for yuv420p)."""
   import av
+
   if upscale > 1:
     video = video.repeat(upscale, 1).repeat(upscale, 2)
   t, h, w, _ = video.shape
@@ -117,8 +123,13 @@ def write_mp4(path: str, video: np.ndarray, fps: int = 8, upscale: int = 1) -> N
       container.mux(packet)
 
 
-def write_reconstructions(out_dir: str, name: str, originals, reconstructions,
-                          header: Optional[Union[str, Sequence[str]]] = None) -> dict:
+def write_reconstructions(
+  out_dir: str,
+  name: str,
+  originals,
+  reconstructions,
+  header: Optional[Union[str, Sequence[str]]] = None,
+) -> dict:
   """Writes ``name.mp4`` (side by side, moving) and ``name.png`` (frames in rows) in out_dir.
 
   ``header``: text line(s) drawn above the PNG (e.g. the tokenizer's and the baselines' PSNR, see

@@ -42,10 +42,23 @@ METRICS_FILE = 'metrics.jsonl'
 # temperature, loss weights, dropout, scheduled-sampling rounds) and init-only settings. Every
 # other field defines the network itself (its shapes or its function) and is fixed for the run.
 RESTARTABLE_MODEL_FIELDS = (
-    'attention_impl', 'remat', 'dtype', 'vq_temperature', 'vq_commit_weight',
-    'vq_codebook_weight', 'prior_dropout', 'prior_attn_dropout_in_eval', 'prior_n_rounds',
-    'prior_ce_temperature', 'query_init', 'query_init_std', 'vq_temperature_start',
-    'vq_temperature_ramp_steps', 'vq_entropy_weight', 'vq_entropy_temperature')
+  'attention_impl',
+  'remat',
+  'dtype',
+  'vq_temperature',
+  'vq_commit_weight',
+  'vq_codebook_weight',
+  'prior_dropout',
+  'prior_attn_dropout_in_eval',
+  'prior_n_rounds',
+  'prior_ce_temperature',
+  'query_init',
+  'query_init_std',
+  'vq_temperature_start',
+  'vq_temperature_ramp_steps',
+  'vq_entropy_weight',
+  'vq_entropy_temperature',
+)
 
 
 class WorkdirError(errors.UserError):
@@ -59,8 +72,10 @@ def writable_or_raise(path: str, what: str = 'the run directory') -> None:
     with tempfile.NamedTemporaryFile(dir=path, prefix='.write-test-'):
       pass
   except OSError as e:
-    raise WorkdirError(f'cannot write to {what} {path}: {e.strerror or e}; '
-                       f'choose a writable --workdir (or free some space)') from None
+    raise WorkdirError(
+      f'cannot write to {what} {path}: {e.strerror or e}; '
+      f'choose a writable --workdir (or free some space)'
+    ) from None
 
 
 def is_writable(path: str) -> bool:
@@ -101,11 +116,15 @@ class Lock:
       if e.errno not in (errno.EAGAIN, errno.EACCES):
         raise
       raise WorkdirError(
-          f'{os.path.dirname(self.path)} is in use by another trainer ({_describe(self.path)}); '
-          f'wait for it to finish or stop it, or use another --workdir') from None
+        f'{os.path.dirname(self.path)} is in use by another trainer ({_describe(self.path)}); '
+        f'wait for it to finish or stop it, or use another --workdir'
+      ) from None
     self._fd = fd
-    owner = {'host': socket.gethostname(), 'pid': os.getpid(),
-             'since': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}
+    owner = {
+      'host': socket.gethostname(),
+      'pid': os.getpid(),
+      'since': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
+    }
     try:
       os.ftruncate(fd, 0)
       os.write(fd, (json.dumps(owner) + '\n').encode())
@@ -120,7 +139,7 @@ class Lock:
       try:
         os.ftruncate(fd, 0)
       finally:
-        os.close(fd)      # closing drops the flock
+        os.close(fd)  # closing drops the flock
 
   def __enter__(self):
     return self.acquire()
@@ -161,14 +180,18 @@ def differences(old: dict, new: dict) -> dict:
   """{'a.b': (old value, new value)} for every leaf that differs (missing: '<absent>')."""
   a, b = _flatten(old), _flatten(new)
   missing = _ABSENT
-  return {k: (a.get(k, missing), b.get(k, missing)) for k in sorted(set(a) | set(b))
-          if a.get(k, missing) != b.get(k, missing)}
+  return {
+    k: (a.get(k, missing), b.get(k, missing))
+    for k in sorted(set(a) | set(b))
+    if a.get(k, missing) != b.get(k, missing)
+  }
 
 
 def _module_default(section: str, field: str):
   """The default of a LARPTokenizer ('model') or discriminator ('disc') field, as JSON."""
   from larp_jax.models.discriminator import TransformerDiscriminator
   from larp_jax.models.tokenizer import LARPTokenizer
+
   module = {'model': LARPTokenizer, 'disc': TransformerDiscriminator}[section]
   for f in dataclasses.fields(module):
     if f.name == field and f.default is not dataclasses.MISSING:
@@ -178,13 +201,13 @@ def _module_default(section: str, field: str):
 
 def _changes_checkpoint(key: str, old, new) -> bool:
   section, _, field = key.partition('.')
-  if key == 'task':   # runs from before config.task trained the tokenizer
+  if key == 'task':  # runs from before config.task trained the tokenizer
     return (old if old != _ABSENT else 'tokenizer') != (new if new != _ABSENT else 'tokenizer')
   if section in ('model', 'disc'):
-    if old == _ABSENT:   # a field added to the code after the run started: its default is what ran
+    if old == _ABSENT:  # a field added to the code after the run started: its default is what ran
       return new != _module_default(section, field)
     return field not in RESTARTABLE_MODEL_FIELDS
-  if key == 'optim.ema_decay':   # an EMA copy of the parameters exists or not
+  if key == 'optim.ema_decay':  # an EMA copy of the parameters exists or not
     return (float(old or 0) > 0) != (float(new or 0) > 0)
   return False
 
@@ -208,8 +231,9 @@ def check_config(workdir: str, config) -> dict:
   if fatal:
     listed = ', '.join(f'{k} {a!r} -> {b!r}' for k, (a, b) in fatal.items())
     raise WorkdirError(
-        f'{workdir} holds a run with another model ({listed}); resume it with its own config '
-        f'({path}), or start a new run with another --workdir')
+      f'{workdir} holds a run with another model ({listed}); resume it with its own config '
+      f'({path}), or start a new run with another --workdir'
+    )
   return diff
 
 
@@ -220,8 +244,11 @@ def write_config(workdir: str, config, *, start_step: int, diff: dict) -> None:
   if os.path.exists(path):
     if not diff:
       return
-    logging.warning('Restarting at step %d with config changes: %s', start_step,
-                    ', '.join(f'{k} {a!r} -> {b!r}' for k, (a, b) in diff.items()))
+    logging.warning(
+      'Restarting at step %d with config changes: %s',
+      start_step,
+      ', '.join(f'{k} {a!r} -> {b!r}' for k, (a, b) in diff.items()),
+    )
     path = os.path.join(workdir, f'config.restart-{int(start_step)}.json')
   _write_atomic(path, config.to_json_best_effort(indent=2))
 

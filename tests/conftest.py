@@ -14,6 +14,7 @@ if ROOT not in sys.path:
 def assert_vjp_close(got, ref, *, atol_out, atol_grad):
   """``got`` and ``ref`` are (output, (gradients...)) of two kernels: equal within the atols."""
   import numpy as np
+
   np.testing.assert_allclose(got[0], ref[0], atol=atol_out)
   for a, b in zip(got[1], ref[1]):
     np.testing.assert_allclose(a, b, atol=atol_grad)
@@ -24,18 +25,25 @@ def run_result_script(code: str, *, timeout: int, **env):
   prints on a line starting with RESULT (assertion error with its output otherwise)."""
   import json
   import subprocess
-  r = subprocess.run([sys.executable, '-c', code], cwd=ROOT,
-                     env=dict(os.environ, JAX_PLATFORMS='cpu', **env), capture_output=True,
-                     text=True, timeout=timeout)
+
+  r = subprocess.run(
+    [sys.executable, '-c', code],
+    cwd=ROOT,
+    env=dict(os.environ, JAX_PLATFORMS='cpu', **env),
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+  )
   line = [l for l in r.stdout.splitlines() if l.startswith('RESULT')]
   assert line, r.stdout[-2000:] + r.stderr[-3000:]
-  return json.loads(line[0][len('RESULT'):])
+  return json.loads(line[0][len('RESULT') :])
 
 
 def tiny_tokenizer_kwargs(**overrides):
   """LARPTokenizer kwargs of the tiny test model (``larp_jax/configs/common.py``, the configs'
   ``tiny`` argument) on 4x16x16 clips; other fields at the module defaults."""
   from larp_jax.configs import common
+
   kw = dict(common.TINY_MODEL, video_shape=(4, 16, 16))
   kw.update(overrides)
   return kw
@@ -49,6 +57,7 @@ def tiny_kwargs():
 def pytest_configure(config):
   # Tiny models: XLA's optimisation passes cost more than they save.
   import jax
+
   jax.config.update('jax_disable_most_optimizations', True)
 
 
@@ -64,6 +73,7 @@ def pytest_unconfigure(config):
   # iterator whose prefetch thread is inside a numpy_function can deadlock on the GIL (see
   # larp_jax/main.py), which would hang CI after all tests passed.
   import sys
+
   sys.stdout.flush()
   sys.stderr.flush()
   os._exit(_EXIT_STATUS[0])

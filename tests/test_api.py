@@ -19,8 +19,7 @@ def tok():
   k = jax.random.split(jax.random.key(0), 3)
   video = jnp.zeros((1, *model.video_shape, 3))
   params = model.init({'params': k[0], 'vq': k[1], 'dropout': k[2]}, video, train=True)['params']
-  return Tokenizer(model=model, params=nn.unbox(params), config=ml_collections.ConfigDict(),
-                   step=0)
+  return Tokenizer(model=model, params=nn.unbox(params), config=ml_collections.ConfigDict(), step=0)
 
 
 def _uint8_video(tok, seed=0, batch=2):
@@ -33,6 +32,7 @@ def _tokens(tok, fill):
 
 
 # ---------------------------------------------------------------- decode
+
 
 def test_decode_valid_ids(tok):
   k = tok.model.codebook_size
@@ -67,6 +67,7 @@ def test_decode_rejects_float_tokens(tok):
 
 
 # ---------------------------------------------------------------- encode
+
 
 def test_encode_uint8_equals_float_in_0_1(tok):
   u = _uint8_video(tok)
@@ -106,8 +107,9 @@ def test_encode_rejects_int32_0_255(tok):
     tok.encode(_uint8_video(tok).astype(np.int32))
 
 
-@pytest.mark.parametrize('shape', [(2, 4, 16, 16), (4, 16, 16, 3), (2, 4, 16, 8, 3),
-                                   (2, 2, 16, 16, 3), (2, 4, 16, 16, 1)])
+@pytest.mark.parametrize(
+  'shape', [(2, 4, 16, 16), (4, 16, 16, 3), (2, 4, 16, 8, 3), (2, 2, 16, 16, 3), (2, 4, 16, 16, 1)]
+)
 def test_encode_rejects_wrong_shape(tok, shape):
   with pytest.raises(ValueError, match=r'shape \[B, 4, 16, 16, 3\]'):
     tok.encode(np.zeros(shape, np.float32))

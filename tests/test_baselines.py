@@ -9,7 +9,7 @@ from larp_jax.evaluation import baselines as bl
 from larp_jax.evaluation import recon_metrics
 from larp_jax.models import patches
 
-EXACT = 100.0   # -10 log10(MSE_FLOOR)
+EXACT = 100.0  # -10 log10(MSE_FLOOR)
 
 
 def metrics(clips, patch_size=(2, 4, 4), **kw):
@@ -38,8 +38,11 @@ def test_constant_clips_hand_values():
   # is 0.4 everywhere, MSE 0.04 for both, PSNR -10 log10(0.04).
   clips = np.stack([np.full((4, 8, 8, 3), 0.2), np.full((4, 8, 8, 3), 0.6)])
   m = metrics(clips)
-  assert m['clip_mean'] == {'psnr': pytest.approx(EXACT), 'mse': pytest.approx(0, abs=1e-20),
-                            'values_per_clip': 3}
+  assert m['clip_mean'] == {
+    'psnr': pytest.approx(EXACT),
+    'mse': pytest.approx(0, abs=1e-20),
+    'values_per_clip': 3,
+  }
   assert m['patch_mean']['psnr'] == pytest.approx(EXACT)
   assert m['patch_mean']['values_per_clip'] == 3 * 2 * 2 * 2
   assert m['dataset_mean']['mse'] == pytest.approx(0.04)
@@ -63,8 +66,8 @@ def test_psnr_is_mean_of_per_clip_psnr():
 
 def test_patch_constant_video_is_exact_for_patch_mean_only():
   rng = np.random.default_rng(1)
-  colours = rng.random((3, 2, 2, 3, 3))                     # [B, gt, gh, gw, 3]
-  video = colours.repeat(2, 1).repeat(4, 2).repeat(4, 3)    # patches (2, 4, 4) of one colour
+  colours = rng.random((3, 2, 2, 3, 3))  # [B, gt, gh, gw, 3]
+  video = colours.repeat(2, 1).repeat(4, 2).repeat(4, 3)  # patches (2, 4, 4) of one colour
   m = metrics(video)
   assert m['patch_mean']['psnr'] == pytest.approx(EXACT)
   assert m['clip_mean']['psnr'] < 40
@@ -102,9 +105,9 @@ def test_pca1_exact_on_a_line_and_pca_beats_means():
   rng = np.random.default_rng(3)
   d = rng.standard_normal(12)
   d *= 0.3 / np.abs(d).max()
-  s = rng.uniform(-1, 1, (4, 8, 1))                         # [B, P, 1]
-  p = 0.5 + s * d                                           # in [0.2, 0.8]
-  clips = np.asarray(patches.unpatchify(p, (2, 2, 2), (1, 2, 2)))   # grid of (2, 4, 4) clips
+  s = rng.uniform(-1, 1, (4, 8, 1))  # [B, P, 1]
+  p = 0.5 + s * d  # in [0.2, 0.8]
+  clips = np.asarray(patches.unpatchify(p, (2, 2, 2), (1, 2, 2)))  # grid of (2, 4, 4) clips
   m = metrics(clips, (1, 2, 2), pca_components=(1, 4))
   assert m['pca1']['psnr'] == pytest.approx(EXACT)
   assert m['pca1']['mse'] < 1e-20
@@ -129,7 +132,7 @@ def test_pca_against_svd_reference_with_clamping():
   rng = np.random.default_rng(4)
   clips = rng.random((5, 2, 4, 4, 3)) ** 2
   mse_ref, unclamped = _pca_reference(clips, (1, 2, 2), 2)
-  assert unclamped.min() < 0 or unclamped.max() > 1         # the clamp matters here
+  assert unclamped.min() < 0 or unclamped.max() > 1  # the clamp matters here
   m = metrics(clips, (1, 2, 2), pca_components=(2,))['pca2']
   assert m['mse'] == pytest.approx(mse_ref.mean(), rel=1e-9)
   assert m['psnr'] == pytest.approx(np.mean(-10 * np.log10(mse_ref)), rel=1e-9)
@@ -145,7 +148,7 @@ def test_uint8_chunks_lists_and_sharded_stats_agree(monkeypatch):
   u8 = rng.integers(0, 256, (7, 2, 4, 4, 3), dtype=np.uint8)
   ref = bl.baseline_metrics(u8.astype(np.float64) / 255, (1, 2, 2))
   assert_same(metrics(u8, (1, 2, 2)), ref['baselines'])
-  monkeypatch.setattr(bl, 'CHUNK_VALUES', 100)              # one clip (96 values) per chunk
+  monkeypatch.setattr(bl, 'CHUNK_VALUES', 100)  # one clip (96 values) per chunk
   out = bl.baseline_metrics([u8[:3], u8[3:3], u8[3:]], (1, 2, 2))
   assert out['clips'] == 7
   assert_same(out['baselines'], ref['baselines'])
@@ -162,7 +165,7 @@ def test_uint8_chunks_lists_and_sharded_stats_agree(monkeypatch):
 def test_all_sum_hook_and_no_clips():
   seen = []
 
-  def fake_all_sum(tree):       # a second process holding the same clips: everything doubles
+  def fake_all_sum(tree):  # a second process holding the same clips: everything doubles
     seen.append(sorted(tree))
     return {k: 2 * np.asarray(v) for k, v in tree.items()}
 

@@ -30,8 +30,9 @@ def test_tokenizer_flops_by_hand():
     encoder_depth, decoder_depth = 1, 2
     codebook_size, code_dim = 10, 3
     use_prior, prior_width, prior_depth, prior_n_rounds = True, 4, 1, 2
+
   f = flops.tokenizer_forward_flops(M, batch=1)
-  layer6 = 2 * 6 * 12 * 16 + 4 * 36 * 4            # L = P + N = 6, d = 4: 2304 + 576
+  layer6 = 2 * 6 * 12 * 16 + 4 * 36 * 4  # L = P + N = 6, d = 4: 2304 + 576
   assert layer6 == 2880
   # A last block keeping k of the 6 tokens: qkv on all 6 (576), attention with k queries
   # (4*k*6*4), proj + MLP on k rows (2*k*(16 + 128)). Encoder keeps N = 2, decoder P = 4.
@@ -49,6 +50,7 @@ def test_tokenizer_flops_by_hand():
 
   class Loss:
     gan_weight = lpips_weight = 0.0
+
   # Generator step: 3x the trained pieces, 1x the VQ logits (codes are sampled), per prior
   # round 3x the prior and 2x its logits against the detached codebook.
   gen = flops.analytic_flops('gen', M, None, Loss, 1)
@@ -66,6 +68,7 @@ def test_xla_cost_analysis_of_a_matmul():
 def test_cost_twin_for_loops_and_custom_calls():
   class M:
     scan_layers, attention_impl = False, 'xla'
+
   assert not flops.needs_cost_twin(M)
   M.attention_impl = 'chunked'
   assert flops.needs_cost_twin(M)
@@ -74,7 +77,7 @@ def test_cost_twin_for_loops_and_custom_calls():
   # Why: XLA's cost analysis counts a loop body once, not once per iteration.
   x = jnp.ones((32, 32))
   looped = jax.jit(lambda x: jax.lax.fori_loop(0, 4, lambda i, y: y @ x, x)).lower(x)
-  assert flops.xla_flops(looped) < 4 * 2 * 32 ** 3
+  assert flops.xla_flops(looped) < 4 * 2 * 32**3
 
 
 def test_datasheet_peaks():
@@ -91,12 +94,21 @@ def test_tiny_preset_matches_the_reference():
   m = c.model
   assert tuple(m.video_shape) == (16, 64, 64) and tuple(m.patch_size) == (4, 8, 8)
   assert (m.num_latent_tokens, m.width, m.encoder_depth, m.decoder_depth, m.num_heads) == (
-      256, 256, 4, 4, 4)
+    256,
+    256,
+    4,
+    4,
+    4,
+  )
   assert (m.codebook_size, m.code_dim) == (1024, 16)
   assert m.use_prior and (m.prior_depth, m.prior_width, m.prior_heads) == (2, 128, 2)
   assert m.mlp_ratio == 4.0 and m.dtype == 'float32' and m.param_dtype == 'float32'
   assert (c.disc.width, c.disc.depth, c.disc.num_heads, tuple(c.disc.patch_size)) == (
-      512, 2, 8, (4, 8, 8))
+    512,
+    2,
+    8,
+    (4, 8, 8),
+  )
   assert c.batch_size == 4
   # 'train' is the full recipe (LPIPS-VGG + GAN); 'gen' has neither.
   assert c.loss.lpips_weight > 0 and c.loss.lpips_net == 'vgg' and c.loss.gan_weight > 0
@@ -112,10 +124,11 @@ def test_larp_l_preset_is_the_released_recipe_at_batch_1():
   ref = config_lib.load_config(os.path.join(ROOT, 'configs', 'ucf101.py'))
   assert c.batch_size == 1
   assert dict(c.model) == dict(ref.model)
-  per_epoch = 'vq_warmup_steps_per_epoch'   # derived from the batch size, like total_steps
+  per_epoch = 'vq_warmup_steps_per_epoch'  # derived from the batch size, like total_steps
   assert dict(c.disc) == dict(ref.disc)
   assert {k: v for k, v in c.loss.items() if k != per_epoch} == {
-      k: v for k, v in ref.loss.items() if k != per_epoch}
+    k: v for k, v in ref.loss.items() if k != per_epoch
+  }
   assert tuple(c.model.video_shape) == (16, 128, 128) and c.model.num_latent_tokens == 1024
   assert (c.model.width, c.model.encoder_depth, c.model.decoder_depth) == (768, 12, 12)
   assert c.model.dtype == 'float32'
@@ -125,9 +138,18 @@ def test_larp_l_preset_is_the_released_recipe_at_batch_1():
 def test_bench_main_on_micro(tmp_path):
   out = tmp_path / 'micro.json'
   batch = 2 * jax.device_count()
-  record = runners.main(['bench', f'--config={ROOT}/configs/bench.py:micro',
-                         '--what=gen,encode,decode', '--runs=1', '--warmup=1', f'--batch={batch}',
-                         '--peak_size=256', f'--out={out}'])
+  record = runners.main(
+    [
+      'bench',
+      f'--config={ROOT}/configs/bench.py:micro',
+      '--what=gen,encode,decode',
+      '--runs=1',
+      '--warmup=1',
+      f'--batch={batch}',
+      '--peak_size=256',
+      f'--out={out}',
+    ]
+  )
   on_disk = json.loads(out.read_text())
   assert on_disk['measurements'].keys() == {'gen', 'encode', 'decode'}
   assert on_disk['batch'] == batch and on_disk['dtype'] == 'float32'
@@ -136,10 +158,11 @@ def test_bench_main_on_micro(tmp_path):
   assert on_disk['device']['count'] == jax.device_count()
   assert on_disk['versions']['jax'] == jax.__version__
   assert on_disk['peak']['measured']['float32']['flops_per_s'] > 0
-  assert len(on_disk['peak']['rechecks_flops_per_s']['float32']) == 2   # after gen, after decode
+  assert len(on_disk['peak']['rechecks_flops_per_s']['float32']) == 2  # after gen, after decode
   assert on_disk['peak']['used_for_mfu']['flops_per_s_per_device'] == max(
-      on_disk['peak']['rechecks_flops_per_s']['float32']
-      + [on_disk['peak']['measured']['float32']['flops_per_s']])
+    on_disk['peak']['rechecks_flops_per_s']['float32']
+    + [on_disk['peak']['measured']['float32']['flops_per_s']]
+  )
   assert on_disk['input']['clips_per_s'] > 0
   for what, r in on_disk['measurements'].items():
     assert r['what'] == what

@@ -6,7 +6,6 @@ every switch written out at its default; the batch norms for running statistics 
 statistics of the global batch under a sharded ``jit``.
 """
 
-
 import flax
 import flax.linen as nn
 import jax
@@ -19,16 +18,24 @@ from larp_jax.models import quantizer as q
 from tests.conftest import ROOT, run_result_script, tiny_tokenizer_kwargs
 
 EPS = 1e-5
-DEFAULTS = dict(bottleneck_norm='none', vq_temperature=0.03, vq_temperature_learnable=False,
-                vq_temperature_start=0.03, vq_temperature_ramp_steps=0, vq_entropy_weight=0.0,
-                vq_entropy_temperature=0.01)
+DEFAULTS = dict(
+  bottleneck_norm='none',
+  vq_temperature=0.03,
+  vq_temperature_learnable=False,
+  vq_temperature_start=0.03,
+  vq_temperature_ramp_steps=0,
+  vq_entropy_weight=0.0,
+  vq_entropy_temperature=0.01,
+)
 OPTIONS = {
-    'bn_bn': dict(bottleneck_norm='bn_bn'), 'bn_b': dict(bottleneck_norm='bn_b'),
-    'ln_d': dict(bottleneck_norm='ln_d'), 'ln_nd': dict(bottleneck_norm='ln_nd'),
-    'ln_d_na': dict(bottleneck_norm='ln_d_na'),
-    'entropy': dict(vq_entropy_weight=0.5),
-    'ramp': dict(vq_temperature_start=1.0, vq_temperature_ramp_steps=10),
-    'learnable': dict(vq_temperature_learnable=True, vq_temperature=0.1),
+  'bn_bn': dict(bottleneck_norm='bn_bn'),
+  'bn_b': dict(bottleneck_norm='bn_b'),
+  'ln_d': dict(bottleneck_norm='ln_d'),
+  'ln_nd': dict(bottleneck_norm='ln_nd'),
+  'ln_d_na': dict(bottleneck_norm='ln_d_na'),
+  'entropy': dict(vq_entropy_weight=0.5),
+  'ramp': dict(vq_temperature_start=1.0, vq_temperature_ramp_steps=10),
+  'learnable': dict(vq_temperature_learnable=True, vq_temperature=0.1),
 }
 
 
@@ -46,7 +53,8 @@ def init_model(model, batch=2, seed=0):
   variables = nn.unbox(model.init(rngs(seed), video, train=True))
   params = variables['params']
   params['final_linear']['kernel'] = 0.1 * jax.random.normal(
-      jax.random.key(9), params['final_linear']['kernel'].shape)
+    jax.random.key(9), params['final_linear']['kernel'].shape
+  )
   return variables, video
 
 
@@ -55,6 +63,7 @@ def _norm(tree):
 
 
 # ---------------------------------------------------------------- normalisations
+
 
 @pytest.mark.parametrize('kind', ['ln_d', 'ln_nd', 'ln_d_na'])
 def test_layer_norms_match_hand_computed(kind):
@@ -65,14 +74,15 @@ def test_layer_norms_match_hand_computed(kind):
   axes = (-2, -1) if kind == 'ln_nd' else (-1,)
   y = (zz - zz.mean(axes, keepdims=True)) / np.sqrt(zz.var(axes, keepdims=True) + EPS)
   if kind == 'ln_d_na':
-    assert variables == {}      # no affine parameters
+    assert variables == {}  # no affine parameters
   else:
     shape = (2, 4) if kind == 'ln_nd' else (4,)
     assert variables['params']['scale'].shape == shape
     scale = 1.0 + 0.1 * np.arange(np.prod(shape)).reshape(shape)
     bias = -0.2 * np.arange(np.prod(shape)).reshape(shape)
-    variables = {'params': {'scale': jnp.asarray(scale, jnp.float32),
-                            'bias': jnp.asarray(bias, jnp.float32)}}
+    variables = {
+      'params': {'scale': jnp.asarray(scale, jnp.float32), 'bias': jnp.asarray(bias, jnp.float32)}
+    }
     y = y * scale + bias
   out = norm.apply(variables, z, train=True)
   np.testing.assert_allclose(out, y, atol=1e-5)
@@ -99,11 +109,13 @@ def test_batch_norms_match_hand_computed_and_update_running_stats(kind):
   np.testing.assert_array_equal(variables['batch_stats']['var'], np.ones(feat))
   scale = 1.0 + 0.1 * np.arange(feat)
   bias = 0.05 * np.arange(feat)
-  variables['params'] = {'scale': jnp.asarray(scale, jnp.float32),
-                         'bias': jnp.asarray(bias, jnp.float32)}
+  variables['params'] = {
+    'scale': jnp.asarray(scale, jnp.float32),
+    'bias': jnp.asarray(bias, jnp.float32),
+  }
 
   rows = _rows(z, kind)
-  count = rows.shape[0]                                   # 6 (B x N) or 3 (B)
+  count = rows.shape[0]  # 6 (B x N) or 3 (B)
   mean, var = rows.mean(0), rows.var(0)
   expected = ((rows - mean) / np.sqrt(var + EPS) * scale + bias).reshape(b, n, d)
 
@@ -128,7 +140,7 @@ def test_batch_norms_match_hand_computed_and_update_running_stats(kind):
 def test_batch_norm_over_the_batch_only_needs_two_clips():
   norm = q.BottleneckNorm('bn_b')
   z = latents((1, 2, 4))
-  variables = norm.init(jax.random.key(0), z, train=True)   # init with one clip is fine
+  variables = norm.init(jax.random.key(0), z, train=True)  # init with one clip is fine
   with pytest.raises(ValueError, match='more than one value per channel'):
     norm.apply(variables, z, train=True, mutable=['batch_stats'])
 
@@ -141,21 +153,20 @@ def test_batch_statistics_are_those_of_the_global_batch(kind):
   norm = q.BottleneckNorm(kind)
   variables = norm.init(jax.random.key(0), z, train=True)
   _, upd = norm.apply(variables, z, train=True, mutable=['batch_stats'])
-  shards = [_rows(z[2 * i: 2 * i + 2], kind) for i in range(4)]
+  shards = [_rows(z[2 * i : 2 * i + 2], kind) for i in range(4)]
   counts = np.array([s.shape[0] for s in shards], np.float64)
   means = np.stack([s.mean(0) for s in shards])
-  sq = np.stack([(s ** 2).mean(0) for s in shards])
+  sq = np.stack([(s**2).mean(0) for s in shards])
   g_mean = (counts[:, None] * means).sum(0) / counts.sum()
-  g_var = (counts[:, None] * sq).sum(0) / counts.sum() - g_mean ** 2
+  g_var = (counts[:, None] * sq).sum(0) / counts.sum() - g_mean**2
   n = counts.sum()
   np.testing.assert_allclose(upd['batch_stats']['mean'], 0.1 * g_mean, atol=1e-6)
-  np.testing.assert_allclose(upd['batch_stats']['var'], 0.9 + 0.1 * g_var * n / (n - 1),
-                             atol=1e-5)
+  np.testing.assert_allclose(upd['batch_stats']['var'], 0.9 + 0.1 * g_var * n / (n - 1), atol=1e-5)
   _, local = norm.apply(variables, z[:2], train=True, mutable=['batch_stats'])
   assert not np.allclose(local['batch_stats']['mean'], upd['batch_stats']['mean'], atol=1e-3)
 
 
-_MESH_SCRIPT = r'''
+_MESH_SCRIPT = r"""
 import os, sys, json
 os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=8'
 import jax, jax.numpy as jnp, numpy as np
@@ -182,7 +193,7 @@ for kind in ('bn_bn', 'bn_b'):
       all_reduce='all-reduce' in hlo)
 print('RESULT' + json.dumps(out), flush=True)
 os._exit(0)
-'''
+"""
 
 
 def test_batch_statistics_under_sharded_jit_match_one_device():
@@ -196,6 +207,7 @@ def test_batch_statistics_under_sharded_jit_match_one_device():
 
 
 # ---------------------------------------------------------------- entropy loss
+
 
 def test_entropy_loss_matches_hand_computed():
   logits = np.array([[2.0, 0.0, -1.0], [0.5, 0.5, 3.0]])
@@ -212,31 +224,38 @@ def test_entropy_loss_uses_cosine_over_its_temperature_and_joins_vq_loss(determi
   """Runs with SVQ sampling too (the official code cannot: its affinity exists only in the
   non-stochastic branch)."""
   codebook = jnp.array([[1.0, 0.0], [0.0, 2.0], [-3.0, 0.0]])
-  z = jnp.array([[[1.0, 1.0]], [[2.0, 0.0]]])               # [B=2, N=1, d=2]
-  cos = np.array([[0.5 ** 0.5, 0.5 ** 0.5, -0.5 ** 0.5], [1.0, 0.0, -1.0]])
+  z = jnp.array([[[1.0, 1.0]], [[2.0, 0.0]]])  # [B=2, N=1, d=2]
+  cos = np.array([[0.5**0.5, 0.5**0.5, -(0.5**0.5)], [1.0, 0.0, -1.0]])
   losses = {}
   for w in (0.0, 0.3):
     vq = q.VectorQuantizer(3, 2, temperature=0.5, entropy_weight=w, entropy_temperature=0.2)
-    _, aux = vq.apply({'params': {'codebook': codebook}}, z, deterministic=deterministic,
-                      rngs={'vq': jax.random.key(0)})
+    _, aux = vq.apply(
+      {'params': {'codebook': codebook}},
+      z,
+      deterministic=deterministic,
+      rngs={'vq': jax.random.key(0)},
+    )
     losses[w] = aux
   expected, _, _ = q.entropy_loss(jnp.asarray(cos / 0.2, jnp.float32))
   np.testing.assert_allclose(losses[0.3]['entropy_loss'], expected, rtol=1e-5)
-  np.testing.assert_allclose(losses[0.3]['vq_loss'] - losses[0.0]['vq_loss'], 0.3 * expected,
-                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+    losses[0.3]['vq_loss'] - losses[0.0]['vq_loss'], 0.3 * expected, rtol=1e-5, atol=1e-6
+  )
   assert 'entropy_loss' not in losses[0.0]
 
 
 def test_entropy_loss_gradient_reaches_encoder_and_codebook():
   model = LARPTokenizer(**tiny_tokenizer_kwargs(vq_entropy_weight=1.0, use_prior=False))
   variables, video = init_model(model)
-  g = jax.grad(lambda p: model.apply({'params': p}, video, train=True, rngs=rngs(1))[1][
-      'entropy_loss'])(variables['params'])
+  g = jax.grad(
+    lambda p: model.apply({'params': p}, video, train=True, rngs=rngs(1))[1]['entropy_loss']
+  )(variables['params'])
   assert _norm(g['quantizer']) > 0 and _norm(g['encoder']) > 0 and _norm(g['in_linear']) > 0
   assert _norm(g['decoder']) == 0
 
 
 # ---------------------------------------------------------------- temperature
+
 
 def test_temperature_ramp_matches_hand_computed():
   t = [float(q.scheduled_temperature(s, 1.0, 0.1, 10)) for s in (0, 1, 5, 9, 10, 20)]
@@ -249,8 +268,9 @@ def test_quantizer_follows_the_ramp_and_its_end_without_a_step():
   cos = np.array([0.6, 0.8, -0.6])
   vq = q.VectorQuantizer(3, 2, temperature=0.1, temperature_start=1.0, temperature_ramp_steps=10)
   variables = {'params': {'codebook': codebook}}
-  np.testing.assert_allclose(vq.apply(variables, z, 5, method=vq.logits)[0, 0], cos / 0.55,
-                             rtol=1e-5)
+  np.testing.assert_allclose(
+    vq.apply(variables, z, 5, method=vq.logits)[0, 0], cos / 0.55, rtol=1e-5
+  )
   np.testing.assert_allclose(vq.apply(variables, z, method=vq.logits)[0, 0], cos / 0.1, rtol=1e-5)
   _, aux = vq.apply(variables, z, deterministic=False, step=5, rngs={'vq': jax.random.key(0)})
   np.testing.assert_allclose(aux['vq_temperature'], 0.55, rtol=1e-6)
@@ -264,13 +284,17 @@ def test_quantizer_follows_the_ramp_and_its_end_without_a_step():
 def test_learnable_temperature_is_an_inverse_temperature_parameter():
   vq = q.VectorQuantizer(3, 2, temperature=0.1, learnable_temperature=True)
   z = jnp.array([[[3.0, 4.0]]])
-  variables = nn.unbox(vq.init({'params': jax.random.key(0), 'vq': jax.random.key(1)}, z,
-                               deterministic=True))
-  assert float(variables['params']['inv_temperature']) == 10.0    # official init 10
-  variables['params'] = {'codebook': jnp.array([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]]),
-                         'inv_temperature': jnp.float32(2.0)}
-  np.testing.assert_allclose(vq.apply(variables, z, method=vq.logits)[0, 0],
-                             2.0 * np.array([0.6, 0.8, -0.6]), rtol=1e-6)
+  variables = nn.unbox(
+    vq.init({'params': jax.random.key(0), 'vq': jax.random.key(1)}, z, deterministic=True)
+  )
+  assert float(variables['params']['inv_temperature']) == 10.0  # official init 10
+  variables['params'] = {
+    'codebook': jnp.array([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]]),
+    'inv_temperature': jnp.float32(2.0),
+  }
+  np.testing.assert_allclose(
+    vq.apply(variables, z, method=vq.logits)[0, 0], 2.0 * np.array([0.6, 0.8, -0.6]), rtol=1e-6
+  )
   _, aux = vq.apply(variables, z, deterministic=True)
   np.testing.assert_allclose(aux['vq_temperature'], 0.5)
 
@@ -284,6 +308,7 @@ def test_no_loss_reaches_the_learnable_temperature():
   def loss(p):
     recon, aux = model.apply({'params': p}, video, train=True, rngs=rngs(1), mix_ratio=0.5)
     return jnp.mean(jnp.abs(recon - video)) + aux['vq_loss'] + aux['prior_loss']
+
   g = jax.grad(loss)(variables['params'])
   assert float(g['quantizer']['inv_temperature']) == 0.0
   assert _norm(g['quantizer']['codebook']) > 0
@@ -291,15 +316,18 @@ def test_no_loss_reaches_the_learnable_temperature():
 
 # ---------------------------------------------------------------- VQ-loss warm-up
 
+
 def test_vq_warmup_ratio_matches_hand_computed():
   r = lambda s, ratio, epochs: float(q.vq_warmup_ratio(s, ratio, epochs, 10))
-  np.testing.assert_allclose([r(s, 0.2, 3) for s in (1, 10, 11, 20, 21, 100)],
-                             [0.2, 0.2, 0.6, 0.6, 1.0, 1.0], rtol=1e-6)
+  np.testing.assert_allclose(
+    [r(s, 0.2, 3) for s in (1, 10, 11, 20, 21, 100)], [0.2, 0.2, 0.6, 0.6, 1.0, 1.0], rtol=1e-6
+  )
   np.testing.assert_allclose([r(s, 0.5, 2) for s in (1, 10, 11)], [0.5, 0.5, 1.0])
-  assert r(1, 0.0, 1) == 1.0          # the released '1.0_1' (and any E <= 1) is off
+  assert r(1, 0.0, 1) == 1.0  # the released '1.0_1' (and any E <= 1) is off
 
 
 # ---------------------------------------------------------------- the tokenizer
+
 
 def test_default_model_is_unchanged():
   base = LARPTokenizer(**tiny_tokenizer_kwargs())
@@ -314,9 +342,22 @@ def test_default_model_is_unchanged():
     ra, aa = base.apply(va, video, rngs=rngs(1), **kw)
     rb, ab = explicit.apply(va, video, rngs=rngs(1), **kw)
     np.testing.assert_array_equal(ra, rb)
-    assert set(aa) == set(ab) == {
-        'tokens', 'vq_loss', 'commitment_loss', 'codebook_loss', 'codebook_usage',
-        'codebook_perplexity', 'prior_loss', 'prior_top1', 'prior_top5', 'prior_ce_round1'}
+    assert (
+      set(aa)
+      == set(ab)
+      == {
+        'tokens',
+        'vq_loss',
+        'commitment_loss',
+        'codebook_loss',
+        'codebook_usage',
+        'codebook_perplexity',
+        'prior_loss',
+        'prior_top1',
+        'prior_top5',
+        'prior_ce_round1',
+      }
+    )
     for k in aa:
       np.testing.assert_array_equal(aa[k], ab[k], err_msg=k)
 
@@ -329,18 +370,21 @@ def test_eval_uses_running_statistics(kind):
   assert set(variables['batch_stats']['norm_layer']) == {'mean', 'var'}
   _, upd = model.apply(variables, video, train=True, rngs=rngs(1), mutable=['batch_stats'])
   variables = dict(variables, **upd)
-  enc = lambda v, train, **kw: model.apply(variables, v, train=train, method=model.encode_latents,
-                                           **kw)
+  enc = lambda v, train, **kw: model.apply(
+    variables, v, train=train, method=model.encode_latents, **kw
+  )
   # eval: one clip's latents do not depend on the rest of the batch
   np.testing.assert_allclose(enc(video[:1], False), enc(video, False)[:1], atol=1e-5)
   # ... and are the pre-norm latents normalised with the running statistics
   stats = variables['batch_stats']['norm_layer']
   pre = LARPTokenizer(**tiny_tokenizer_kwargs()).apply(
-      {'params': {k: v for k, v in variables['params'].items() if k != 'norm_layer'}},
-      video[:1], method=LARPTokenizer.encode_latents)
+    {'params': {k: v for k, v in variables['params'].items() if k != 'norm_layer'}},
+    video[:1],
+    method=LARPTokenizer.encode_latents,
+  )
   p = variables['params']['norm_layer']
   x = pre.reshape(-1, model.code_dim) if kind == 'bn_bn' else pre.reshape(1, -1)
-  want = ((x - stats['mean']) / np.sqrt(stats['var'] + EPS) * p['scale'] + p['bias'])
+  want = (x - stats['mean']) / np.sqrt(stats['var'] + EPS) * p['scale'] + p['bias']
   np.testing.assert_allclose(enc(video[:1], False), want.reshape(pre.shape), atol=1e-5)
   # training: batch statistics, so the batch matters
   train_one = enc(video[:2], True, mutable=['batch_stats'])[0][:1]
@@ -360,26 +404,38 @@ def test_gradients_pass_the_straight_through_estimator(option):
   mutable = ['batch_stats'] if model.uses_batch_stats else False
 
   def loss(p):
-    out = model.apply({'params': p, **stats}, video, train=True, rngs=rngs(7), step=3,
-                      mutable=mutable)
+    out = model.apply(
+      {'params': p, **stats}, video, train=True, rngs=rngs(7), step=3, mutable=mutable
+    )
     recon = out[0][0] if mutable else out[0]
     return jnp.mean(jnp.abs(recon - video))
+
   g = jax.grad(loss)(variables['params'])
-  for name in ('patch_embed', 'encoder', 'latent_queries', 'in_linear', 'out_linear', 'decoder',
-               'final_linear'):
+  for name in (
+    'patch_embed',
+    'encoder',
+    'latent_queries',
+    'in_linear',
+    'out_linear',
+    'decoder',
+    'final_linear',
+  ):
     assert _norm(g[name]) > 0, name
   if 'norm_layer' in g:
     assert _norm(g['norm_layer']) > 0
-  assert _norm(g['quantizer']) == 0    # the codebook sees the recon loss only through sg()
+  assert _norm(g['quantizer']) == 0  # the codebook sees the recon loss only through sg()
 
 
-@pytest.mark.parametrize('overrides,match', [
+@pytest.mark.parametrize(
+  'overrides,match',
+  [
     (dict(bottleneck_norm='bn'), 'bottleneck_norm'),
     (dict(vq_temperature=-1.0), 'vq_temperature_learnable'),
     (dict(vq_temperature_learnable=True, vq_temperature_ramp_steps=5), 'exclude'),
     (dict(vq_temperature_ramp_steps=5, vq_temperature_start=0.0), 'vq_temperature_start'),
     (dict(vq_entropy_weight=-0.1), 'vq_entropy_weight'),
-])
+  ],
+)
 def test_bad_bottleneck_kwargs_fail_at_construction(overrides, match):
   with pytest.raises(ValueError, match=match):
     LARPTokenizer(**tiny_tokenizer_kwargs(**overrides))
@@ -387,32 +443,63 @@ def test_bad_bottleneck_kwargs_fail_at_construction(overrides, match):
 
 # ---------------------------------------------------------------- the train step
 
+
 def test_train_step_updates_batch_stats_and_warms_up_the_vq_loss():
   import optax
   from configs import ucf101
   from larp_jax.train import optim, state as state_lib, steps
 
-  c = ucf101.get_config('epochs=1,epoch_size=40,batch=4')   # 10 steps per epoch
-  c.loss.update(lpips_weight=0.0, gan_weight=0.0, vq_warmup_start_ratio=0.2, vq_warmup_epochs=3,
-                vq_warmup_steps_per_epoch=10)
-  model = LARPTokenizer(**tiny_tokenizer_kwargs(bottleneck_norm='bn_bn', vq_entropy_weight=0.1,
-                                                vq_temperature_start=1.0,
-                                                vq_temperature_ramp_steps=4))
+  c = ucf101.get_config('epochs=1,epoch_size=40,batch=4')  # 10 steps per epoch
+  c.loss.update(
+    lpips_weight=0.0,
+    gan_weight=0.0,
+    vq_warmup_start_ratio=0.2,
+    vq_warmup_epochs=3,
+    vq_warmup_steps_per_epoch=10,
+  )
+  model = LARPTokenizer(
+    **tiny_tokenizer_kwargs(
+      bottleneck_norm='bn_bn',
+      vq_entropy_weight=0.1,
+      vq_temperature_start=1.0,
+      vq_temperature_ramp_steps=4,
+    )
+  )
   variables, video = init_model(model, batch=2)
   gen_tx = optim.generator_optimizer(c.optim, 10)
-  state = state_lib.create(variables['params'], {}, gen_tx, optax.identity(), use_ema=False,
-                           batch_stats=variables['batch_stats'])
-  step = jax.jit(lambda s, b: steps.tokenizer_train_step(
-      s, b, jax.random.key(0), {}, model=model, disc=None, gen_tx=gen_tx, disc_tx=None,
-      loss_cfg=c.loss, optim_cfg=c.optim, total_steps=10))
+  state = state_lib.create(
+    variables['params'],
+    {},
+    gen_tx,
+    optax.identity(),
+    use_ema=False,
+    batch_stats=variables['batch_stats'],
+  )
+  step = jax.jit(
+    lambda s, b: steps.tokenizer_train_step(
+      s,
+      b,
+      jax.random.key(0),
+      {},
+      model=model,
+      disc=None,
+      gen_tx=gen_tx,
+      disc_tx=None,
+      loss_cfg=c.loss,
+      optim_cfg=c.optim,
+      total_steps=10,
+    )
+  )
   new, m = step(state, {'video': video})
   _, want = model.apply(variables, video, train=True, rngs=rngs(3), mutable=['batch_stats'])
-  for a, b in zip(jax.tree_util.tree_leaves(new.batch_stats),
-                  jax.tree_util.tree_leaves(want['batch_stats'])):
+  for a, b in zip(
+    jax.tree_util.tree_leaves(new.batch_stats), jax.tree_util.tree_leaves(want['batch_stats'])
+  ):
     np.testing.assert_allclose(a, b, atol=1e-6)
   np.testing.assert_allclose(m['vq_weight'], 0.1 * 0.2, rtol=1e-6)
   np.testing.assert_allclose(m['vq_temperature'], 1.0 + (0.03 - 1.0) / 4, rtol=1e-6)
   np.testing.assert_allclose(
-      m['loss'], m['l1_loss'] + 0.02 * m['vq_loss'] + 0.06 * m['prior_loss'], rtol=1e-5)
+    m['loss'], m['l1_loss'] + 0.02 * m['vq_loss'] + 0.06 * m['prior_loss'], rtol=1e-5
+  )
   assert float(m['entropy_loss']) != 0.0
   assert _norm(jax.tree_util.tree_map(lambda a, b: a - b, new.params, state.params)) > 0

@@ -20,9 +20,11 @@ pytestmark = pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptio
 def _state(k):
   """A tiny state whose values tell the step: random (incompressible) weights and nested dicts."""
   rng = np.random.default_rng(k)
-  return {'w': jnp.asarray(rng.standard_normal((64, 64)), jnp.float32),
-          'b': jnp.full((3,), k, jnp.float32),
-          'nested': {'x': jnp.arange(4, dtype=jnp.int32) * k, 'y': jnp.full((2, 2), k, jnp.bfloat16)}}
+  return {
+    'w': jnp.asarray(rng.standard_normal((64, 64)), jnp.float32),
+    'b': jnp.full((3,), k, jnp.float32),
+    'nested': {'x': jnp.arange(4, dtype=jnp.int32) * k, 'y': jnp.full((2, 2), k, jnp.bfloat16)},
+  }
 
 
 def _abstract(**shapes):
@@ -71,8 +73,11 @@ def _assert_state(state, k):
 
 def _warnings(caplog):
   ours = os.path.join('larp_jax', 'checkpoint.py')
-  return [r.getMessage() for r in caplog.records
-          if r.levelno == logging.WARNING and r.pathname.endswith(ours)]
+  return [
+    r.getMessage()
+    for r in caplog.records
+    if r.levelno == logging.WARNING and r.pathname.endswith(ours)
+  ]
 
 
 def _damaged(workdir):
@@ -81,11 +86,15 @@ def _damaged(workdir):
 
 
 def _truncate_array_file(step_dir):
-  files = [os.path.join(d, f) for d, _, names in os.walk(step_dir) for f in names
-           if os.path.basename(d) == 'd']
+  files = [
+    os.path.join(d, f)
+    for d, _, names in os.walk(step_dir)
+    for f in names
+    if os.path.basename(d) == 'd'
+  ]
   largest = max(files, key=os.path.getsize)
   size = os.path.getsize(largest)
-  assert size > 8000, (largest, size)   # holds the 64x64 weights, not just b-tree nodes
+  assert size > 8000, (largest, size)  # holds the 64x64 weights, not just b-tree nodes
   with open(largest, 'r+b') as f:
     f.truncate(size // 3)
 
@@ -148,16 +157,21 @@ def test_all_damaged_raises(workdir):
   _empty(ckpts / '3')
   _remove_metadata(ckpts / '2')
   _truncate_array_file(ckpts / '1')
-  with pytest.raises(ValueError, match=r'every checkpoint .* damaged \(step 3 .*; step 2 .*; step 1 ') as e:
+  with pytest.raises(
+    ValueError, match=r'every checkpoint .* damaged \(step 3 .*; step 2 .*; step 1 '
+  ) as e:
     _restore_new(workdir)
   assert '\n' not in str(e.value) and 'nothing was moved' in str(e.value)
-  assert not _damaged(workdir)    # an error common to every step moves nothing
+  assert not _damaged(workdir)  # an error common to every step moves nothing
   assert sorted(os.listdir(ckpts)) == ['1', '2', '3']
 
 
 def test_shape_mismatch_raises_and_moves_nothing(workdir, caplog):
-  with pytest.raises(ValueError, match=r"'nested\.x' is stored with shape \(4,\) but requested "
-                                       r'with shape \(5,\)'):
+  with pytest.raises(
+    ValueError,
+    match=r"'nested\.x' is stored with shape \(4,\) but requested "
+    r'with shape \(5,\)',
+  ):
     _restore_new(workdir, abstract=_abstract(x=(5,)))
   assert sorted(os.listdir(workdir / 'checkpoints')) == ['1', '2', '3']
   assert not _damaged(workdir) and not _warnings(caplog)
@@ -174,12 +188,19 @@ def test_no_quarantine_leaves_damaged_in_place(workdir, caplog):
   assert os.path.isdir(step3 / 'default') and not _damaged(workdir)
 
 
-@pytest.mark.parametrize('error', [jax.errors.JaxRuntimeError('RESOURCE_EXHAUSTED: out of memory'),
-                                   ValueError('UNAVAILABLE: connection reset')])
+@pytest.mark.parametrize(
+  'error',
+  [
+    jax.errors.JaxRuntimeError('RESOURCE_EXHAUSTED: out of memory'),
+    ValueError('UNAVAILABLE: connection reset'),
+  ],
+)
 def test_device_or_network_error_is_not_damage(workdir, monkeypatch, error):
   mngr = checkpoint.manager(str(workdir), keep=5, async_save=False)
+
   def fail(*args, **kwargs):
     raise error
+
   monkeypatch.setattr(mngr, 'restore', fail)
   with pytest.raises(type(error), match=str(error)):
     _restore(mngr)

@@ -18,15 +18,29 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 README = os.path.join(ROOT, 'README.md')
 
 # Shortens the demo to a few steps and a small evaluation (FVD and LPIPS still on).
-SHORT = ['--config.total_steps=3', '--config.log_every=1', '--config.eval.num_clips=2',
-         '--config.eval.batch_size=2', '--config.eval.num_videos_to_show=2']
+SHORT = [
+  '--config.total_steps=3',
+  '--config.log_every=1',
+  '--config.eval.num_clips=2',
+  '--config.eval.batch_size=2',
+  '--config.eval.num_videos_to_show=2',
+]
 # Shrinks any config's networks (compiles in seconds) for the tests of exits and signals.
-TINY = ['--config.model.video_shape=(8,32,32)', '--config.model.width=32',
-        '--config.model.num_heads=2', '--config.model.encoder_depth=1',
-        '--config.model.decoder_depth=1', '--config.model.num_latent_tokens=16',
-        '--config.model.codebook_size=64', '--config.model.prior_depth=1',
-        '--config.model.prior_width=16', '--config.model.prior_heads=2', '--config.disc.width=16',
-        '--config.disc.depth=1', '--config.disc.num_heads=2']
+TINY = [
+  '--config.model.video_shape=(8,32,32)',
+  '--config.model.width=32',
+  '--config.model.num_heads=2',
+  '--config.model.encoder_depth=1',
+  '--config.model.decoder_depth=1',
+  '--config.model.num_latent_tokens=16',
+  '--config.model.codebook_size=64',
+  '--config.model.prior_depth=1',
+  '--config.model.prior_width=16',
+  '--config.model.prior_heads=2',
+  '--config.disc.width=16',
+  '--config.disc.depth=1',
+  '--config.disc.num_heads=2',
+]
 
 
 def readme_command(pattern: str) -> list:
@@ -63,8 +77,14 @@ def _user_dir(tmp_path):
 
 
 def _main(args, cwd=ROOT, **kw):
-  return subprocess.run([sys.executable, '-m', 'larp_jax.main', *args], cwd=cwd, env=_env(),
-                        capture_output=True, text=True, **kw)
+  return subprocess.run(
+    [sys.executable, '-m', 'larp_jax.main', *args],
+    cwd=cwd,
+    env=_env(),
+    capture_output=True,
+    text=True,
+    **kw,
+  )
 
 
 def _one_error_line(r, *needles):
@@ -85,8 +105,14 @@ def demo_run(tmp_path_factory):
   user = _user_dir(tmp_path_factory.mktemp('demo'))
   argv = readme_command('configs/demo.py')
   assert argv[:3] == ['python', '-m', 'larp_jax.main'], argv
-  r = subprocess.run([sys.executable, *argv[1:], *SHORT], cwd=user, env=_env(),
-                     capture_output=True, text=True, timeout=900)
+  r = subprocess.run(
+    [sys.executable, *argv[1:], *SHORT],
+    cwd=user,
+    env=_env(),
+    capture_output=True,
+    text=True,
+    timeout=900,
+  )
   return user, r
 
 
@@ -102,7 +128,7 @@ def test_readme_first_command_trains_evaluates_and_exits_0(demo_run):
   assert (run / 'eval' / '3_recon.mp4').stat().st_size > 0
   steps = [json.loads(l)['step'] for l in open(run / 'metrics.jsonl')]
   assert steps == [1, 2, 3]
-  assert not (run / 'lock').read_text().strip()    # released at the end
+  assert not (run / 'lock').read_text().strip()  # released at the end
 
 
 def test_readme_library_block_runs_as_pasted(demo_run):
@@ -111,23 +137,43 @@ def test_readme_library_block_runs_as_pasted(demo_run):
   assert r.returncode == 0, r.stderr[-3000:]
   text = open(README).read()
   block = re.search(r'## Library use\n.*?```python\n(.*?)```', text, re.S).group(1)
-  out = subprocess.run([sys.executable, '-c', block + '\nprint("LIBRARY-OK")'], cwd=user,
-                       env=_env(), capture_output=True, text=True, timeout=600)
+  out = subprocess.run(
+    [sys.executable, '-c', block + '\nprint("LIBRARY-OK")'],
+    cwd=user,
+    env=_env(),
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert 'LIBRARY-OK' in out.stdout, out.stdout[-2000:] + out.stderr[-4000:]
 
 
 def test_readme_folder_command_with_broken_files_trains_and_evaluates(tmp_path):
   """README's "From a folder of videos" command (the LARP-L recipe), shrunk by overrides."""
   from tests.test_data_files import make_folder
+
   videos = tmp_path / 'UCF-101'
   make_folder(videos, with_bad=True)
   user = _user_dir(tmp_path)
   argv = readme_command_block('source=folder')
   argv = [a.replace('/data/UCF-101', str(videos)) for a in argv]
-  r = subprocess.run([sys.executable, *argv[1:], *TINY, *SHORT, '--config.batch_size=2',
-                      '--config.loss.lpips_weight=0', '--config.eval.fvd=false',
-                      '--config.optim.warmup_steps=1'], cwd=user, env=_env(),
-                     capture_output=True, text=True, timeout=900)
+  r = subprocess.run(
+    [
+      sys.executable,
+      *argv[1:],
+      *TINY,
+      *SHORT,
+      '--config.batch_size=2',
+      '--config.loss.lpips_weight=0',
+      '--config.eval.fvd=false',
+      '--config.optim.warmup_steps=1',
+    ],
+    cwd=user,
+    env=_env(),
+    capture_output=True,
+    text=True,
+    timeout=900,
+  )
   assert r.returncode == 0, r.stderr[-4000:]
   assert 'skipping undecodable video' in r.stderr
   assert json.load(open(user / 'runs' / 'larp_l' / 'eval' / '3.json'))['num_clips'] == 2
@@ -137,9 +183,20 @@ def test_readme_eval_command(demo_run):
   user, r = demo_run
   assert r.returncode == 0, r.stderr[-3000:]
   argv = readme_command_block('--mode=eval')
-  out = subprocess.run([sys.executable, *argv[1:], '--config.eval.num_clips=2',
-                        '--config.eval.batch_size=2', '--config.eval.fvd=false'], cwd=user,
-                       env=_env(), capture_output=True, text=True, timeout=600)
+  out = subprocess.run(
+    [
+      sys.executable,
+      *argv[1:],
+      '--config.eval.num_clips=2',
+      '--config.eval.batch_size=2',
+      '--config.eval.fvd=false',
+    ],
+    cwd=user,
+    env=_env(),
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert out.returncode == 0, out.stderr[-3000:]
   assert 'psnr' in out.stdout and 'runs/demo/eval/3.json' in out.stdout
 
@@ -149,19 +206,35 @@ def test_readme_eval_command(demo_run):
 
 def test_config_mistakes_are_one_line_and_nothing_else_on_stderr(tmp_path):
   wd = str(tmp_path / 'wd')
-  line = _one_error_line(_main(['--config=configs/demo.py', f'--workdir={wd}',
-                                '--config.model.widht=64']), "'model.widht'", 'model.width')
+  line = _one_error_line(
+    _main(['--config=configs/demo.py', f'--workdir={wd}', '--config.model.widht=64']),
+    "'model.widht'",
+    'model.width',
+  )
   assert '\\n' not in line
-  _one_error_line(_main(['--config=configs/nope.py', f'--workdir={wd}']),
-                  "'configs/nope.py' not found")
-  _one_error_line(_main(['--config=configs/demo.py', f'--workdir={wd}',
-                         '--config.eval_every=-1']), 'config.eval_every must be >= 0')
-  _one_error_line(_main(['--config=configs/demo.py', f'--workdir={wd}',
-                         '--config.nonexistent=1']), "'nonexistent'")
+  _one_error_line(
+    _main(['--config=configs/nope.py', f'--workdir={wd}']), "'configs/nope.py' not found"
+  )
+  _one_error_line(
+    _main(['--config=configs/demo.py', f'--workdir={wd}', '--config.eval_every=-1']),
+    'config.eval_every must be >= 0',
+  )
+  _one_error_line(
+    _main(['--config=configs/demo.py', f'--workdir={wd}', '--config.nonexistent=1']),
+    "'nonexistent'",
+  )
   # A data mistake is found before the model is built and before the workdir is made.
-  _one_error_line(_main(['--config=configs/demo.py', f'--workdir={wd}',
-                         '--config.data.source=folder',
-                         f'--config.data.path={tmp_path}/missing']), 'path does not exist')
+  _one_error_line(
+    _main(
+      [
+        '--config=configs/demo.py',
+        f'--workdir={wd}',
+        '--config.data.source=folder',
+        f'--config.data.path={tmp_path}/missing',
+      ]
+    ),
+    'path does not exist',
+  )
   assert not os.path.exists(wd)
 
 
@@ -174,14 +247,24 @@ def test_help_exits_0():
 def test_flag_mistakes_are_one_line(tmp_path):
   """What absl or ml_collections cannot parse: one line, exit 2 (not absl's usage text)."""
   wd = str(tmp_path / 'wd')
-  _one_error_line(_main(['--config=configs/demo.py', f'--workdir={wd}', '--config.batch_size=abc']),
-                  'flag --config.batch_size=abc', 'invalid literal for int()')
-  _one_error_line(_main(['--config=configs/demo.py:bogus=1', f'--workdir={wd}']),
-                  "unknown config argument 'bogus'", "accepted: ['batch', 'lpips'")
-  _one_error_line(_main(['--config=configs/demo.py', f'--wrokdir={wd}']),
-                  'unknown flag --wrokdir; did you mean --workdir?')
-  _one_error_line(_main(['--config=configs/demo.py', f'--workdir={wd}', 'extra']),
-                  "unexpected arguments ['extra']")
+  _one_error_line(
+    _main(['--config=configs/demo.py', f'--workdir={wd}', '--config.batch_size=abc']),
+    'flag --config.batch_size=abc',
+    'invalid literal for int()',
+  )
+  _one_error_line(
+    _main(['--config=configs/demo.py:bogus=1', f'--workdir={wd}']),
+    "unknown config argument 'bogus'",
+    "accepted: ['batch', 'lpips'",
+  )
+  _one_error_line(
+    _main(['--config=configs/demo.py', f'--wrokdir={wd}']),
+    'unknown flag --wrokdir; did you mean --workdir?',
+  )
+  _one_error_line(
+    _main(['--config=configs/demo.py', f'--workdir={wd}', 'extra']),
+    "unexpected arguments ['extra']",
+  )
   _one_error_line(_main(['--config=configs/demo.py']), 'Flag --workdir must have a value')
   assert not os.path.exists(wd)
 
@@ -194,23 +277,34 @@ def test_a_bug_in_the_config_file_shows_its_traceback(tmp_path):
   assert 'Traceback' in r.stderr and "KeyError: 'model'" in r.stderr, r.stderr[-3000:]
 
 
-@pytest.mark.parametrize('exception,code', [
-    ('ValueError("shapes (3,) and (4,) not aligned")', 1),   # a plain ValueError is a bug
+@pytest.mark.parametrize(
+  'exception,code',
+  [
+    ('ValueError("shapes (3,) and (4,) not aligned")', 1),  # a plain ValueError is a bug
     ('errors.ConfigError("config.optim.lr must be positive")', 2),
-])
+  ],
+)
 def test_a_bug_during_the_run_shows_its_traceback_a_mistake_one_line(tmp_path, exception, code):
   """main's real entry point, with loop.run replaced by one that raises at once."""
-  script = ('import sys\n'
-            'from larp_jax import main\n'   # first: it keeps TensorFlow's start-up lines quiet
-            'from larp_jax import errors\n'
-            'from larp_jax.train import loop\n'
-            'def run(*args, **kwargs):\n'
-            f'  raise {exception}\n'
-            'loop.run = run\n'
-            f'sys.argv = ["larp_jax.main", "--config=configs/demo.py", "--workdir={tmp_path}/wd"]\n'
-            'main._run()\n')
-  r = subprocess.run([sys.executable, '-c', script], cwd=ROOT, capture_output=True, text=True,
-                     env=dict(_env(), LARP_JAX_MALLOC_TUNING='0'), timeout=600)
+  script = (
+    'import sys\n'
+    'from larp_jax import main\n'  # first: it keeps TensorFlow's start-up lines quiet
+    'from larp_jax import errors\n'
+    'from larp_jax.train import loop\n'
+    'def run(*args, **kwargs):\n'
+    f'  raise {exception}\n'
+    'loop.run = run\n'
+    f'sys.argv = ["larp_jax.main", "--config=configs/demo.py", "--workdir={tmp_path}/wd"]\n'
+    'main._run()\n'
+  )
+  r = subprocess.run(
+    [sys.executable, '-c', script],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    env=dict(_env(), LARP_JAX_MALLOC_TUNING='0'),
+    timeout=600,
+  )
   name, message = exception.split('(', 1)
   message = message.strip('")')
   if code == 1:
@@ -223,16 +317,25 @@ def test_a_bug_during_the_run_shows_its_traceback_a_mistake_one_line(tmp_path, e
 def test_unwritable_workdir_is_one_line(tmp_path):
   blocker = tmp_path / 'a_file'
   blocker.write_text('not a directory')
-  _one_error_line(_main(['--config=configs/demo.py', f'--workdir={blocker}/run']),
-                  'cannot write to the run directory', str(blocker))
+  _one_error_line(
+    _main(['--config=configs/demo.py', f'--workdir={blocker}/run']),
+    'cannot write to the run directory',
+    str(blocker),
+  )
 
 
 # ------------------------------------------------------------------- signals and exits
 
 
 def _start(args, cwd):
-  return subprocess.Popen([sys.executable, '-m', 'larp_jax.main', *args], cwd=cwd, env=_env(),
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  return subprocess.Popen(
+    [sys.executable, '-m', 'larp_jax.main', *args],
+    cwd=cwd,
+    env=_env(),
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    text=True,
+  )
 
 
 def _logged_steps(metrics):
@@ -240,7 +343,7 @@ def _logged_steps(metrics):
   for line in open(metrics) if metrics.exists() else []:
     try:
       steps.append(json.loads(line)['step'])
-    except ValueError:      # a line being written right now
+    except ValueError:  # a line being written right now
       pass
   return steps
 
@@ -267,6 +370,7 @@ def _latest_checkpoint(run):
 def long_videos(tmp_path_factory):
   """A folder of longer videos, so that decodes are in flight when a signal arrives."""
   from tests.test_data_files import write_video
+
   root = tmp_path_factory.mktemp('long')
   for cls in ('a', 'b'):
     (root / cls).mkdir()
@@ -276,10 +380,18 @@ def long_videos(tmp_path_factory):
 
 
 def _folder_train_args(videos, run='runs/sig', steps=400):
-  return ['--config=configs/demo.py:lpips=false', f'--workdir={run}', *TINY,
-          f'--config.total_steps={steps}', '--config.log_every=1', '--config.eval_every=0',
-          '--config.checkpoint_every=1000', '--config.data.source=folder',
-          f'--config.data.path={videos}', '--config.data.prefetch=4']
+  return [
+    '--config=configs/demo.py:lpips=false',
+    f'--workdir={run}',
+    *TINY,
+    f'--config.total_steps={steps}',
+    '--config.log_every=1',
+    '--config.eval_every=0',
+    '--config.checkpoint_every=1000',
+    '--config.data.source=folder',
+    f'--config.data.path={videos}',
+    '--config.data.prefetch=4',
+  ]
 
 
 def test_sigterm_saves_logs_and_exits_0_within_seconds(tmp_path, long_videos):
@@ -325,8 +437,13 @@ print('not reached', flush=True)
 
 
 def test_a_second_ctrl_c_exits_at_once():
-  r = subprocess.run([sys.executable, '-c', _TWO_SIGNALS.format(root=ROOT)], env=_env(),
-                     capture_output=True, text=True, timeout=120)
+  r = subprocess.run(
+    [sys.executable, '-c', _TWO_SIGNALS.format(root=ROOT)],
+    env=_env(),
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
   assert r.returncode == 128 + signal.SIGINT, r.stdout + r.stderr[-3000:]
   assert 'first handled' in r.stdout and 'not reached' not in r.stdout
 
@@ -334,8 +451,12 @@ def test_a_second_ctrl_c_exits_at_once():
 def test_an_error_during_training_exits_2_promptly(tmp_path, long_videos):
   """A NaN loss mid-run with decodes in flight: one error line, exit 2, no hang."""
   user = _user_dir(tmp_path)
-  r = _main(_folder_train_args(long_videos, steps=20) +
-            ['--config.optim.lr=1e38', '--config.optim.warmup_steps=1'], cwd=user, timeout=300)
+  r = _main(
+    _folder_train_args(long_videos, steps=20)
+    + ['--config.optim.lr=1e38', '--config.optim.warmup_steps=1'],
+    cwd=user,
+    timeout=300,
+  )
   assert r.returncode == 2, r.stderr[-4000:]
   assert r.stderr.strip().splitlines()[-1].startswith('error: non-finite'), r.stderr[-2000:]
 
@@ -343,13 +464,17 @@ def test_an_error_during_training_exits_2_promptly(tmp_path, long_videos):
 def test_a_second_trainer_on_the_same_workdir_is_refused(tmp_path):
   user = _user_dir(tmp_path)
   run = user / 'runs' / 'demo'
-  args = ['--config=configs/demo.py:lpips=false', '--workdir=runs/demo', *TINY,
-          '--config.total_steps=100000', '--config.eval_every=0']
+  args = [
+    '--config=configs/demo.py:lpips=false',
+    '--workdir=runs/demo',
+    *TINY,
+    '--config.total_steps=100000',
+    '--config.eval_every=0',
+  ]
   p = _start(args, user)
   try:
-    t0 = time.time()      # the first trainer holds the lock and has written its config
-    while not ((run / 'config.json').exists() and
-               f'"pid": {p.pid}' in (run / 'lock').read_text()):
+    t0 = time.time()  # the first trainer holds the lock and has written its config
+    while not ((run / 'config.json').exists() and f'"pid": {p.pid}' in (run / 'lock').read_text()):
       assert p.poll() is None and time.time() - t0 < 300, p.stdout.read()[-3000:]
       time.sleep(0.1)
     config_json = (run / 'config.json').read_text()

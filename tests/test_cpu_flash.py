@@ -26,7 +26,7 @@ def test_kernel_builds_where_a_compiler_exists():
   assert native.unavailable_reason() is None
   lib = native.build()
   stamp = lib.stat().st_mtime_ns
-  assert native.build() == lib and lib.stat().st_mtime_ns == stamp   # cached, not rebuilt
+  assert native.build() == lib and lib.stat().st_mtime_ns == stamp  # cached, not rebuilt
   assert os.access(lib, os.R_OK | os.X_OK)
   if jax.device_count() == 1:
     assert attention.resolve_attention_impl('auto') == 'cpu_flash'
@@ -37,8 +37,10 @@ needs_kernel = pytest.mark.skipif(not HAVE_CXX, reason='no C++ compiler on this 
 
 def _run(impl, q, k, v, dout, causal, rate, seed=3):
   def f(q, k, v):
-    return attention.attention(q, k, v, causal=causal, impl=impl, dropout_rate=rate,
-                               dropout_rng=jax.random.key(seed))
+    return attention.attention(
+      q, k, v, causal=causal, impl=impl, dropout_rate=rate, dropout_rng=jax.random.key(seed)
+    )
+
   out, pullback = jax.vjp(f, q, k, v)
   return out, pullback(dout)
 
@@ -56,7 +58,7 @@ def test_cpu_flash_matches_reference(shape, causal, rate):
   assert_vjp_close(got, _run('xla', q, k, v, dout, causal, rate), atol_out=3e-6, atol_grad=3e-5)
   if rate:
     no_drop = attention.attention(q, k, v, causal=causal, impl='cpu_flash')
-    assert not np.allclose(o, no_drop, atol=1e-3)           # the mask did act
+    assert not np.allclose(o, no_drop, atol=1e-3)  # the mask did act
 
 
 @needs_kernel
@@ -79,15 +81,22 @@ def test_cpu_flash_dropout_with_fewer_queries_than_keys():
   ks = jax.random.split(jax.random.key(9), 4)
   q, dout = (jax.random.normal(kk, (2, 24, 2, 16)) for kk in ks[:2])
   k, v = (jax.random.normal(kk, (2, 70, 2, 16)) for kk in ks[2:])
-  assert_vjp_close(_run('cpu_flash', q, k, v, dout, False, 0.25),
-                   _run('xla', q, k, v, dout, False, 0.25), atol_out=3e-6, atol_grad=3e-5)
+  assert_vjp_close(
+    _run('cpu_flash', q, k, v, dout, False, 0.25),
+    _run('xla', q, k, v, dout, False, 0.25),
+    atol_out=3e-6,
+    atol_grad=3e-5,
+  )
 
 
 @needs_kernel
 def test_cpu_flash_is_deterministic_and_follows_the_key():
   q = jax.random.normal(jax.random.key(0), (1, 64, 2, 16))
-  run = jax.jit(lambda r: attention.attention(q, q, q, causal=True, impl='cpu_flash',
-                                              dropout_rate=0.5, dropout_rng=r))
+  run = jax.jit(
+    lambda r: attention.attention(
+      q, q, q, causal=True, impl='cpu_flash', dropout_rate=0.5, dropout_rng=r
+    )
+  )
   a, b, c = run(jax.random.key(1)), run(jax.random.key(1)), run(jax.random.key(2))
   np.testing.assert_array_equal(a, b)
   assert not np.allclose(a, c)
@@ -97,8 +106,10 @@ def test_auto_falls_back_to_chunked_for_inputs_the_kernel_does_not_take():
   """bfloat16 and a head dim of 8: 'auto' runs 'chunked' (same values), an explicit
   'cpu_flash' says why it cannot run."""
   q = jax.random.normal(jax.random.key(0), (1, 32, 2, 8))
-  np.testing.assert_array_equal(attention.attention(q, q, q, causal=True, impl='auto'),
-                                attention.attention(q, q, q, causal=True, impl='chunked'))
+  np.testing.assert_array_equal(
+    attention.attention(q, q, q, causal=True, impl='auto'),
+    attention.attention(q, q, q, causal=True, impl='chunked'),
+  )
   with pytest.raises(ValueError, match='multiple of 16'):
     attention.attention(q, q, q, causal=True, impl='cpu_flash')
   qb = jnp.ones((1, 32, 2, 16), jnp.bfloat16)
@@ -132,10 +143,10 @@ def test_compiler_errors_are_reported(monkeypatch, tmp_path):
   monkeypatch.setenv('LARP_JAX_NATIVE_CACHE', str(tmp_path / 'cache'))
   with pytest.raises(RuntimeError, match='compiling broken.cc failed'):
     native.build()
-  assert not list((tmp_path / 'cache').glob('*.so'))       # no half-written library left
+  assert not list((tmp_path / 'cache').glob('*.so'))  # no half-written library left
 
 
-_SHARDED = r'''
+_SHARDED = r"""
 import os
 os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=4'
 import jax, numpy as np
@@ -154,7 +165,7 @@ f = jax.jit(lambda q: attention.attention(q, q, q, causal=True, impl='cpu_flash'
             out_shardings=spec)
 ref = attention.attention(q, q, q, causal=True, impl='xla')
 print('DIFF', float(np.abs(np.asarray(f(jax.device_put(q, spec))) - np.asarray(ref)).max()))
-'''
+"""
 
 
 @needs_kernel
@@ -162,9 +173,16 @@ def test_several_cpu_devices_auto_is_chunked_and_explicit_cpu_flash_is_still_rig
   """In a fresh process: the module called directly (it loads itself), 'auto' with 4 CPU
   devices, and an explicit 'cpu_flash' under a sharded jit."""
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  r = subprocess.run([sys.executable, '-c', _SHARDED], cwd=root, capture_output=True, text=True,
-                     timeout=300, env=dict(os.environ, JAX_PLATFORMS='cpu'))
-  lines = dict(l.split(' ', 1) for l in r.stdout.splitlines()
-               if l.startswith(('AUTO', 'DIFF', 'DIRECT')))
+  r = subprocess.run(
+    [sys.executable, '-c', _SHARDED],
+    cwd=root,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    env=dict(os.environ, JAX_PLATFORMS='cpu'),
+  )
+  lines = dict(
+    l.split(' ', 1) for l in r.stdout.splitlines() if l.startswith(('AUTO', 'DIFF', 'DIRECT'))
+  )
   assert lines.get('AUTO') == 'chunked', r.stdout + r.stderr[-2000:]
   assert float(lines['DIFF']) < 1e-5 and float(lines['DIRECT']) < 1e-5

@@ -3,6 +3,7 @@
 Decodes are made slow by wrapping PyAV's frame iterator (`video_io._open`) with a sleep per frame,
 so that an uncancelled clip decode takes at least `_MIN_DECODE_S` (>= 10 s) by construction.
 """
+
 import threading
 import time
 
@@ -16,8 +17,8 @@ from test_data_files import make_folder
 from test_data_files import write_video
 
 SHAPE = (4, 16, 16)
-_FRAME_S = 0.05   # sleep per decoded frame of a slow decode
-_STRIDE = 70      # a clip spans (4 - 1) * 70 + 1 = 211 frames: decoded up to frame >= 210
+_FRAME_S = 0.05  # sleep per decoded frame of a slow decode
+_STRIDE = 70  # a clip spans (4 - 1) * 70 + 1 = 211 frames: decoded up to frame >= 210
 _MIN_DECODE_S = _FRAME_S * ((SHAPE[0] - 1) * _STRIDE + 1)  # 10.55 s for one uncancelled decode
 
 
@@ -44,7 +45,6 @@ class _SlowContainer:
 
 
 class _State:
-
   def __init__(self, fast_opens):
     self.fast_left = fast_opens
     self.started = threading.Event()
@@ -123,7 +123,7 @@ def test_close_cancels_in_flight_decodes(tmp_path, monkeypatch, caplog):
 
 def test_close_during_next_in_another_thread_raises_there(tmp_path, monkeypatch):
   _long_folder(tmp_path)
-  state = _instrument(monkeypatch, fast_opens=0)   # before the pipeline's threads start
+  state = _instrument(monkeypatch, fast_opens=0)  # before the pipeline's threads start
   it = data.get_dataset(_folder_cfg(tmp_path), 'train', SHAPE, 2, seed=1)
   got = []
 

@@ -1,4 +1,5 @@
 """Folder, CSV and records sources; `prepare` round trip; bad files skipped and counted."""
+
 import os
 import subprocess
 import sys
@@ -47,7 +48,7 @@ def make_folder(root, with_bad=False):
     (root / 'walk' / 'garbage.mp4').write_bytes(os.urandom(3000))
     (root / 'jump' / 'empty.avi').write_bytes(b'')
     whole = open(good[0], 'rb').read()
-    (root / 'jump' / 'truncated.mp4').write_bytes(whole[:len(whole) // 3])
+    (root / 'jump' / 'truncated.mp4').write_bytes(whole[: len(whole) // 3])
   return good
 
 
@@ -113,8 +114,11 @@ def test_bad_files_are_skipped_counted_and_named(tmp_path, caplog):
     assert b['video'].std() > 0
   assert it.num_skipped == 3
   assert data.num_skipped(it) == 3 and data.num_skipped() >= before + 3
-  assert {os.path.basename(p) for p in it.skipped_paths} == {'garbage.mp4', 'empty.avi',
-                                                             'truncated.mp4'}
+  assert {os.path.basename(p) for p in it.skipped_paths} == {
+    'garbage.mp4',
+    'empty.avi',
+    'truncated.mp4',
+  }
   assert 'garbage.mp4' in caplog.text
   ev = data.get_dataset(_cfg('folder', tmp_path), 'eval', SHAPE, 4)
   got = np.concatenate([b['clip_id'][b['mask']] for b in ev])
@@ -146,8 +150,9 @@ def test_folder_two_hosts_disjoint_cover(tmp_path):
   make_folder(tmp_path)
   seen = []
   for h in (0, 1):
-    ev = data.get_dataset(_cfg('folder', tmp_path), 'eval', SHAPE, 2, process_index=h,
-                          process_count=2)
+    ev = data.get_dataset(
+      _cfg('folder', tmp_path), 'eval', SHAPE, 2, process_index=h, process_count=2
+    )
     seen.append({int(i) for b in ev for i in b['clip_id'][b['mask']]})
   assert not seen[0] & seen[1] and seen[0] | seen[1] == set(range(6))
 
@@ -168,6 +173,7 @@ def test_prepare_manifest_and_exact_round_trip(prepared):
   assert records.verify(str(out)) == []
   vl = video_io.list_videos(str(root))
   import tensorflow as tf
+
   for s in m['shards']:
     for raw, idx in zip(tf.data.TFRecordDataset(os.path.join(out, s['file'])), s['indices']):
       ex = records.parse(raw)
@@ -192,9 +198,14 @@ def test_records_source_batches_hosts_and_resume(prepared):
     for k in want:
       np.testing.assert_array_equal(want[k], got[k])
   for pc in (2, 3):  # 3 shards: record-level split for 2 hosts, file-level for 3
-    seen = [{int(i) for b in data.get_dataset(cfg, 'eval', SHAPE, 2, process_index=h,
-                                                process_count=pc) for i in b['clip_id'][b['mask']]}
-            for h in range(pc)]
+    seen = [
+      {
+        int(i)
+        for b in data.get_dataset(cfg, 'eval', SHAPE, 2, process_index=h, process_count=pc)
+        for i in b['clip_id'][b['mask']]
+      }
+      for h in range(pc)
+    ]
     assert sum(len(s) for s in seen) == 6 and set().union(*seen) == set(idx)
 
 
@@ -216,8 +227,12 @@ def test_records_eval_matches_folder_eval(prepared):
 def test_prepare_cli_errors_in_one_line(tmp_path):
   (tmp_path / 'a').mkdir()
   (tmp_path / 'a' / 'x.mp4').write_bytes(b'junk')
-  r = subprocess.run([sys.executable, '-m', 'larp_jax.data.prepare', str(tmp_path), str(tmp_path / 'o')],
-                     capture_output=True, text=True, check=False)
+  r = subprocess.run(
+    [sys.executable, '-m', 'larp_jax.data.prepare', str(tmp_path), str(tmp_path / 'o')],
+    capture_output=True,
+    text=True,
+    check=False,
+  )
   assert r.returncode != 0 and 'prepare: no decodable video in' in r.stderr
   assert 'Traceback' not in r.stderr
   # No TensorFlow start-up lines around it (they appear on x86 CPUs unless the CLI quiets them).
@@ -229,9 +244,9 @@ def test_prepare_cli_errors_in_one_line(tmp_path):
 def test_upscaling_more_than_2x_is_warned_once_per_file_and_counted(tmp_path, caplog):
   d = tmp_path / 'a'
   d.mkdir()
-  write_video(d / 'tiny.mp4', 8, h=8, w=8)       # 8x8 -> 32x32: 4x, warned
-  write_video(d / 'half.mp4', 8, h=16, w=16)     # 16x16 -> 32x32: exactly 2x, not warned
-  write_video(d / 'big.mp4', 8)                  # 32x48 -> 32x48: not resized
+  write_video(d / 'tiny.mp4', 8, h=8, w=8)  # 8x8 -> 32x32: 4x, warned
+  write_video(d / 'half.mp4', 8, h=16, w=16)  # 16x16 -> 32x32: exactly 2x, not warned
+  write_video(d / 'big.mp4', 8)  # 32x48 -> 32x48: not resized
   tiny = str(d / 'tiny.mp4')
   it = data.get_dataset(_cfg('folder', tmp_path), 'train', (4, 32, 32), 3, seed=0)
   for _ in range(4):  # 4 epochs: every file decoded 4 times

@@ -1,4 +1,5 @@
 """Synthetic source, stream contract (determinism, hosts, resume, eval padding) and config checks."""
+
 import os
 import subprocess
 import sys
@@ -58,10 +59,16 @@ def test_simple_style_is_smoother_and_keeps_label_and_motion():
   simple, label_s = synthetic.render(0, 'train', 7, 10, 3, (8, 32, 32), style='simple')
   assert label == label_s and simple.shape == tex.shape
   assert 0.0 <= simple.min() and simple.max() <= 1.0
-  assert np.abs(simple[1:] - simple[:-1]).mean() > 1e-3     # still moves
+  assert np.abs(simple[1:] - simple[:-1]).mean() > 1e-3  # still moves
   # Less high-frequency detail: mean absolute horizontal pixel difference, over 32 videos.
-  grad = lambda style: np.mean([np.abs(np.diff(synthetic.render(
-      0, 'train', i, 10, 0, (4, 32, 32), style=style)[0], axis=2)).mean() for i in range(32)])
+  grad = lambda style: np.mean(
+    [
+      np.abs(
+        np.diff(synthetic.render(0, 'train', i, 10, 0, (4, 32, 32), style=style)[0], axis=2)
+      ).mean()
+      for i in range(32)
+    ]
+  )
   assert grad('simple') < 0.5 * grad('textured')
   with pytest.raises(ValueError, match='style'):
     synthetic.render(0, 'train', 7, 10, 3, (8, 32, 32), style='fancy')
@@ -107,9 +114,19 @@ def test_two_hosts_disjoint_and_cover():
     assert it.num_batches == 2  # ceil(max(7, 6) / 4) on both hosts
     seen.append(set(ids.tolist()))
   assert not seen[0] & seen[1] and seen[0] | seen[1] == set(range(13))
-  tr = [set(np.concatenate([b['clip_id'] for b in _take(
-      data.get_dataset(_cfg(), 'train', SHAPE, 4, process_index=h, process_count=2), 5)]).tolist())
-        for h in (0, 1)]
+  tr = [
+    set(
+      np.concatenate(
+        [
+          b['clip_id']
+          for b in _take(
+            data.get_dataset(_cfg(), 'train', SHAPE, 4, process_index=h, process_count=2), 5
+          )
+        ]
+      ).tolist()
+    )
+    for h in (0, 1)
+  ]
   assert not tr[0] & tr[1] and tr[0] | tr[1] == set(range(40))
 
 
@@ -138,9 +155,16 @@ def test_eval_is_unaugmented_and_matches_render():
     assert b['label'][i] == label
 
 
-@pytest.mark.parametrize('field,value', [('source', 'nope'), ('train_crop', 'left'),
-                                         ('eval_chunks', 'some'), ('frame_stride', 0),
-                                         ('synthetic_style', 'fancy')])
+@pytest.mark.parametrize(
+  'field,value',
+  [
+    ('source', 'nope'),
+    ('train_crop', 'left'),
+    ('eval_chunks', 'some'),
+    ('frame_stride', 0),
+    ('synthetic_style', 'fancy'),
+  ],
+)
 def test_config_errors_are_one_line(field, value):
   cfg = _cfg()
   cfg[field] = value
@@ -170,14 +194,18 @@ def test_make_global_batch():
 
 
 def test_loading_a_config_does_not_import_tensorflow():
-  code = ('import sys; from larp_jax import config_lib; import larp_jax.data; '
-          "c = config_lib.load_config('configs/ucf101.py'); larp_jax.data.default_config(); "
-          "print(sorted(m for m in sys.modules if m.split('.')[0] == 'tensorflow')[:3])")
-  r = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True,
-                     check=True)
+  code = (
+    'import sys; from larp_jax import config_lib; import larp_jax.data; '
+    "c = config_lib.load_config('configs/ucf101.py'); larp_jax.data.default_config(); "
+    "print(sorted(m for m in sys.modules if m.split('.')[0] == 'tensorflow')[:3])"
+  )
+  r = subprocess.run(
+    [sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True, check=True
+  )
   assert r.stdout.strip() == '[]', r.stdout
   # The lazy names are the real ones.
   from larp_jax.data import pipeline
+
   assert data.get_dataset is pipeline.get_dataset and data.DataIterator is pipeline.DataIterator
   assert {'default_config', 'get_dataset', 'num_skipped'} <= set(dir(data))
   with pytest.raises(AttributeError, match='no attribute'):

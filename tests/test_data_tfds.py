@@ -1,4 +1,5 @@
 """TFDS source through `tfds.testing.mock_data`, and the missing-data error."""
+
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -25,8 +26,11 @@ def mock_ucf():
 
 
 def test_missing_dataset_is_one_clear_line():
-  with pytest.raises(ValueError, match=r'^data: TFDS dataset .ucf101. is not available[^\n]*'
-                                       r'tfds build ucf101 --data_dir=/nonexistent/tfds') as e:
+  with pytest.raises(
+    ValueError,
+    match=r'^data: TFDS dataset .ucf101. is not available[^\n]*'
+    r'tfds build ucf101 --data_dir=/nonexistent/tfds',
+  ) as e:
     data.get_dataset(_cfg(), 'train', SHAPE, 2)
   assert e.value.__cause__ is None and e.value.__suppress_context__
 
@@ -44,7 +48,9 @@ def test_tfds_train_batches(mock_ucf):
 
 
 def test_tfds_resume_and_determinism(mock_ucf):
-  full = [next(it) for it in [data.get_dataset(_cfg(), 'train', SHAPE, 4, seed=3)] for _ in range(5)]
+  full = [
+    next(it) for it in [data.get_dataset(_cfg(), 'train', SHAPE, 4, seed=3)] for _ in range(5)
+  ]
   again = data.get_dataset(_cfg(), 'train', SHAPE, 4, seed=3)
   np.testing.assert_array_equal(next(again)['video'], full[0]['video'])
   res = data.get_dataset(_cfg(), 'train', SHAPE, 4, seed=3, start_step=2)  # 8 = 6 + 2

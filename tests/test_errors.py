@@ -19,24 +19,43 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_user_errors_are_value_errors():
   from larp_jax.train import loop
-  for t in (errors.ConfigError, errors.DataError, workdir_lib.WorkdirError,
-            loop.NonFiniteLossError):
+
+  for t in (
+    errors.ConfigError,
+    errors.DataError,
+    workdir_lib.WorkdirError,
+    loop.NonFiniteLossError,
+  ):
     assert issubclass(t, errors.UserError) and issubclass(t, ValueError), t
 
 
-@pytest.mark.parametrize('e,line', [
+@pytest.mark.parametrize(
+  'e,line',
+  [
     (errors.ConfigError('config.x must be\n  positive'), 'error: config.x must be positive'),
     (workdir_lib.WorkdirError('runs/a is in use'), 'error: runs/a is in use'),
-    (OSError(errno.ENOSPC, 'No space left on device', '/runs/a'),
-     'error: No space left on device (/runs/a)'),
+    (
+      OSError(errno.ENOSPC, 'No space left on device', '/runs/a'),
+      'error: No space left on device (/runs/a)',
+    ),
     (FileNotFoundError('no checkpoint in runs/a'), 'error: no checkpoint in runs/a'),
-])
+  ],
+)
 def test_a_user_mistake_is_one_line(e, line):
   assert cli_env.error_line(e) == line
 
 
-@pytest.mark.parametrize('e', [ValueError('x'), TypeError('x'), KeyError('x'),
-                               AttributeError('x'), RuntimeError('x'), KeyboardInterrupt()])
+@pytest.mark.parametrize(
+  'e',
+  [
+    ValueError('x'),
+    TypeError('x'),
+    KeyError('x'),
+    AttributeError('x'),
+    RuntimeError('x'),
+    KeyboardInterrupt(),
+  ],
+)
 def test_any_other_exception_is_a_bug(e):
   assert cli_env.error_line(e) is None
 
@@ -44,11 +63,14 @@ def test_any_other_exception_is_a_bug(e):
 def test_run_command_returns_2_for_a_mistake_and_raises_a_bug(capsys):
   def mistake(args):
     raise errors.DataError(f'data: no video files found in {args[0]!r}')
+
   assert cli_env.run_command(mistake, ['videos/']) == 2
   captured = capsys.readouterr()
   assert captured.err == "error: data: no video files found in 'videos/'\n" and not captured.out
+
   def bug(args):
     raise ValueError('a bug')
+
   with pytest.raises(ValueError, match='a bug'):
     cli_env.run_command(bug, [])
   assert cli_env.run_command(lambda args: None, []) == 0
@@ -63,6 +85,7 @@ def test_the_library_raises_user_errors_for_config_and_data_mistakes(tmp_path):
   with pytest.raises(errors.ConfigError, match=r"'model.widht'; did you mean model.width\?"):
     config_lib.check_field(config, 'model.widht')
   from larp_jax import sharding
+
   with pytest.raises(errors.ConfigError, match='does not divide the 4 devices'):
     sharding.mesh_shape({'data': -1, 'fsdp': 3}, 4)
   with pytest.raises(errors.DataError, match='path does not exist'):
@@ -70,6 +93,7 @@ def test_the_library_raises_user_errors_for_config_and_data_mistakes(tmp_path):
   # The networks' own consistency checks are config mistakes too, found when the task is built.
   from larp_jax import tasks
   from larp_jax.train import loop
+
   bad_model = config.copy_and_resolve_references()
   bad_model.model.num_heads = 3
   with pytest.raises(errors.ConfigError, match='config.model: width=.* num_heads=3'):
@@ -99,17 +123,23 @@ def test_parse_flags_returns_the_positional_arguments():
   fv = _flags()
   assert cli_env.parse_flags(fv, ['a', '--batch=3', 'b'], 'Doc.', ('X', 'Y')) == ['a', 'b']
   assert fv.batch == 3
-  fv = _flags()   # a fresh FlagValues per call: nothing carries over
+  fv = _flags()  # a fresh FlagValues per call: nothing carries over
   assert cli_env.parse_flags(fv, ['a', 'b'], 'Doc.', ('X', 'Y')) == ['a', 'b'] and fv.batch == 8
 
 
-@pytest.mark.parametrize('args,message', [
+@pytest.mark.parametrize(
+  'args,message',
+  [
     (['a', 'b', '--bach=3'], r'^unknown flag --bach; did you mean --batch\? \(see --help\)$'),
-    (['a', 'b', '--batch=x'], r"^flag --batch=x: invalid literal for int\(\) .*'x' \(see --help\)$"),
+    (
+      ['a', 'b', '--batch=x'],
+      r"^flag --batch=x: invalid literal for int\(\) .*'x' \(see --help\)$",
+    ),
     (['a', 'b', '--batch'], r'^Missing value for flag --batch'),
     (['a'], r"^expected the arguments X Y besides the flags, got \['a'\]"),
     (['a', 'b', 'c'], r"^expected the arguments X Y besides the flags, got \['a', 'b', 'c'\]"),
-])
+  ],
+)
 def test_parse_flags_mistakes_are_one_line_user_errors(args, message):
   with pytest.raises(errors.UserError, match=message) as e:
     cli_env.parse_flags(_flags(), args, 'Doc.', ('X', 'Y'))
@@ -136,11 +166,13 @@ def test_help_prints_the_docstring_and_the_flags_and_exits_0(capsys):
 def _commands():
   from larp_jax import fvd
   from larp_jax.data import bench_input, prepare
+
   return {'fvd': fvd, 'prepare': prepare, 'bench_input': bench_input}
 
 
-@pytest.mark.parametrize('name,flag', [('fvd', '--num_frames'), ('prepare', '--short_side'),
-                                       ('bench_input', '--steps')])
+@pytest.mark.parametrize(
+  'name,flag', [('fvd', '--num_frames'), ('prepare', '--short_side'), ('bench_input', '--steps')]
+)
 def test_each_command_help_exits_0(capsys, name, flag):
   module = _commands()[name]
   with pytest.raises(SystemExit) as e:
@@ -150,7 +182,9 @@ def test_each_command_help_exits_0(capsys, name, flag):
   assert out.startswith(module.__doc__.strip().splitlines()[0]) and flag in out
 
 
-@pytest.mark.parametrize('name,args,needle', [
+@pytest.mark.parametrize(
+  'name,args,needle',
+  [
     ('fvd', ['real.npy', 'fake.npy', '--bach=2'], 'unknown flag --bach; did you mean --batch?'),
     ('fvd', ['real.npy'], 'expected the arguments REAL FAKE besides the flags'),
     ('fvd', ['real.npy', 'fake.npy', '--num_frames=many'], 'flag --num_frames=many: invalid'),
@@ -158,7 +192,8 @@ def test_each_command_help_exits_0(capsys, name, flag):
     ('prepare', ['videos/'], 'expected the arguments SRC OUT besides the flags'),
     ('bench_input', ['--steps=0'], '--steps and --batch must be >= 1'),
     ('bench_input', ['extra'], "unexpected arguments ['extra']"),
-])
+  ],
+)
 def test_each_command_bad_argument_is_one_line_exit_2(capsys, name, args, needle):
   assert _commands()[name].main(args) == 2
   captured = capsys.readouterr()
@@ -170,8 +205,14 @@ def test_each_command_bad_argument_is_one_line_exit_2(capsys, name, args, needle
 def test_bench_input_entry_point_help_and_bad_flag():
   """Through `python -m` too: --help exits 0 on stdout, a bad flag is one line with exit 2."""
   env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get('PYTHONPATH', ''))
-  run = lambda *a: subprocess.run([sys.executable, '-m', 'larp_jax.data.bench_input', *a],
-                                  capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+  run = lambda *a: subprocess.run(
+    [sys.executable, '-m', 'larp_jax.data.bench_input', *a],
+    capture_output=True,
+    text=True,
+    cwd=ROOT,
+    env=env,
+    timeout=300,
+  )
   r = run('--help')
   assert r.returncode == 0 and '--batch' in r.stdout and 'Traceback' not in r.stderr, r.stderr
   r = run('--batch=x')

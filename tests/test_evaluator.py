@@ -27,9 +27,25 @@ from larp_jax.tasks.tokenizer import TokenizerTask
 from larp_jax.train import loop
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-REQUIRED = ('psnr', 'ssim', 'lpips', 'fvd', 'mse', 'codebook_usage', 'codebook_perplexity',
-            'prior_top1', 'prior_top5', 'prior_ce', 'num_clips', 'step', 'seconds',
-            'seconds_per_clip', 'protocol', 'baselines', 'baseline_clips')
+REQUIRED = (
+  'psnr',
+  'ssim',
+  'lpips',
+  'fvd',
+  'mse',
+  'codebook_usage',
+  'codebook_perplexity',
+  'prior_top1',
+  'prior_top5',
+  'prior_ce',
+  'num_clips',
+  'step',
+  'seconds',
+  'seconds_per_clip',
+  'protocol',
+  'baselines',
+  'baseline_clips',
+)
 
 
 def tiny_config(video_shape=(16, 16, 16), patch=(4, 8, 8), **eval_kw):
@@ -37,8 +53,9 @@ def tiny_config(video_shape=(16, 16, 16), patch=(4, 8, 8), **eval_kw):
   c.model.update(video_shape=video_shape, patch_size=patch)
   c.disc.update(patch_size=patch)
   c.batch_size = 4
-  c.eval.update(dict(num_clips=6, batch_size=4, num_videos_to_show=2, fvd=False, lpips=False),
-                **eval_kw)
+  c.eval.update(
+    dict(num_clips=6, batch_size=4, num_videos_to_show=2, fvd=False, lpips=False), **eval_kw
+  )
   return c
 
 
@@ -48,13 +65,15 @@ def init_state(exp, seed=0):
 
 def evaluate(task, params, workdir, step):
   """A fresh evaluator of ``task`` (its config as it is now) on ``params``."""
-  ev = evaluator.Evaluator(task.config, task.model, task.mesh, task.rules,
-                           task.variable_shardings()[1])
+  ev = evaluator.Evaluator(
+    task.config, task.model, task.mesh, task.rules, task.variable_shardings()[1]
+  )
   return ev.evaluate({'params': params}, workdir, step)
 
 
 class CountingExtractor:
   """Stand-in for the I3D (seconds per clip on CPU): a fixed random projection to 400-d."""
+
   calls = 0
   clips = 0
 
@@ -70,8 +89,13 @@ class CountingExtractor:
 
 
 def eval_clips(config, n):
-  it = data_lib.get_dataset(config.data, 'eval', video_shape=tuple(config.model.video_shape),
-                            batch_size=n, seed=int(config.seed))
+  it = data_lib.get_dataset(
+    config.data,
+    'eval',
+    video_shape=tuple(config.model.video_shape),
+    batch_size=n,
+    seed=int(config.seed),
+  )
   batch = next(it)
   assert batch['mask'].all()
   return batch['video']
@@ -93,7 +117,7 @@ def test_evaluate_record_hand_metrics_fvd_cache_and_workdir(tmp_path, monkeypatc
   with open(os.path.join(wd, 'eval', '0.json')) as f:
     rec = json.load(f)
   assert set(REQUIRED) <= set(rec)
-  assert rec['lpips'] is None and 'lpips' not in m          # off in this config: no number
+  assert rec['lpips'] is None and 'lpips' not in m  # off in this config: no number
   for k in REQUIRED:
     if k not in ('lpips', 'protocol', 'baselines'):
       assert math.isfinite(rec[k]), (k, rec[k])
@@ -107,8 +131,12 @@ def test_evaluate_record_hand_metrics_fvd_cache_and_workdir(tmp_path, monkeypatc
 
   # --- metrics by hand from the model's own eval pass on the same 6 clips (one batch)
   video = eval_clips(config, 6)
-  recon, aux = exp.model.apply({'params': state.params}, video, train=False,
-                               rngs={'vq': jax.random.key(1), 'dropout': jax.random.key(2)})
+  recon, aux = exp.model.apply(
+    {'params': state.params},
+    video,
+    train=False,
+    rngs={'vq': jax.random.key(1), 'dropout': jax.random.key(2)},
+  )
   recon = np.clip(np.asarray(recon, np.float64), 0, 1)
   mse = ((recon - video) ** 2).mean(axis=(1, 2, 3, 4))
   np.testing.assert_allclose(m['psnr'], np.mean(-10 * np.log10(mse)), rtol=1e-5)
@@ -134,8 +162,11 @@ def test_evaluate_record_hand_metrics_fvd_cache_and_workdir(tmp_path, monkeypatc
   probs = counts[counts > 0] / counts.sum()
   assert m['codebook_usage'] == pytest.approx(np.mean(counts > 0))
   assert m['codebook_perplexity'] == pytest.approx(np.exp(-(probs * np.log(probs)).sum()), rel=1e-6)
-  for k, ak in (('prior_top1', 'prior_top1'), ('prior_top5', 'prior_top5'),
-                ('prior_ce', 'prior_ce_round1')):
+  for k, ak in (
+    ('prior_top1', 'prior_top1'),
+    ('prior_top5', 'prior_top5'),
+    ('prior_ce', 'prior_ce_round1'),
+  ):
     assert m[k] == pytest.approx(float(aux[ak]), rel=1e-5, abs=1e-6), k
 
   # --- FVD: real stats computed once (real + fake clips went through the extractor) and cached
@@ -163,14 +194,20 @@ def test_evaluate_workdir_without_checkpoint(tmp_path):
   config = tiny_config()
   with pytest.raises(ValueError, match='no checkpoint'):
     loop.evaluate_run(TokenizerTask, config, str(tmp_path / 'empty'))
-  assert not os.path.exists(tmp_path / 'empty')     # nothing created by a failed eval
+  assert not os.path.exists(tmp_path / 'empty')  # nothing created by a failed eval
 
 
 def test_short_clips_skip_fvd(tmp_path, monkeypatch):
   monkeypatch.setattr(fvd_lib, 'I3DFeatureExtractor', CountingExtractor)
   CountingExtractor.calls = 0
-  config = tiny_config(video_shape=(4, 16, 16), patch=(2, 8, 8), fvd=True, num_clips=2,
-                       batch_size=2, num_videos_to_show=0)
+  config = tiny_config(
+    video_shape=(4, 16, 16),
+    patch=(2, 8, 8),
+    fvd=True,
+    num_clips=2,
+    batch_size=2,
+    num_videos_to_show=0,
+  )
   exp = tokenizer_task.build(config)
   m = evaluate(exp, init_state(exp).params, str(tmp_path), 1)
   with open(tmp_path / 'eval' / '1.json') as f:
@@ -179,7 +216,7 @@ def test_short_clips_skip_fvd(tmp_path, monkeypatch):
   assert rec['num_clips'] == 2 and math.isfinite(rec['psnr'])
 
 
-_SHARDED = textwrap.dedent('''
+_SHARDED = textwrap.dedent("""
     import json, sys
     import jax
     jax.config.update('jax_disable_most_optimizations', True)
@@ -203,24 +240,39 @@ _SHARDED = textwrap.dedent('''
       m = evaluate(exp, params, {wd!r} + '/' + name, 0)
       out[name] = m
     print('RESULT' + json.dumps(out))
-''')
+""")
 
 
 def test_sharded_eval_equals_single_device(tmp_path):
   code = _SHARDED.format(root=ROOT, tests=os.path.join(ROOT, 'tests'), wd=str(tmp_path))
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8',
-             JAX_PLATFORMS='cpu')
-  r = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True,
-                     timeout=600, cwd=ROOT)
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8', JAX_PLATFORMS='cpu')
+  r = subprocess.run(
+    [sys.executable, '-c', code], env=env, capture_output=True, text=True, timeout=600, cwd=ROOT
+  )
   assert r.returncode == 0, r.stderr[-4000:]
   line = [l for l in r.stdout.splitlines() if l.startswith('RESULT')][-1]
-  res = json.loads(line[len('RESULT'):])
+  res = json.loads(line[len('RESULT') :])
   single, sharded = res['single'], res['sharded']
   assert single['num_clips'] == sharded['num_clips'] == 6
-  for k in ('psnr', 'ssim', 'lpips', 'mse', 'codebook_usage', 'codebook_perplexity',
-            'prior_top1', 'prior_top5', 'prior_ce', 'baseline_clips', 'baseline_clip_mean_psnr',
-            'baseline_pca16_mse'):
-    assert abs(single[k] - sharded[k]) <= 1e-5 * max(1.0, abs(single[k])), (k, single[k], sharded[k])
+  for k in (
+    'psnr',
+    'ssim',
+    'lpips',
+    'mse',
+    'codebook_usage',
+    'codebook_perplexity',
+    'prior_top1',
+    'prior_top5',
+    'prior_ce',
+    'baseline_clips',
+    'baseline_clip_mean_psnr',
+    'baseline_pca16_mse',
+  ):
+    assert abs(single[k] - sharded[k]) <= 1e-5 * max(1.0, abs(single[k])), (
+      k,
+      single[k],
+      sharded[k],
+    )
 
 
 def test_recon_png_header():
@@ -235,14 +287,21 @@ def test_recon_png_header():
     assert os.path.getsize(paths['mp4']) > 0
   top = head.shape[0] - plain.shape[0]
   assert top > 20 and head.shape[1] == max(plain.shape[1], visualize.HEADER_MIN_WIDTH)
-  np.testing.assert_array_equal(head[top:, :plain.shape[1]], plain)   # the frames, unchanged
-  assert (head[:top] < 100).any() and (head[:top] == 255).mean() > 0.5   # dark text on white
-  lines = evaluator.recon_header({'step': 3, 'num_clips': 6, 'psnr': 15.2, 'baseline_clips': 6,
-                                  'baselines': {'clip_mean': {'psnr': 18.1}, 'pca4': {'psnr': 20},
-                                                'pca16': {'psnr': 21}}})
+  np.testing.assert_array_equal(head[top:, : plain.shape[1]], plain)  # the frames, unchanged
+  assert (head[:top] < 100).any() and (head[:top] == 255).mean() > 0.5  # dark text on white
+  lines = evaluator.recon_header(
+    {
+      'step': 3,
+      'num_clips': 6,
+      'psnr': 15.2,
+      'baseline_clips': 6,
+      'baselines': {'clip_mean': {'psnr': 18.1}, 'pca4': {'psnr': 20}, 'pca16': {'psnr': 21}},
+    }
+  )
   assert lines[0] == 'step 3, 6 eval clips: PSNR tokenizer 15.20 dB'
-  assert lines[1].startswith('baselines (same 6 clips): clip-mean colour 18.10 | PCA-4/16 '
-                             '20.00/21.00 dB')
+  assert lines[1].startswith(
+    'baselines (same 6 clips): clip-mean colour 18.10 | PCA-4/16 20.00/21.00 dB'
+  )
   assert lines[2].endswith('frames in time order, left to right')
 
 
@@ -254,8 +313,14 @@ def _clip_mean_forward(module, video):
 
 def test_baselines_cap_off_and_clip_mean_model(tmp_path, monkeypatch):
   monkeypatch.setattr(evaluator, '_eval_forward', _clip_mean_forward)
-  config = tiny_config(video_shape=(4, 16, 16), patch=(2, 8, 8), num_clips=6, batch_size=4,
-                       num_videos_to_show=2, baseline_max_clips=5)
+  config = tiny_config(
+    video_shape=(4, 16, 16),
+    patch=(2, 8, 8),
+    num_clips=6,
+    batch_size=4,
+    num_videos_to_show=2,
+    baseline_max_clips=5,
+  )
   exp = tokenizer_task.build(config)
   params = init_state(exp).params
   clips = np.asarray(eval_clips(config, 6))

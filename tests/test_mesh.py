@@ -9,7 +9,10 @@ from tests.conftest import run_result_script
 
 def test_mesh_shape_arithmetic():
   assert sharding.mesh_shape({'data': -1, 'fsdp': 2, 'tensor': 1}, 8) == {
-      'data': 4, 'fsdp': 2, 'tensor': 1}
+    'data': 4,
+    'fsdp': 2,
+    'tensor': 1,
+  }
   with pytest.raises(errors.ConfigError, match='at most one -1'):
     sharding.mesh_shape({'data': -1, 'fsdp': -1}, 8)
   with pytest.raises(errors.ConfigError, match='does not divide the 8 devices'):
@@ -28,7 +31,8 @@ def test_make_mesh_one_device_and_unknown_axes():
 
 
 def test_make_mesh_on_eight_devices():
-  out = run_result_script('''
+  out = run_result_script(
+    """
 import json, jax
 from larp_jax import errors, sharding
 out = {}
@@ -41,7 +45,10 @@ try:
 except errors.ConfigError as e:
   out['error'] = str(e)
 print('RESULT' + json.dumps(out))
-''', timeout=120, XLA_FLAGS='--xla_force_host_platform_device_count=8')
+""",
+    timeout=120,
+    XLA_FLAGS='--xla_force_host_platform_device_count=8',
+  )
   assert out['dp'][0] == {'data': 8, 'fsdp': 1, 'tensor': 1}
   assert out['fsdp'][0] == {'data': 2, 'fsdp': 4, 'tensor': 1}
   assert out['tp'][0] == {'data': 2, 'fsdp': 2, 'tensor': 2}

@@ -12,7 +12,7 @@ from larp_jax import errors, params_io
 from larp_jax.train import loop
 from tests.conftest import ROOT, run_result_script
 
-_FSDP_RUN = r'''
+_FSDP_RUN = r"""
 import json, os, sys
 import jax, numpy as np
 assert jax.device_count() == 8
@@ -27,7 +27,7 @@ loop.run(TokenizerTask, c, {workdir!r})
 from larp_jax import checkpoint
 print('RESULT' + json.dumps({{'steps': checkpoint.manager({workdir!r}).all_steps()}}), flush=True)
 os._exit(0)
-'''
+"""
 
 
 def _leaves(tree):
@@ -36,9 +36,12 @@ def _leaves(tree):
 
 def test_fsdp_run_loads_on_one_device_from_run_and_params_dirs(tmp_path):
   wd = str(tmp_path / 'run')
-  out = run_result_script(_FSDP_RUN.format(root=ROOT, workdir=wd), timeout=600,
-                          XLA_FLAGS='--xla_force_host_platform_device_count=8',
-                          JAX_DISABLE_MOST_OPTIMIZATIONS='1')
+  out = run_result_script(
+    _FSDP_RUN.format(root=ROOT, workdir=wd),
+    timeout=600,
+    XLA_FLAGS='--xla_force_host_platform_device_count=8',
+    JAX_DISABLE_MOST_OPTIMIZATIONS='1',
+  )
   assert out['steps'] == [2]
   params_dir = os.path.join(wd, loop.PARAMS_SUBDIR)
   assert params_io.is_params_dir(params_dir)
@@ -56,10 +59,11 @@ def test_fsdp_run_loads_on_one_device_from_run_and_params_dirs(tmp_path):
   # Save from the API and load again: the same tokens.
   again = larp_jax.load_tokenizer(from_run.save(str(tmp_path / 'saved')))
   video = np.random.default_rng(0).random((2, *from_run.video_shape, 3), np.float32)
-  np.testing.assert_array_equal(np.asarray(from_run.encode(video)),
-                                np.asarray(again.encode(video)))
-  np.testing.assert_array_equal(np.asarray(from_params.decode(from_params.encode(video))),
-                                np.asarray(again.decode(again.encode(video))))
+  np.testing.assert_array_equal(np.asarray(from_run.encode(video)), np.asarray(again.encode(video)))
+  np.testing.assert_array_equal(
+    np.asarray(from_params.decode(from_params.encode(video))),
+    np.asarray(again.decode(again.encode(video))),
+  )
   with pytest.raises(errors.UserError, match='already holds parameters'):
     from_run.save(str(tmp_path / 'saved'))
 

@@ -58,8 +58,11 @@ class LinearTask(base.Task):
 
   def boxed_init(self, seed):
     w = nn.LogicallyPartitioned(jnp.zeros((DIM,)), names=('embed',))
-    return LinState(step=jnp.zeros((), jnp.int32), params={'w': w},
-                    opt_state=self.tx.init({'w': jnp.zeros((DIM,))}))
+    return LinState(
+      step=jnp.zeros((), jnp.int32),
+      params={'w': w},
+      opt_state=self.tx.init({'w': jnp.zeros((DIM,))}),
+    )
 
   def train_step(self):
     tx = self.tx
@@ -70,8 +73,8 @@ class LinearTask(base.Task):
       loss, grads = jax.value_and_grad(loss_fn)(state.params)
       updates, opt_state = tx.update(grads, state.opt_state, state.params)
       params = optax.apply_updates(state.params, updates)
-      return state.replace(step=state.step + 1, params=params, opt_state=opt_state), {
-          'loss': loss}
+      return state.replace(step=state.step + 1, params=params, opt_state=opt_state), {'loss': loss}
+
     return step
 
   def train_data(self, *, batch_size, start_step):
@@ -87,12 +90,22 @@ class LinearTask(base.Task):
 
 
 def _config(**kw):
-  c = ml_collections.ConfigDict(dict(
-      task='linear', seed=0, batch_size=8, total_steps=40, lr=0.1, log_every=10,
-      checkpoint_every=20, keep_checkpoints=2, eval_every=20,
+  c = ml_collections.ConfigDict(
+    dict(
+      task='linear',
+      seed=0,
+      batch_size=8,
+      total_steps=40,
+      lr=0.1,
+      log_every=10,
+      checkpoint_every=20,
+      keep_checkpoints=2,
+      eval_every=20,
       mesh=dict(data=-1, fsdp=1, tensor=1),
       sharding_rules=(('batch', ('data', 'fsdp')), ('embed', 'fsdp')),
-      model=dict(dim=DIM)))
+      model=dict(dim=DIM),
+    )
+  )
   c.update(kw)
   return c
 
@@ -107,7 +120,7 @@ def test_a_second_task_trains_resumes_evaluates_and_exports(tmp_path):
   lines = [json.loads(l) for l in open(os.path.join(full, 'metrics.jsonl'))]
   assert [l['step'] for l in lines] == [1, 10, 20, 30, 40]
 
-  loop.run(LinearTask, _config(), part, stop_at=13)    # a preemption at step 13, then resume
+  loop.run(LinearTask, _config(), part, stop_at=13)  # a preemption at step 13, then resume
   loop.run(LinearTask, _config(), part)
   resumed = [json.loads(l) for l in open(os.path.join(part, 'metrics.jsonl'))]
   assert [l['step'] for l in resumed] == [1, 10, 13, 14, 20, 30, 40]
@@ -122,7 +135,7 @@ def test_a_second_task_trains_resumes_evaluates_and_exports(tmp_path):
   one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   shardings = {'params': {'w': one}}
   a, step_a, kind_a = params_io.load_variables(exported, abstract, shardings)
-  b, step_b, kind_b = params_io.load_variables(part, abstract, shardings)   # from the run dir
+  b, step_b, kind_b = params_io.load_variables(part, abstract, shardings)  # from the run dir
   assert (kind_a, step_a, kind_b, step_b) == ('params', 40, 'run', 40)
   np.testing.assert_allclose(a['params']['w'], b['params']['w'], rtol=1e-6)
   np.testing.assert_allclose(a['params']['w'], TRUE_W, atol=0.05)
@@ -131,8 +144,11 @@ def test_a_second_task_trains_resumes_evaluates_and_exports(tmp_path):
 def test_task_registry_names_the_choices():
   assert tasks.name_of(ml_collections.ConfigDict()) == 'tokenizer'
   assert tasks.get('tokenizer').name == 'tokenizer'
-  with pytest.raises(errors.ConfigError, match=r"config.task='nope' is not a task; choose one "
-                                               r"of \('tokenizer',\)"):
+  with pytest.raises(
+    errors.ConfigError,
+    match=r"config.task='nope' is not a task; choose one "
+    r"of \('tokenizer',\)",
+  ):
     tasks.get('nope')
 
 

@@ -26,8 +26,9 @@ def init(model, batch=2, seed=0):
 
 # ---------------------------------------------------------------- sizes and embeddings
 
+
 def test_larp_l_parameter_counts():
-  model = LARPTokenizer()   # defaults are LARP-L
+  model = LARPTokenizer()  # defaults are LARP-L
   shapes = jax.eval_shape(lambda: model.init(rngs(), jnp.zeros((1, 16, 128, 128, 3)), train=True))
   params = nn.unbox(shapes['params'])
   total, n_prior = count_params(params), count_params(params['prior'])
@@ -39,7 +40,7 @@ def test_3d_pe_reference_figures():
   pe = embeddings.sincos_3d(768, 4, 16, 16).astype(np.float64)
   assert pe.shape == (1024, 768)
   np.testing.assert_allclose(pe.sum(), 770345.1248, rtol=1e-7)
-  np.testing.assert_allclose((pe ** 2).sum(), 1158051.319, rtol=1e-7)
+  np.testing.assert_allclose((pe**2).sum(), 1158051.319, rtol=1e-7)
   np.testing.assert_allclose(pe[1, [0, 192, 384, 576]], [0.84147, 0.54030, 1.0, 2.0], atol=1e-5)
   np.testing.assert_allclose(pe[256, [0, 384, 767]], [0.84147, 0.54030, 2.0], atol=1e-5)
 
@@ -54,12 +55,15 @@ def test_1d_pe_reference_figures():
 
 # ---------------------------------------------------------------- API shapes
 
-@pytest.mark.parametrize('video_shape,patch,n', [((4, 16, 16), (2, 8, 8), 8),
-                                                 ((8, 16, 32), (4, 8, 8), 16),
-                                                 ((2, 24, 16), (1, 8, 8), 5)])
+
+@pytest.mark.parametrize(
+  'video_shape,patch,n',
+  [((4, 16, 16), (2, 8, 8), 8), ((8, 16, 32), (4, 8, 8), 16), ((2, 24, 16), (1, 8, 8), 5)],
+)
 def test_encode_decode_shapes(video_shape, patch, n):
-  model = LARPTokenizer(**tiny_tokenizer_kwargs(video_shape=video_shape, patch_size=patch,
-                                                num_latent_tokens=n))
+  model = LARPTokenizer(
+    **tiny_tokenizer_kwargs(video_shape=video_shape, patch_size=patch, num_latent_tokens=n)
+  )
   assert model.video_shape == video_shape
   params, video = init(model)
   tokens = model.apply({'params': params}, video, method=LARPTokenizer.encode)
@@ -73,8 +77,16 @@ def test_encode_decode_shapes(video_shape, patch, n):
   recon, aux = model.apply({'params': params}, video, train=True, rngs=rngs(1), mix_ratio=0.3)
   chex.assert_shape(recon, (2, *video_shape, 3))
   chex.assert_shape(aux['tokens'], (2, n))
-  for key in ('vq_loss', 'prior_loss', 'prior_top1', 'prior_top5', 'codebook_usage',
-              'codebook_perplexity', 'commitment_loss', 'codebook_loss'):
+  for key in (
+    'vq_loss',
+    'prior_loss',
+    'prior_top1',
+    'prior_top5',
+    'codebook_usage',
+    'codebook_perplexity',
+    'commitment_loss',
+    'codebook_loss',
+  ):
     assert aux[key].shape == () and aux[key].dtype == jnp.float32, key
     assert np.isfinite(float(aux[key])), key
 
@@ -99,8 +111,9 @@ def test_zero_init_output_layer_gives_constant_recon():
 def test_decoding_from_tokens_equals_deterministic_pass():
   model = LARPTokenizer(**tiny_tokenizer_kwargs())
   params, video = init(model)
-  params['final_linear']['kernel'] = jax.random.normal(
-      jax.random.key(5), params['final_linear']['kernel'].shape) * 0.1
+  params['final_linear']['kernel'] = (
+    jax.random.normal(jax.random.key(5), params['final_linear']['kernel'].shape) * 0.1
+  )
   recon, aux = model.apply({'params': params}, video, train=False, rngs=rngs(1))
   decoded = model.apply({'params': params}, aux['tokens'], method=LARPTokenizer.decode)
   np.testing.assert_allclose(decoded, jnp.clip(recon, 0, 1), atol=1e-5)
@@ -108,16 +121,21 @@ def test_decoding_from_tokens_equals_deterministic_pass():
 
 # ---------------------------------------------------------------- determinism
 
+
 def test_encoding_is_deterministic_and_sampling_follows_the_key():
-  model = LARPTokenizer(**tiny_tokenizer_kwargs(vq_temperature=1.0))   # hot: codes vary
+  model = LARPTokenizer(**tiny_tokenizer_kwargs(vq_temperature=1.0))  # hot: codes vary
   params, video = init(model)
   enc = lambda: model.apply({'params': params}, video, method=LARPTokenizer.encode)
   np.testing.assert_array_equal(enc(), enc())
-  fwd = lambda seed: model.apply({'params': params}, video, train=True, rngs=rngs(seed))[1]['tokens']
+  fwd = lambda seed: model.apply({'params': params}, video, train=True, rngs=rngs(seed))[1][
+    'tokens'
+  ]
   np.testing.assert_array_equal(fwd(3), fwd(3))
   assert np.any(np.asarray(fwd(3)) != np.asarray(fwd(4)))
   # eval pass defaults to argmax and ignores the key
-  ev = lambda seed: model.apply({'params': params}, video, train=False, rngs=rngs(seed))[1]['tokens']
+  ev = lambda seed: model.apply({'params': params}, video, train=False, rngs=rngs(seed))[1][
+    'tokens'
+  ]
   np.testing.assert_array_equal(ev(3), ev(4))
   np.testing.assert_array_equal(ev(3), enc())
 
@@ -125,16 +143,20 @@ def test_encoding_is_deterministic_and_sampling_follows_the_key():
 def test_nearest_vq_never_samples():
   model = LARPTokenizer(**tiny_tokenizer_kwargs(vq_type='nearest', vq_temperature=1.0))
   params, video = init(model)
-  fwd = lambda seed: model.apply({'params': params}, video, train=True, rngs=rngs(seed))[1]['tokens']
+  fwd = lambda seed: model.apply({'params': params}, video, train=True, rngs=rngs(seed))[1][
+    'tokens'
+  ]
   np.testing.assert_array_equal(fwd(3), fwd(4))
 
 
 def test_sampling_follows_softmax_of_cosine_over_temperature():
   from larp_jax.models.quantizer import VectorQuantizer
+
   vq = VectorQuantizer(codebook_size=4, code_dim=2, temperature=0.5)
   z = jnp.tile(jnp.array([[1.0, 0.2]]), (20000, 1))
-  variables = vq.init({'params': jax.random.key(0), 'vq': jax.random.key(1)}, z,
-                      deterministic=False)
+  variables = vq.init(
+    {'params': jax.random.key(0), 'vq': jax.random.key(1)}, z, deterministic=False
+  )
   cb = nn.unbox(variables['params'])['codebook']
   _, aux = vq.apply(variables, z, deterministic=False, rngs={'vq': jax.random.key(2)})
   freq = np.bincount(np.asarray(aux['indices']), minlength=4) / z.shape[0]
@@ -146,10 +168,12 @@ def test_sampling_follows_softmax_of_cosine_over_temperature():
 
 # ---------------------------------------------------------------- gradients
 
+
 def _grads(model, params, video, loss_of):
   def loss_fn(p):
     recon, aux = model.apply({'params': p}, video, train=True, rngs=rngs(7), mix_ratio=0.5)
     return loss_of(recon, aux, video)
+
   return jax.grad(loss_fn)(params)
 
 
@@ -161,7 +185,8 @@ def _trained_like(model):
   params, video = init(model)
   # a nonzero output layer so the reconstruction depends on everything upstream
   params['final_linear']['kernel'] = 0.1 * jax.random.normal(
-      jax.random.key(9), params['final_linear']['kernel'].shape)
+    jax.random.key(9), params['final_linear']['kernel'].shape
+  )
   return params, video
 
 
@@ -169,10 +194,18 @@ def test_reconstruction_gradient_passes_the_straight_through_estimator():
   model = LARPTokenizer(**tiny_tokenizer_kwargs())
   params, video = _trained_like(model)
   g = _grads(model, params, video, lambda r, a, v: jnp.mean(jnp.abs(r - v)))
-  for name in ('patch_embed', 'encoder', 'latent_queries', 'in_linear', 'out_linear',
-               'decoder', 'query_type_embed', 'final_linear'):
+  for name in (
+    'patch_embed',
+    'encoder',
+    'latent_queries',
+    'in_linear',
+    'out_linear',
+    'decoder',
+    'query_type_embed',
+    'final_linear',
+  ):
     assert _norm(g[name]) > 0, name
-  assert _norm(g['quantizer']) == 0    # the codebook sees the recon loss only through sg()
+  assert _norm(g['quantizer']) == 0  # the codebook sees the recon loss only through sg()
   assert _norm(g['prior']) == 0
 
 
@@ -199,6 +232,7 @@ def test_prior_loss_reaches_prior_and_encoder_but_not_codebook():
 
 # ---------------------------------------------------------------- prior and schedule
 
+
 def test_mix_ratio_schedule():
   total = 1000
   r = np.array([float(prior.mix_ratio(s, total)) for s in (0, 1, 150, 300, 301, 1000)])
@@ -215,17 +249,21 @@ def test_scheduled_sampling_replaces_inputs_by_ratio():
   targets = jax.random.randint(jax.random.key(1), (b, l), 0, k)
   x = cb[targets]
   seen = []
+
   def predict(inp):
     seen.append(inp)
-    return inp   # "predict the previous token"
-  out0 = prior.scheduled_sampling_loss(predict, x, targets, cb, rng=jax.random.key(2),
-                                       mix_ratio=0.0, n_rounds=2)
+    return inp  # "predict the previous token"
+
+  out0 = prior.scheduled_sampling_loss(
+    predict, x, targets, cb, rng=jax.random.key(2), mix_ratio=0.0, n_rounds=2
+  )
   np.testing.assert_array_equal(seen[0], seen[1])
   seen.clear()
-  prior.scheduled_sampling_loss(predict, x, targets, cb, rng=jax.random.key(2), mix_ratio=1.0,
-                                n_rounds=2)
+  prior.scheduled_sampling_loss(
+    predict, x, targets, cb, rng=jax.random.key(2), mix_ratio=1.0, n_rounds=2
+  )
   assert np.any(np.asarray(seen[0][:, 1:]) != np.asarray(seen[1][:, 1:]))
-  np.testing.assert_array_equal(seen[0][:, 0], seen[1][:, 0])    # position 0 stays ground truth
+  np.testing.assert_array_equal(seen[0][:, 0], seen[1][:, 0])  # position 0 stays ground truth
   # round-2 inputs at positions 1.. are codewords
   dots = jnp.einsum('bld,kd->blk', seen[1][:, 1:-1], cb)
   np.testing.assert_allclose(jnp.max(dots, -1), 1.0, atol=1e-5)
@@ -251,6 +289,7 @@ def test_sincos_query_init_is_the_1d_table():
 
 def test_l2_normalize_has_finite_gradient_at_zero():
   from larp_jax.models.quantizer import l2_normalize
+
   g = jax.grad(lambda x: jnp.sum(l2_normalize(x) * jnp.arange(3.0)))(jnp.zeros(3))
   assert np.isfinite(np.asarray(g)).all()
   np.testing.assert_allclose(l2_normalize(jnp.array([3.0, 4.0])), [0.6, 0.8], rtol=1e-6)
@@ -258,13 +297,17 @@ def test_l2_normalize_has_finite_gradient_at_zero():
 
 # ---------------------------------------------------------------- bad configs
 
-@pytest.mark.parametrize('overrides,match', [
+
+@pytest.mark.parametrize(
+  'overrides,match',
+  [
     (dict(video_shape=(5, 16, 16)), 'not divisible by patch_size T'),
     (dict(num_heads=3), 'not divisible by num_heads'),
     (dict(vq_type='fsq'), 'vq_type'),
     (dict(query_init='zeros'), 'query_init'),
     (dict(prior_max_len=3), 'prior_max_len'),
-])
+  ],
+)
 def test_bad_tokenizer_kwargs_fail_at_construction(overrides, match):
   with pytest.raises(ValueError, match=match):
     LARPTokenizer(**tiny_tokenizer_kwargs(**overrides))
@@ -278,6 +321,7 @@ def test_wrong_video_shape_is_a_clear_error():
 
 
 # ---------------------------------------------------------------- experimental switches (off by default)
+
 
 def _identity_blocks(params, stack):
   """Zeroes the residual branches of ``params[stack]``: every block becomes the identity."""
@@ -309,10 +353,12 @@ def test_latent_patch_skip_routes_latent_j_to_patch_j(n):
   params, _ = init(model)
   params = _identity_blocks(params, 'decoder')
   params['final_linear']['kernel'] = jax.random.normal(
-      jax.random.key(3), params['final_linear']['kernel'].shape)
+    jax.random.key(3), params['final_linear']['kernel'].shape
+  )
   tokens = jnp.zeros((1, n), jnp.int32)
-  decode = lambda t: model.apply({'params': params}, t, method=lambda m, t: m.patchify(
-      m.decode_latents(m.quantizer.lookup(t))))
+  decode = lambda t: model.apply(
+    {'params': params}, t, method=lambda m, t: m.patchify(m.decode_latents(m.quantizer.lookup(t)))
+  )
   base = decode(tokens)
   for k in (0, 5, n - 1):
     moved = decode(tokens.at[0, k].set(7))
@@ -326,8 +372,9 @@ def test_query_patch_skip_gives_query_i_patch_i():
   params, video = init(model)
   params = _identity_blocks(params, 'encoder')
   z = model.apply({'params': params}, video, method=model.encode_latents)
-  x = model.apply({'params': params}, video, method=lambda m, v: m.patch_embed(m.patchify(v))
-                  + m._patch_pe())
+  x = model.apply(
+    {'params': params}, video, method=lambda m, v: m.patch_embed(m.patchify(v)) + m._patch_pe()
+  )
   q = params['latent_queries'][None] + jnp.tile(x, (1, 2, 1))
   expected = model.apply({'params': params}, q, method=lambda m, h: m.in_linear(m.encoder(h)))
   np.testing.assert_allclose(z, expected, atol=1e-5)

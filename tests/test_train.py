@@ -34,6 +34,7 @@ def tiny_config(**run):
 
 # ---------------------------------------------------------------- schedules and losses
 
+
 def test_lr_multiplier_matches_the_official_formula():
   kw = dict(total_steps=100, warmup_steps=10, start_mult=0.01, min_mult=0.01)
   m = lambda s: float(optim.lr_multiplier(s, **kw))
@@ -62,11 +63,12 @@ def test_noisy_labels_stay_in_their_ranges():
 def test_lecam_and_generator_loss_by_hand():
   real, fake = jnp.array([1.0, 3.0]), jnp.array([-1.0, 0.0])
   # relu(2 - 0.5)^2 + relu(0.2 - (-0.5))^2
-  assert float(gan.lecam_regularizer(real, fake, 0.2, 0.5)) == pytest.approx(1.5 ** 2 + 0.7 ** 2)
+  assert float(gan.lecam_regularizer(real, fake, 0.2, 0.5)) == pytest.approx(1.5**2 + 0.7**2)
   assert float(gan.generator_loss(jnp.zeros(4))) == pytest.approx(np.log(2.0))
 
 
 # ---------------------------------------------------------------- the loop
+
 
 def _params(workdir):
   return larp_jax.load_tokenizer(workdir).params
@@ -76,18 +78,29 @@ def test_train_resume_and_load(tmp_path):
   """3 steps, then a restart to 4, equals 4 uninterrupted steps; outputs are written."""
   full, part = str(tmp_path / 'full'), str(tmp_path / 'part')
   loop.run(TokenizerTask, tiny_config(), full)
-  loop.run(TokenizerTask, tiny_config(), part, stop_at=3)    # stops with a checkpoint at step 3
+  loop.run(TokenizerTask, tiny_config(), part, stop_at=3)  # stops with a checkpoint at step 3
   loop.run(TokenizerTask, tiny_config(), part)
   lines = [json.loads(l) for l in open(os.path.join(full, 'metrics.jsonl'))]
   assert [l['step'] for l in lines] == [1, 2, 3, 4]
-  for key in ('loss', 'l1_loss', 'lpips_loss', 'gan_loss', 'vq_loss', 'prior_loss', 'disc_loss',
-              'codebook_usage', 'lr', 'grad_norm'):
+  for key in (
+    'loss',
+    'l1_loss',
+    'lpips_loss',
+    'gan_loss',
+    'vq_loss',
+    'prior_loss',
+    'disc_loss',
+    'codebook_usage',
+    'lr',
+    'grad_norm',
+  ):
     assert all(np.isfinite(l[key]) for l in lines), key
   resumed = [json.loads(l) for l in open(os.path.join(part, 'metrics.jsonl'))]
   assert resumed[-1]['step'] == 4
   np.testing.assert_allclose(resumed[-1]['loss'], lines[-1]['loss'], rtol=1e-5)
-  chex_close = jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6),
-                                      _params(full), _params(part))
+  chex_close = jax.tree_util.tree_map(
+    lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), _params(full), _params(part)
+  )
   del chex_close
   tok = larp_jax.load_tokenizer(full)
   assert tok.step == 4 and tok.video_shape == (4, 32, 32)
@@ -101,7 +114,7 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
   workdir = str(tmp_path / 'nan')
   c = tiny_config(total_steps=6, checkpoint_every=1)
   c.loss.lpips_weight = 0.0
-  c.optim.lr = 1e38          # Adam steps of 1e38 overflow the weights within a step or two
+  c.optim.lr = 1e38  # Adam steps of 1e38 overflow the weights within a step or two
   c.optim.warmup_steps = 1
   with pytest.raises(loop.NonFiniteLossError, match='last good checkpoint'):
     loop.run(TokenizerTask, c, workdir)
@@ -132,7 +145,7 @@ def test_a_signal_after_the_checkpoint_decision_stops_at_the_next_step_with_a_ch
 
   def signal_at_step_2(exp, state, workdir, step):
     if step == 2:
-      os.kill(os.getpid(), signal.SIGTERM)   # the loop's handler only sets a flag
+      os.kill(os.getpid(), signal.SIGTERM)  # the loop's handler only sets a flag
     return {}
 
   loop.run(TokenizerTask, c, str(tmp_path), evaluate_fn=signal_at_step_2)
@@ -141,7 +154,7 @@ def test_a_signal_after_the_checkpoint_decision_stops_at_the_next_step_with_a_ch
   mngr.close()
 
 
-_TRAIN_SCRIPT = r'''
+_TRAIN_SCRIPT = r"""
 import sys, jax
 sys.path.insert(0, {root!r})
 from tests.test_train import tiny_config
@@ -152,21 +165,27 @@ c = tiny_config(total_steps={steps}, checkpoint_every={every})
 c.loss.lpips_weight = 0.0
 loop.run(TokenizerTask, c, {workdir!r})
 import os; os._exit(0)
-'''
+"""
 
 
 def _train_proc(workdir, steps, every):
   code = _TRAIN_SCRIPT.format(root=ROOT, steps=steps, every=every, workdir=workdir)
   env = dict(os.environ, JAX_PLATFORMS='cpu', JAX_DISABLE_MOST_OPTIMIZATIONS='1')
-  return subprocess.Popen([sys.executable, '-c', code], cwd=ROOT, env=env,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  return subprocess.Popen(
+    [sys.executable, '-c', code],
+    cwd=ROOT,
+    env=env,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    text=True,
+  )
 
 
 def _wait_for_step(workdir, step, proc, timeout=240):
   path = os.path.join(workdir, 'metrics.jsonl')
   t0 = time.time()
   while time.time() - t0 < timeout:
-    exited = proc.poll() is not None      # before reading, so an exit never hides the step
+    exited = proc.poll() is not None  # before reading, so an exit never hides the step
     if os.path.exists(path) and any(json.loads(l)['step'] >= step for l in open(path)):
       return
     if exited:
@@ -178,7 +197,7 @@ def _wait_for_step(workdir, step, proc, timeout=240):
 def test_sigterm_checkpoints_and_sigkill_restarts_to_the_same_parameters(tmp_path):
   """Preemption (SIGTERM) saves and exits 0; a SIGKILLed run restarts from its last checkpoint;
   the final parameters equal an uninterrupted run's."""
-  steps = 20     # room after the preemption step, however late the signal is handled
+  steps = 20  # room after the preemption step, however late the signal is handled
   ref, run = str(tmp_path / 'ref'), str(tmp_path / 'run')
   c = tiny_config(total_steps=steps, checkpoint_every=4)
   c.loss.lpips_weight = 0.0
@@ -201,11 +220,12 @@ def test_sigterm_checkpoints_and_sigkill_restarts_to_the_same_parameters(tmp_pat
   p = _train_proc(run, steps, every=4)
   out = p.communicate(timeout=300)[0]
   assert p.returncode == 0, out[-3000:]
-  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6),
-                         _params(ref), _params(run))
+  jax.tree_util.tree_map(
+    lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), _params(ref), _params(run)
+  )
 
 
-_MESH_SCRIPT = r'''
+_MESH_SCRIPT = r"""
 import os, sys, json
 os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=8'
 import jax, numpy as np, flax.linen as nn
@@ -246,20 +266,22 @@ for name, mesh, n in (('one', dict(data=1, fsdp=1, tensor=1), 1),
                                     for x in jax.tree_util.tree_leaves(state.params)))
 print('RESULT' + json.dumps(out), flush=True)
 os._exit(0)
-'''
+"""
 
 
 def test_data_parallel_and_fsdp_meshes_match_one_device():
-  out = run_result_script(_MESH_SCRIPT.format(root=ROOT), timeout=600,
-                          JAX_DISABLE_MOST_OPTIMIZATIONS='1')
+  out = run_result_script(
+    _MESH_SCRIPT.format(root=ROOT), timeout=600, JAX_DISABLE_MOST_OPTIMIZATIONS='1'
+  )
   for name in ('dp8', 'dp2_fsdp4'):
     for step, (a, b) in enumerate(zip(out['one'], out[name])):
       for key in ('loss', 'l1_loss', 'vq_loss', 'prior_loss', 'gan_loss', 'disc_loss'):
-        np.testing.assert_allclose(b[key], a[key], rtol=2e-4, atol=1e-5,
-                                   err_msg=f'{name} step {step + 1} {key}')
+        np.testing.assert_allclose(
+          b[key], a[key], rtol=2e-4, atol=1e-5, err_msg=f'{name} step {step + 1} {key}'
+        )
     np.testing.assert_allclose(out[name + '_params'], out['one_params'], rtol=1e-5)
-  assert out['sharded_big_params'] > 0.5   # FSDP really shards the large weights
-  assert out['constraints'] > 0   # (under jax 0.10's `with mesh:` flax silently dropped them)
+  assert out['sharded_big_params'] > 0.5  # FSDP really shards the large weights
+  assert out['constraints'] > 0  # (under jax 0.10's `with mesh:` flax silently dropped them)
 
 
 def test_a_batch_norm_bottleneck_trains_evaluates_and_loads_with_its_running_stats(tmp_path):
@@ -275,8 +297,11 @@ def test_a_batch_norm_bottleneck_trains_evaluates_and_loads_with_its_running_sta
   stats = jax.tree_util.tree_leaves(tok.batch_stats)
   assert stats and any(float(np.abs(np.asarray(s)).sum()) > 0 for s in stats)
   # Not the init values (mean 0, var 1): two steps moved them.
-  means = [np.asarray(s) for p, s in jax.tree_util.tree_flatten_with_path(tok.batch_stats)[0]
-           if 'mean' in jax.tree_util.keystr(p)]
+  means = [
+    np.asarray(s)
+    for p, s in jax.tree_util.tree_flatten_with_path(tok.batch_stats)[0]
+    if 'mean' in jax.tree_util.keystr(p)
+  ]
   assert means and all(np.abs(m).max() > 0 for m in means)
   assert json.load(open(os.path.join(wd, 'eval', '2.json')))['psnr'] is not None
   video = jax.random.uniform(jax.random.key(0), (2, 4, 32, 32, 3))

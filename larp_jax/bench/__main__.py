@@ -8,7 +8,7 @@ from larp_jax.bench.runners import main
 
 
 def _run():
-  host_malloc.reexec_if_needed()       # CPU: keep XLA's step buffers mapped (host_malloc.py)
+  host_malloc.reexec_if_needed()  # CPU: keep XLA's step buffers mapped (host_malloc.py)
   # A user's mistake is one line (exit 2); a bug shows its traceback (exit 1).
   code = cli_env.run_command(lambda args: main(['larp_jax.bench', *args]))
   # No interpreter teardown (tf.data iterators can deadlock on exit; see larp_jax/main.py).

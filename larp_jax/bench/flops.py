@@ -28,8 +28,9 @@ def xla_flops(compiled_or_lowered) -> Optional[float]:
   return sum(flops) if flops else None
 
 
-def vit_layer_flops(batch: int, length: int, width: int, mlp_ratio: float = 4.0,
-                    queries: Optional[int] = None) -> int:
+def vit_layer_flops(
+  batch: int, length: int, width: int, mlp_ratio: float = 4.0, queries: Optional[int] = None
+) -> int:
   """Forward matmul FLOPs of one transformer block: qkv + proj + MLP (2*B*L*(4d^2 + 2*d*hidden),
   i.e. 2*B*L*12*d^2 at mlp_ratio 4) plus attention scores and values (4*B*L^2*d). Norms,
   biases, softmax and GELU are not counted; causal attention counts the full L^2 (model
@@ -40,18 +41,28 @@ def vit_layer_flops(batch: int, length: int, width: int, mlp_ratio: float = 4.0,
   run on ``queries`` rows."""
   q = length if queries is None else queries
   hidden = int(width * mlp_ratio)
-  return (2 * batch * length * 3 * width * width + 4 * batch * q * length * width
-          + 2 * batch * q * (width * width + 2 * width * hidden))
+  return (
+    2 * batch * length * 3 * width * width
+    + 4 * batch * q * length * width
+    + 2 * batch * q * (width * width + 2 * width * hidden)
+  )
 
 
-def vit_stack_flops(depth: int, batch: int, length: int, width: int, mlp_ratio: float = 4.0,
-                    kept: Optional[int] = None) -> int:
+def vit_stack_flops(
+  depth: int,
+  batch: int,
+  length: int,
+  width: int,
+  mlp_ratio: float = 4.0,
+  kept: Optional[int] = None,
+) -> int:
   """Forward matmul FLOPs of ``depth`` blocks whose last block computes only ``kept`` output
   tokens (``ViTStack(out_slice=...)``)."""
   if depth == 0:
     return 0
-  return ((depth - 1) * vit_layer_flops(batch, length, width, mlp_ratio)
-          + vit_layer_flops(batch, length, width, mlp_ratio, queries=kept))
+  return (depth - 1) * vit_layer_flops(batch, length, width, mlp_ratio) + vit_layer_flops(
+    batch, length, width, mlp_ratio, queries=kept
+  )
 
 
 def _taps(size: int, k: int, stride: int, pad: int) -> tuple:
@@ -96,9 +107,10 @@ def lpips_flops(frames: int, height: int, width: int, net: str = 'vgg') -> int:
         heads += 2 * frames * h * w * v
   elif net.lower() in ('alex', 'alexnet'):
     cin = 3
-    for i, (cout, k, stride, pad) in enumerate(((64, 11, 4, 2), (192, 5, 1, 2), (384, 3, 1, 1),
-                                                (256, 3, 1, 1), (256, 3, 1, 1))):
-      if i in (1, 2):                                    # 3x3 max pool, stride 2, VALID
+    for i, (cout, k, stride, pad) in enumerate(
+      ((64, 11, 4, 2), (192, 5, 1, 2), (384, 3, 1, 1), (256, 3, 1, 1), (256, 3, 1, 1))
+    ):
+      if i in (1, 2):  # 3x3 max pool, stride 2, VALID
         h, w = (h - 3) // 2 + 1, (w - 3) // 2 + 1
       flops, h, w = _conv_flops(n, h, w, k, cin, cout, stride, pad)
       total += flops
@@ -117,28 +129,33 @@ def tokenizer_forward_flops(model, batch: int) -> dict:
   pd = math.prod(model.patch_size) * 3
   k, cd, r = model.codebook_size, model.code_dim, model.mlp_ratio
   out = {
-      'patch_embed': 2 * b * p * pd * d,
-      'encoder': vit_stack_flops(model.encoder_depth, b, p + n, d, r, kept=n),
-      'in_linear': 2 * b * n * d * cd,
-      'vq_logits': 2 * b * n * k * cd,
-      'out_linear': 2 * b * n * cd * d,
-      'decoder': vit_stack_flops(model.decoder_depth, b, n + p, d, r, kept=p),
-      'final_linear': 2 * b * p * d * pd,
+    'patch_embed': 2 * b * p * pd * d,
+    'encoder': vit_stack_flops(model.encoder_depth, b, p + n, d, r, kept=n),
+    'in_linear': 2 * b * n * d * cd,
+    'vq_logits': 2 * b * n * k * cd,
+    'out_linear': 2 * b * n * cd * d,
+    'decoder': vit_stack_flops(model.decoder_depth, b, n + p, d, r, kept=p),
+    'final_linear': 2 * b * p * d * pd,
   }
   if model.use_prior:
     pw, ln = model.prior_width, n - 1
-    out['prior'] = (2 * b * ln * cd * pw + model.prior_depth * vit_layer_flops(b, ln, pw, r)
-                    + 2 * b * ln * pw * cd)          # one round: input proj, blocks, head
-    out['prior_logits'] = 2 * b * ln * k * cd        # one round: cosine against the codebook
+    out['prior'] = (
+      2 * b * ln * cd * pw
+      + model.prior_depth * vit_layer_flops(b, ln, pw, r)
+      + 2 * b * ln * pw * cd
+    )  # one round: input proj, blocks, head
+    out['prior_logits'] = 2 * b * ln * k * cd  # one round: cosine against the codebook
   return out
 
 
 def discriminator_forward_flops(disc, batch: int) -> int:
   p = math.prod(s // q for s, q in zip(disc.video_shape, disc.patch_size))
   pd = math.prod(disc.patch_size) * 3
-  return (2 * batch * p * pd * disc.width
-          + vit_stack_flops(disc.depth, batch, p + 1, disc.width, disc.mlp_ratio, kept=1)
-          + 2 * batch * disc.width)
+  return (
+    2 * batch * p * pd * disc.width
+    + vit_stack_flops(disc.depth, batch, p + 1, disc.width, disc.mlp_ratio, kept=1)
+    + 2 * batch * disc.width
+  )
 
 
 def analytic_flops(what: str, model, disc, loss_cfg, batch: int) -> dict:
@@ -169,8 +186,8 @@ def analytic_flops(what: str, model, disc, loss_cfg, batch: int) -> dict:
     total += rounds * (3 * f['prior'] + 2 * f['prior_logits'])
   if loss_cfg.gan_weight > 0:
     d = discriminator_forward_flops(disc, batch)
-    total += 2 * d                                       # G loss: forward + input gradients
-    total += 6 * d / max(int(loss_cfg.disc_every), 1)    # D update on real + fake, amortised
+    total += 2 * d  # G loss: forward + input gradients
+    total += 6 * d / max(int(loss_cfg.disc_every), 1)  # D update on real + fake, amortised
   lp = 0
   if loss_cfg.lpips_weight > 0:
     t, h, w = model.video_shape
@@ -180,13 +197,14 @@ def analytic_flops(what: str, model, disc, loss_cfg, batch: int) -> dict:
   return {'transformer': int(total), 'lpips': int(lp), 'total': int(total + lp)}
 
 
-TWIN_NOTE = ("XLA's cost analysis counts a loop body once (scan_layers, 'chunked' attention) and "
-             "custom calls (cuDNN attention, 'cpu_flash') as 0, so these FLOPs are those of the "
-             "same program with scan_layers=False and attention_impl='xla' (compiled for cost "
-             "analysis only)")
+TWIN_NOTE = (
+  "XLA's cost analysis counts a loop body once (scan_layers, 'chunked' attention) and "
+  "custom calls (cuDNN attention, 'cpu_flash') as 0, so these FLOPs are those of the "
+  "same program with scan_layers=False and attention_impl='xla' (compiled for cost "
+  'analysis only)'
+)
 
 
 def needs_cost_twin(model) -> bool:
   """True if XLA's FLOP count of ``model``'s programs would miss work (loops, custom calls)."""
-  return (bool(model.scan_layers)
-          or attention.resolve_attention_impl(model.attention_impl) != 'xla')
+  return bool(model.scan_layers) or attention.resolve_attention_impl(model.attention_impl) != 'xla'

@@ -7,6 +7,7 @@ from typing import Optional
 
 import jax
 
+
 def compiled_memory(compiled) -> Optional[dict]:
   """Bytes from ``compiled.memory_analysis()`` (argument, output, temp, alias, generated code)
   and their total argument + output + temp - alias; None if the backend has none."""
@@ -25,8 +26,12 @@ def compiled_memory(compiled) -> Optional[dict]:
     v = getattr(ma, f'{name}_size_in_bytes', None)
     if v is not None:
       out[f'{name}_bytes'] = int(v)
-  out['total_bytes'] = (out.get('argument_bytes', 0) + out.get('output_bytes', 0)
-                        + out.get('temp_bytes', 0) - out.get('alias_bytes', 0))
+  out['total_bytes'] = (
+    out.get('argument_bytes', 0)
+    + out.get('output_bytes', 0)
+    + out.get('temp_bytes', 0)
+    - out.get('alias_bytes', 0)
+  )
   return out
 
 
@@ -52,9 +57,11 @@ def host_memory_error(compiled) -> Optional[str]:
   if not mem or avail is None:
     return None
   need = mem.get('temp_bytes', 0) + mem.get('output_bytes', 0) - mem.get('alias_bytes', 0)
-  if need > 0.9 * avail - 2**30:     # margin for the runtime, Python and other processes
-    return (f'does not fit in host memory: the program needs {need / 2**30:.1f} GiB more '
-            f'(XLA memory analysis), {avail / 2**30:.1f} GiB available')
+  if need > 0.9 * avail - 2**30:  # margin for the runtime, Python and other processes
+    return (
+      f'does not fit in host memory: the program needs {need / 2**30:.1f} GiB more '
+      f'(XLA memory analysis), {avail / 2**30:.1f} GiB available'
+    )
   return None
 
 

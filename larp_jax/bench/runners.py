@@ -37,10 +37,23 @@ import jax.numpy as jnp
 
 from larp_jax.bench.flops import needs_cost_twin, xla_flops
 from larp_jax.bench.memory import host_memory_error
-from larp_jax.bench.record import (add_mfu, config_name, format_table, git_state, jaxlib_version,
-                                   measurement_record, write_record)
-from larp_jax.bench.timing import (datasheet_peak, default_peak_size, log, lower_compile,
-                                   measure_peak, time_runs)
+from larp_jax.bench.record import (
+  add_mfu,
+  config_name,
+  format_table,
+  git_state,
+  jaxlib_version,
+  measurement_record,
+  write_record,
+)
+from larp_jax.bench.timing import (
+  datasheet_peak,
+  default_peak_size,
+  log,
+  lower_compile,
+  measure_peak,
+  time_runs,
+)
 
 MEASUREMENTS = ('train', 'gen', 'encode', 'decode', 'forward')
 
@@ -65,9 +78,9 @@ def _with_loss(config, overrides: dict):
 
 def _fresh_state(exp):
   from larp_jax import sharding
+
   _, shardings = exp.abstract_state()
-  init = jax.jit(lambda: nn.unbox(exp.boxed_init(int(exp.config.seed))),
-                 out_shardings=shardings)
+  init = jax.jit(lambda: nn.unbox(exp.boxed_init(int(exp.config.seed))), out_shardings=shardings)
   with sharding.logical_context(exp.mesh, exp.rules):
     state = init()
   return state, shardings
@@ -75,6 +88,7 @@ def _fresh_state(exp):
 
 def _random_video(exp, batch: int, seed: int):
   from larp_jax import sharding
+
   shape = (batch, *exp.model.video_shape, 3)
   video = jax.random.uniform(jax.random.key(seed), shape, jnp.float32)
   return jax.device_put(video, sharding.batch_sharding(exp.mesh))
@@ -83,12 +97,22 @@ def _random_video(exp, batch: int, seed: int):
 def _disc_update_flops(exp, state, video) -> Optional[float]:
   """XLA FLOPs (global, before partitioning) of one discriminator update, to amortise it."""
   from larp_jax.train import steps
+
   cfg = exp.config
 
   def f(st, real, key):
-    return steps.discriminator_update(st, real, real, key, disc=exp.disc, disc_tx=exp.disc_tx,
-                                      loss_cfg=cfg.loss, optim_cfg=cfg.optim,
-                                      total_steps=int(cfg.total_steps))
+    return steps.discriminator_update(
+      st,
+      real,
+      real,
+      key,
+      disc=exp.disc,
+      disc_tx=exp.disc_tx,
+      loss_cfg=cfg.loss,
+      optim_cfg=cfg.optim,
+      total_steps=int(cfg.total_steps),
+    )
+
   return xla_flops(jax.jit(f).lower(state, video, jax.random.key(0)))
 
 
@@ -113,13 +137,15 @@ def _step_flops(exp, batch_in, key, lpips, period: int) -> tuple:
   from larp_jax import sharding
   from larp_jax.tasks import tokenizer as tokenizer_task
   from larp_jax.train import loop
+
   twin = tokenizer_task.build(_cost_twin(exp.config)) if needs_cost_twin(exp.model) else exp
   abstract, shardings = twin.abstract_state()
   with sharding.logical_context(twin.mesh, twin.rules):
     flops = None
     if twin is not exp:
-      flops = xla_flops(loop.make_train_step(twin, shardings).lower(
-          abstract, batch_in, key, lpips).compile())
+      flops = xla_flops(
+        loop.make_train_step(twin, shardings).lower(abstract, batch_in, key, lpips).compile()
+      )
       flops = flops * twin.mesh.devices.size if flops is not None else None
     disc = _disc_update_flops(twin, abstract, batch_in['video']) if period > 1 else None
   return flops, disc
@@ -127,6 +153,7 @@ def _step_flops(exp, batch_in, key, lpips, period: int) -> tuple:
 
 def _model_fns(model):
   from larp_jax.models.tokenizer import LARPTokenizer
+
   encode = lambda p, v: model.apply({'params': p}, v, method=LARPTokenizer.encode)
   decode = lambda p, t: model.apply({'params': p}, t, method=LARPTokenizer.decode)
   return {'encode': encode, 'decode': decode, 'forward': lambda p, v: decode(p, encode(p, v))}
@@ -137,6 +164,7 @@ def bench_step(config, what: str, *, batch: int, runs: int, warmup: int, seed: i
   from larp_jax import sharding
   from larp_jax.tasks import tokenizer as tokenizer_task
   from larp_jax.train import loop
+
   overrides = _loss_overrides(config, what)
   cfg = _with_loss(config, overrides)
   exp = tokenizer_task.build(cfg)
@@ -165,28 +193,37 @@ def bench_step(config, what: str, *, batch: int, runs: int, warmup: int, seed: i
     holder['state'] = new_state
     return metrics
 
-  log(f'{what}: compiled in {compile_times["total_s"]:.1f} s; {warmup} warm-up and {runs} '
-      f'timed runs of {period} step(s)')
+  log(
+    f'{what}: compiled in {compile_times["total_s"]:.1f} s; {warmup} warm-up and {runs} '
+    f'timed runs of {period} step(s)'
+  )
   times, loss, error = None, None, host_memory_error(compiled)
   if error is None:
     times = time_runs(once, period=period, runs=runs, warmup=warmup)
     loss = float(jax.device_get(once()['loss']))
-  result = measurement_record(what, exp, cfg, batch, times, compile_times, compiled, xla_step,
-                              per_device)
-  result.update(loss_overrides=overrides, steps_per_run=period, final_loss=loss,
-                xla_disc_update_flops=disc_flops)
+  result = measurement_record(
+    what, exp, cfg, batch, times, compile_times, compiled, xla_step, per_device
+  )
+  result.update(
+    loss_overrides=overrides,
+    steps_per_run=period,
+    final_loss=loss,
+    xla_disc_update_flops=disc_flops,
+  )
   if error:
     result['error'] = error
-  holder.clear()   # frees the benchmarked state before the next measurement
+  holder.clear()  # frees the benchmarked state before the next measurement
   return result
 
 
-def bench_model_fns(config, whats: Sequence[str], *, batch: int, runs: int, warmup: int,
-                    seed: int) -> dict:
+def bench_model_fns(
+  config, whats: Sequence[str], *, batch: int, runs: int, warmup: int, seed: int
+) -> dict:
   """Compiles and times encode / decode / forward (deterministic) with freshly initialised
   parameters."""
   from larp_jax import sharding
   from larp_jax.tasks import tokenizer as tokenizer_task
+
   exp = tokenizer_task.build(config)
   state, _ = _fresh_state(exp)
   params = state.params
@@ -194,8 +231,11 @@ def bench_model_fns(config, whats: Sequence[str], *, batch: int, runs: int, warm
   model = exp.model
   video = _random_video(exp, batch, seed)
   tokens = jax.device_put(
-      jax.random.randint(jax.random.key(seed + 1), (batch, model.num_latent_tokens), 0,
-                         model.codebook_size, jnp.int32), sharding.batch_sharding(exp.mesh))
+    jax.random.randint(
+      jax.random.key(seed + 1), (batch, model.num_latent_tokens), 0, model.codebook_size, jnp.int32
+    ),
+    sharding.batch_sharding(exp.mesh),
+  )
   fns = _model_fns(model)
   args = {'encode': video, 'decode': tokens, 'forward': video}
   twin = None
@@ -214,14 +254,19 @@ def bench_model_fns(config, whats: Sequence[str], *, batch: int, runs: int, warm
     xla_total = per_device * n_dev if per_device is not None else None
     if twin is not None:
       with sharding.logical_context(twin.mesh, twin.rules):
-        twin_flops = xla_flops(jax.jit(_model_fns(twin.model)[what]).lower(
-            twin_params, arg).compile())
+        twin_flops = xla_flops(
+          jax.jit(_model_fns(twin.model)[what]).lower(twin_params, arg).compile()
+        )
       xla_total = twin_flops * n_dev if twin_flops is not None else None
     error = host_memory_error(compiled)
-    times = None if error else time_runs(lambda: compiled(params, arg), period=1, runs=runs,
-                                         warmup=warmup)
-    out[what] = measurement_record(what, exp, config, batch, times, compile_times, compiled,
-                                   xla_total, per_device)
+    times = (
+      None
+      if error
+      else time_runs(lambda: compiled(params, arg), period=1, runs=runs, warmup=warmup)
+    )
+    out[what] = measurement_record(
+      what, exp, config, batch, times, compile_times, compiled, xla_total, per_device
+    )
     if error:
       out[what]['error'] = error
   return out
@@ -230,19 +275,32 @@ def bench_model_fns(config, whats: Sequence[str], *, batch: int, runs: int, warm
 def bench_input(config, batch: int, steps: int) -> dict:
   """Clips/s of the config's input pipeline at ``batch`` (this host's share), measured alone."""
   from larp_jax.data import bench_input as input_lib
+
   per_host = max(1, batch // jax.process_count())
   shape = tuple(config.model.video_shape)
   try:
     rate = input_lib.clips_per_s(config.data, shape, per_host, steps)
   except Exception as e:  # pylint: disable=broad-except  (missing data must not stop the bench)
     return {'source': config.data.source, 'error': f'{type(e).__name__}: {e}'.splitlines()[0]}
-  return {'source': config.data.source, 'batch_per_host': per_host, 'steps': steps,
-          'clips_per_s': rate * jax.process_count()}
+  return {
+    'source': config.data.source,
+    'batch_per_host': per_host,
+    'steps': steps,
+    'clips_per_s': rate * jax.process_count(),
+  }
 
 
-def run(config, *, what: Sequence[str] = MEASUREMENTS, batch: Optional[int] = None,
-        runs: Optional[int] = None, warmup: Optional[int] = None, measure_input: bool = True,
-        peak_size: Optional[int] = None, config_spec: str = '') -> dict:
+def run(
+  config,
+  *,
+  what: Sequence[str] = MEASUREMENTS,
+  batch: Optional[int] = None,
+  runs: Optional[int] = None,
+  warmup: Optional[int] = None,
+  measure_input: bool = True,
+  peak_size: Optional[int] = None,
+  config_spec: str = '',
+) -> dict:
   """Runs the benchmark of ``config``; returns the JSON-able record (see BENCHMARKS.md)."""
   what = list(dict.fromkeys(w.strip() for w in what if w.strip()))
   unknown = [w for w in what if w not in MEASUREMENTS]
@@ -262,6 +320,7 @@ def run(config, *, what: Sequence[str] = MEASUREMENTS, batch: Optional[int] = No
   devices = jax.devices()
   dev = devices[0]
   from larp_jax import config_lib
+
   config_lib.validate(config, num_devices=len(devices))
   n_dev = len(devices)
 
@@ -283,14 +342,15 @@ def run(config, *, what: Sequence[str] = MEASUREMENTS, batch: Optional[int] = No
       if w in ('train', 'gen'):
         results[w] = bench_step(config, w, batch=batch, runs=runs, warmup=warmup, seed=seed)
       elif w == fn_whats[0]:
-        results.update(bench_model_fns(config, fn_whats, batch=batch, runs=runs, warmup=warmup,
-                                       seed=seed))
+        results.update(
+          bench_model_fns(config, fn_whats, batch=batch, runs=runs, warmup=warmup, seed=seed)
+        )
     except Exception as e:  # pylint: disable=broad-except  (e.g. out of device memory)
       if isinstance(e, ValueError):
         raise
       msg = f'{type(e).__name__}: {e}'.splitlines()[0][:500]
       log(f'{w}: failed: {msg}')
-      for x in ([w] if w in ('train', 'gen') else fn_whats):
+      for x in [w] if w in ('train', 'gen') else fn_whats:
         results.setdefault(x, {'what': x, 'error': msg})
     if w in ('train', 'gen') or w == fn_whats[-1]:
       for d in peak_dtypes:
@@ -306,28 +366,49 @@ def run(config, *, what: Sequence[str] = MEASUREMENTS, batch: Optional[int] = No
   if measure_input:
     log(f'input pipeline ({config.data.source})')
   record = {
-      'config': config_spec,
-      'config_name': config_name(config_spec.split(' ')[0]) if config_spec else None,
-      'batch': batch, 'dtype': model_dtype, 'param_dtype': jnp.dtype(config.model.param_dtype).name,
-      'video_shape': list(config.model.video_shape), 'seed': seed, 'runs': runs,
-      'warmup': warmup, 'what': list(what),
-      'device': {'kind': dev.device_kind, 'platform': dev.platform, 'count': n_dev,
-                 'process_count': jax.process_count(), 'host_cpus': os.cpu_count()},
-      'versions': {'jax': jax.__version__, 'jaxlib': jaxlib_version(), 'flax': flax.__version__,
-                   'python': platform.python_version()},
-      'git': git_state(),
-      'xla': {'XLA_FLAGS': os.environ.get('XLA_FLAGS', ''),
-              'jax_disable_most_optimizations':
-                  bool(jax.config.read('jax_disable_most_optimizations'))},
-      'peak': {'measured': peaks, 'rechecks_flops_per_s': rechecks,
-               'best_flops_per_s': best,
-               'used_for_mfu': {'dtype': model_dtype if model_dtype in best else 'float32',
-                                'flops_per_s_per_device': peak},
-               'datasheet_bf16_per_device': datasheet},
-      'measurements': results,
-      'input': bench_input(config, batch, int(bench_cfg.get('input_steps', 10)))
-               if measure_input else None,
-      'time': time.strftime('%Y-%m-%dT%H:%M:%S%z'),
+    'config': config_spec,
+    'config_name': config_name(config_spec.split(' ')[0]) if config_spec else None,
+    'batch': batch,
+    'dtype': model_dtype,
+    'param_dtype': jnp.dtype(config.model.param_dtype).name,
+    'video_shape': list(config.model.video_shape),
+    'seed': seed,
+    'runs': runs,
+    'warmup': warmup,
+    'what': list(what),
+    'device': {
+      'kind': dev.device_kind,
+      'platform': dev.platform,
+      'count': n_dev,
+      'process_count': jax.process_count(),
+      'host_cpus': os.cpu_count(),
+    },
+    'versions': {
+      'jax': jax.__version__,
+      'jaxlib': jaxlib_version(),
+      'flax': flax.__version__,
+      'python': platform.python_version(),
+    },
+    'git': git_state(),
+    'xla': {
+      'XLA_FLAGS': os.environ.get('XLA_FLAGS', ''),
+      'jax_disable_most_optimizations': bool(jax.config.read('jax_disable_most_optimizations')),
+    },
+    'peak': {
+      'measured': peaks,
+      'rechecks_flops_per_s': rechecks,
+      'best_flops_per_s': best,
+      'used_for_mfu': {
+        'dtype': model_dtype if model_dtype in best else 'float32',
+        'flops_per_s_per_device': peak,
+      },
+      'datasheet_bf16_per_device': datasheet,
+    },
+    'measurements': results,
+    'input': bench_input(config, batch, int(bench_cfg.get('input_steps', 10)))
+    if measure_input
+    else None,
+    'time': time.strftime('%Y-%m-%dT%H:%M:%S%z'),
   }
   return record
 
@@ -342,27 +423,45 @@ analytic), reports MFU against a matmul peak measured in the same run, and write
 def _flags(argv):
   from absl import flags
   from ml_collections import config_flags
+
   fv = flags.FlagValues()
-  config_flags.DEFINE_config_file('config', None, 'Config file (path[:args]).', flag_values=fv,
-                                  lock_config=False, sys_argv=list(argv))
-  flags.DEFINE_list('what', list(MEASUREMENTS), f'Measurements, any of {MEASUREMENTS}.',
-                    flag_values=fv)
-  flags.DEFINE_integer('batch', None, 'Global batch (default: config.batch_size).',
-                       flag_values=fv)
-  flags.DEFINE_integer('runs', None, 'Timed runs (default: config.bench.runs or 5).',
-                       flag_values=fv)
-  flags.DEFINE_integer('warmup', None, 'Untimed runs after compiling (default: '
-                       'config.bench.warmup or 2).', flag_values=fv)
-  flags.DEFINE_bool('input', True, "Also measure the config's input pipeline (clips/s).",
-                    flag_values=fv)
-  flags.DEFINE_integer('peak_size', None, 'Matmul size of the peak measurement (default: '
-                       'config.bench.peak_size, else 2048 on CPU and 8192 on GPU/TPU).',
-                       flag_values=fv)
-  flags.DEFINE_string('out', None, 'JSON output path (default: '
-                      '<out_dir>/<config-name>-<what>.json).', flag_values=fv)
-  flags.DEFINE_string('out_dir', 'bench_results', 'Directory of the default --out.',
-                      flag_values=fv)
+  config_flags.DEFINE_config_file(
+    'config',
+    None,
+    'Config file (path[:args]).',
+    flag_values=fv,
+    lock_config=False,
+    sys_argv=list(argv),
+  )
+  flags.DEFINE_list(
+    'what', list(MEASUREMENTS), f'Measurements, any of {MEASUREMENTS}.', flag_values=fv
+  )
+  flags.DEFINE_integer('batch', None, 'Global batch (default: config.batch_size).', flag_values=fv)
+  flags.DEFINE_integer(
+    'runs', None, 'Timed runs (default: config.bench.runs or 5).', flag_values=fv
+  )
+  flags.DEFINE_integer(
+    'warmup',
+    None,
+    'Untimed runs after compiling (default: config.bench.warmup or 2).',
+    flag_values=fv,
+  )
+  flags.DEFINE_bool(
+    'input', True, "Also measure the config's input pipeline (clips/s).", flag_values=fv
+  )
+  flags.DEFINE_integer(
+    'peak_size',
+    None,
+    'Matmul size of the peak measurement (default: '
+    'config.bench.peak_size, else 2048 on CPU and 8192 on GPU/TPU).',
+    flag_values=fv,
+  )
+  flags.DEFINE_string(
+    'out', None, 'JSON output path (default: <out_dir>/<config-name>-<what>.json).', flag_values=fv
+  )
+  flags.DEFINE_string('out_dir', 'bench_results', 'Directory of the default --out.', flag_values=fv)
   from larp_jax import cli_env, errors
+
   cli_env.parse_flags(fv, list(argv)[1:], _USAGE)
   if fv.config is None:
     raise errors.UserError('--config is required, e.g. --config=configs/bench.py:tiny')
@@ -373,16 +472,24 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
   """Parses ``argv`` (``sys.argv`` by default; argv[0] is the program name), runs the bench,
   prints the table, writes the JSON and returns the record."""
   from ml_collections import config_flags
+
   argv = list(sys.argv if argv is None else argv)
   fv = _flags(argv)
   spec = config_flags.get_config_filename(fv['config'])
   overrides = config_flags.get_override_values(fv['config'])
   if overrides:
     spec += ' ' + ' '.join(f'--config.{k}={v}' for k, v in sorted(overrides.items()))
-  record = run(fv.config, what=fv.what, batch=fv.batch, runs=fv.runs, warmup=fv.warmup,
-               measure_input=fv.input, peak_size=fv.peak_size, config_spec=spec)
+  record = run(
+    fv.config,
+    what=fv.what,
+    batch=fv.batch,
+    runs=fv.runs,
+    warmup=fv.warmup,
+    measure_input=fv.input,
+    peak_size=fv.peak_size,
+    config_spec=spec,
+  )
   path = write_record(record, fv.out, fv.out_dir)
   print(format_table(record))
   print(f'wrote {path}')
   return record
-

@@ -19,17 +19,17 @@ from larp_jax.bench.flops import xla_flops
 # Datasheet dense bf16 matmul peaks (FLOP/s per device), matched in order against
 # ``device.device_kind`` (substring, case-insensitive).
 DATASHEET_PEAK_BF16 = (
-    ('H100 PCIe', 756e12),
-    ('H200', 989e12),
-    ('H100', 989e12),              # SXM
-    ('A100', 312e12),
-    ('TPU v4', 275e12),
-    ('TPU v5 lite', 197e12),       # v5e reports 'TPU v5 lite'
-    ('TPU v5e', 197e12),
-    ('TPU v5p', 459e12),
-    ('TPU v5', 459e12),            # v5p reports 'TPU v5'
-    ('TPU v6 lite', 918e12),       # v6e (Trillium)
-    ('TPU v6e', 918e12),
+  ('H100 PCIe', 756e12),
+  ('H200', 989e12),
+  ('H100', 989e12),  # SXM
+  ('A100', 312e12),
+  ('TPU v4', 275e12),
+  ('TPU v5 lite', 197e12),  # v5e reports 'TPU v5 lite'
+  ('TPU v5e', 197e12),
+  ('TPU v5p', 459e12),
+  ('TPU v5', 459e12),  # v5p reports 'TPU v5'
+  ('TPU v6 lite', 918e12),  # v6e (Trillium)
+  ('TPU v6e', 918e12),
 )
 
 
@@ -47,8 +47,12 @@ def log(msg: str) -> None:
 
 
 def stats(values: Sequence[float]) -> dict:
-  return {'median': statistics.median(values), 'min': min(values), 'max': max(values),
-          'all': list(values)}
+  return {
+    'median': statistics.median(values),
+    'min': min(values),
+    'max': max(values),
+    'all': list(values),
+  }
 
 
 def time_runs(run_once: Callable[[], Any], *, period: int, runs: int, warmup: int) -> list:
@@ -72,15 +76,17 @@ def default_peak_size(platform_name: str) -> int:
   return 2048 if platform_name == 'cpu' else 8192
 
 
-def measure_peak(dtype=jnp.float32, size: int = 2048, chain: int = 4, runs: int = 5,
-                 warmup: int = 1, device=None) -> dict:
+def measure_peak(
+  dtype=jnp.float32, size: int = 2048, chain: int = 4, runs: int = 5, warmup: int = 1, device=None
+) -> dict:
   """Matrix-multiply rate of one device: a jitted chain of ``chain`` dependent
   ``size x size`` matmuls in ``dtype``; FLOPs 2*size^3 per matmul (XLA's count is recorded)."""
   device = device or jax.devices()[0]
   ka, kb = jax.random.split(jax.random.key(0))
   a = jax.device_put(jax.random.normal(ka, (size, size), jnp.float32).astype(dtype), device)
-  b = jax.device_put((jax.random.normal(kb, (size, size), jnp.float32) / math.sqrt(size)
-                      ).astype(dtype), device)
+  b = jax.device_put(
+    (jax.random.normal(kb, (size, size), jnp.float32) / math.sqrt(size)).astype(dtype), device
+  )
 
   def f(a, b):
     for _ in range(chain):
@@ -89,12 +95,18 @@ def measure_peak(dtype=jnp.float32, size: int = 2048, chain: int = 4, runs: int 
 
   compiled = jax.jit(f).lower(a, b).compile()
   times = time_runs(lambda: compiled(a, b), period=1, runs=runs, warmup=warmup)
-  flops = 2.0 * size ** 3 * chain
+  flops = 2.0 * size**3 * chain
   best = min(times)
-  return {'dtype': jnp.dtype(dtype).name, 'size': size, 'chain': chain,
-          'flops_per_call': flops, 'xla_flops_per_call': xla_flops(compiled),
-          'seconds': stats(times), 'flops_per_s': flops / best,
-          'flops_per_s_median': flops / statistics.median(times)}
+  return {
+    'dtype': jnp.dtype(dtype).name,
+    'size': size,
+    'chain': chain,
+    'flops_per_call': flops,
+    'xla_flops_per_call': xla_flops(compiled),
+    'seconds': stats(times),
+    'flops_per_s': flops / best,
+    'flops_per_s_median': flops / statistics.median(times),
+  }
 
 
 def lower_compile(jitted, *args) -> tuple:

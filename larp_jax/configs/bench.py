@@ -39,30 +39,50 @@ def _ucf101(batch, source):
 
 
 def get_config(arg=None):
-  arg = config_lib.parse_arg(arg, tiny=False, larp_l=False, micro=False, dtype='float32',
-                             batch=0, source='synthetic')
+  arg = config_lib.parse_arg(
+    arg, tiny=False, larp_l=False, micro=False, dtype='float32', batch=0, source='synthetic'
+  )
   chosen = [p for p in PRESETS if arg[p]]
   if len(chosen) > 1:
     raise config_lib.ConfigError(f'choose one bench preset of {PRESETS}, got {chosen}')
   preset = chosen[0] if chosen else 'tiny'
   if arg.dtype not in ('float32', 'bfloat16'):
-    raise config_lib.ConfigError(f'config argument dtype={arg.dtype!r} must be float32 or '
-                                 f'bfloat16')
+    raise config_lib.ConfigError(f'config argument dtype={arg.dtype!r} must be float32 or bfloat16')
   batch = arg.batch or {'tiny': 4, 'larp_l': 1, 'micro': 2}[preset]
   c = _ucf101(batch, arg.source)
 
   if preset == 'tiny':
     c.model.update(
-        video_shape=(16, 64, 64), patch_size=(4, 8, 8), num_latent_tokens=256,
-        width=256, encoder_depth=4, decoder_depth=4, num_heads=4,
-        codebook_size=1024, code_dim=16, prior_depth=2, prior_width=128, prior_heads=2)
+      video_shape=(16, 64, 64),
+      patch_size=(4, 8, 8),
+      num_latent_tokens=256,
+      width=256,
+      encoder_depth=4,
+      decoder_depth=4,
+      num_heads=4,
+      codebook_size=1024,
+      code_dim=16,
+      prior_depth=2,
+      prior_width=128,
+      prior_heads=2,
+    )
     c.disc.update(width=512, depth=2, num_heads=8, patch_size=(4, 8, 8))
     c.loss.update(lpips_weight=1.0, lpips_net='vgg')
   elif preset == 'micro':
     c.model.update(
-        video_shape=(8, 32, 32), patch_size=(4, 8, 8), num_latent_tokens=16,
-        width=64, encoder_depth=1, decoder_depth=1, num_heads=2,
-        codebook_size=64, code_dim=8, prior_depth=1, prior_width=32, prior_heads=2)
+      video_shape=(8, 32, 32),
+      patch_size=(4, 8, 8),
+      num_latent_tokens=16,
+      width=64,
+      encoder_depth=1,
+      decoder_depth=1,
+      num_heads=2,
+      codebook_size=64,
+      code_dim=8,
+      prior_depth=1,
+      prior_width=32,
+      prior_heads=2,
+    )
     c.disc.update(width=64, depth=1, num_heads=2, patch_size=(4, 8, 8))
     c.loss.update(lpips_weight=1.0, lpips_net='alex')
   # larp_l: configs/ucf101.py unchanged (LPIPS-VGG, the 12-layer 512-wide discriminator).
@@ -71,13 +91,15 @@ def get_config(arg=None):
   c.model.param_dtype = 'float32'
   c.mesh.update(data=-1, fsdp=1, tensor=1)
 
-  c.bench = ml_collections.ConfigDict(dict(
-      warmup=2,                # untimed runs after compilation (--warmup overrides)
-      runs=5,                  # timed runs; median / min / max are reported (--runs overrides)
+  c.bench = ml_collections.ConfigDict(
+    dict(
+      warmup=2,  # untimed runs after compilation (--warmup overrides)
+      runs=5,  # timed runs; median / min / max are reported (--runs overrides)
       # Loss overrides per measurement. The reference generator step has neither LPIPS nor a GAN.
       train_overrides=dict(),
       gen_overrides=dict(gan_weight=0.0, lpips_weight=0.0),
-      peak_size=0,             # matmul size of the peak measurement; 0 = 2048 CPU, 8192 GPU/TPU
-      input_steps=10,          # batches timed for the input-pipeline clips/s
-  ))
+      peak_size=0,  # matmul size of the peak measurement; 0 = 2048 CPU, 8192 GPU/TPU
+      input_steps=10,  # batches timed for the input-pipeline clips/s
+    )
+  )
   return c

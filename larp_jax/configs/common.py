@@ -5,9 +5,19 @@ from __future__ import annotations
 # The test-size tokenizer: compiles in seconds on a 2-core CPU. Video shape apart (tests pick
 # their own), these are the sizes every test and smoke run uses.
 TINY_VIDEO_SHAPE = (4, 32, 32)
-TINY_MODEL = dict(patch_size=(2, 8, 8), num_latent_tokens=8, width=32, encoder_depth=1,
-                  decoder_depth=1, num_heads=2, codebook_size=64, code_dim=8, prior_depth=1,
-                  prior_width=16, prior_heads=2)
+TINY_MODEL = dict(
+  patch_size=(2, 8, 8),
+  num_latent_tokens=8,
+  width=32,
+  encoder_depth=1,
+  decoder_depth=1,
+  num_heads=2,
+  codebook_size=64,
+  code_dim=8,
+  prior_depth=1,
+  prior_width=16,
+  prior_heads=2,
+)
 TINY_DISC = dict(width=16, depth=1, num_heads=2, patch_size=(2, 8, 8))
 
 

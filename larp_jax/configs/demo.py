@@ -19,21 +19,30 @@ def get_config(arg=None):
   arg = config_lib.parse_arg(arg, steps=600, batch=8, lpips=True, tiny=False)
   c = ucf101.get_config('source=synthetic')
   c.model.update(
-      video_shape=(16, 32, 32), patch_size=(4, 8, 8), num_latent_tokens=64,
-      width=128, encoder_depth=2, decoder_depth=2, num_heads=4,
-      codebook_size=512, prior_depth=2, prior_width=64, prior_heads=2)
+    video_shape=(16, 32, 32),
+    patch_size=(4, 8, 8),
+    num_latent_tokens=64,
+    width=128,
+    encoder_depth=2,
+    decoder_depth=2,
+    num_heads=4,
+    codebook_size=512,
+    prior_depth=2,
+    prior_width=64,
+    prior_heads=2,
+  )
   c.disc.update(width=64, depth=2, num_heads=2, patch_size=(4, 8, 8))
   c.batch_size = arg.batch
   c.total_steps = arg.steps
   c.seed = 0
   c.loss.lpips_weight = 1.0 if arg.lpips else 0.0
-  c.loss.lpips_net = 'alex'        # VGG16 costs ~7 s per step on 2 CPU cores at this size
+  c.loss.lpips_net = 'alex'  # VGG16 costs ~7 s per step on 2 CPU cores at this size
   c.optim.lr = 1e-3
   c.optim.disc_lr = 3e-4
   c.optim.warmup_steps = max(1, arg.steps // 20)
   c.log_every = 25
   c.checkpoint_every = 200
-  c.eval_every = arg.steps          # evaluate once, at the end (I3D costs ~3 s per clip here)
+  c.eval_every = arg.steps  # evaluate once, at the end (I3D costs ~3 s per clip here)
   c.eval.update(num_clips=32, batch_size=16, num_videos_to_show=4)
   if arg.tiny:
     common.apply_tiny(c)

@@ -10,6 +10,7 @@ See README.md in this folder for the sources, the clip protocol and the resume g
 The public names are loaded on first use (PEP 562), so that `default_config()` (what config files
 call) does not import TensorFlow; `get_dataset` and the other pipeline names do.
 """
+
 import importlib
 import typing
 
@@ -23,11 +24,11 @@ if typing.TYPE_CHECKING:
 __all__ = ['default_config', 'DataIterator', 'get_dataset', 'make_global_batch', 'num_skipped']
 
 _LAZY = {
-    'default_config': 'larp_jax.data.config',
-    'DataIterator': 'larp_jax.data.pipeline',
-    'get_dataset': 'larp_jax.data.pipeline',
-    'make_global_batch': 'larp_jax.data.pipeline',
-    'num_skipped': 'larp_jax.data.pipeline',
+  'default_config': 'larp_jax.data.config',
+  'DataIterator': 'larp_jax.data.pipeline',
+  'get_dataset': 'larp_jax.data.pipeline',
+  'make_global_batch': 'larp_jax.data.pipeline',
+  'num_skipped': 'larp_jax.data.pipeline',
 }
 
 

@@ -6,6 +6,7 @@ Synthetic at 16x64x64 and 16x128x128; folder and records on small generated vide
 (24 videos of 48 frames at 240x320, mpeg4), clips 16x128x128 at short side 128. The work is done
 by `measure()`; `clips_per_s()` is the rate of one config (`python -m larp_jax.bench` uses it).
 """
+
 import os
 import sys
 import tempfile
@@ -77,9 +78,11 @@ def format_table(result: dict) -> str:
 
 def _command(args: list) -> None:
   from absl import flags
+
   fv = flags.FlagValues()
-  flags.DEFINE_integer('steps', 20, 'Timed batches per source (after one warm-up batch).',
-                       flag_values=fv)
+  flags.DEFINE_integer(
+    'steps', 20, 'Timed batches per source (after one warm-up batch).', flag_values=fv
+  )
   flags.DEFINE_integer('batch', 16, 'Clips per batch.', flag_values=fv)
   cli_env.parse_flags(fv, args, __doc__)
   print(format_table(measure(fv.steps, fv.batch)))

@@ -9,6 +9,7 @@ randomly cropped, randomly flipped (training) and scaled to float32 in [0, 1].
 All randomness of one clip comes from a stateless key (seed, epoch, clip_id): the same clip gets
 the same start, crop and flip whatever the order, parallelism or host count.
 """
+
 import math
 
 import numpy as np
@@ -82,15 +83,16 @@ def process(frames, u, video_shape, *, short_side=None, random_crop=False, flip=
   h, w = shape[1], shape[2]
   nh, nw = tf_resized_size(h, w, out_h, out_w, short_side)
   frames = tf.cond(
-      tf.logical_and(tf.equal(nh, h), tf.equal(nw, w)),
-      lambda: tf.cast(frames, tf.float32),
-      lambda: tf.image.resize(frames, tf.stack([nh, nw]), method='bilinear', antialias=True))
+    tf.logical_and(tf.equal(nh, h), tf.equal(nw, w)),
+    lambda: tf.cast(frames, tf.float32),
+    lambda: tf.image.resize(frames, tf.stack([nh, nw]), method='bilinear', antialias=True),
+  )
   if random_crop:
     top = tf.cast(tf.floor(u[1] * tf.cast(nh - out_h + 1, tf.float32)), tf.int32)
     left = tf.cast(tf.floor(u[2] * tf.cast(nw - out_w + 1, tf.float32)), tf.int32)
   else:
     top, left = (nh - out_h) // 2, (nw - out_w) // 2
-  frames = frames[:, top:top + out_h, left:left + out_w, :]
+  frames = frames[:, top : top + out_h, left : left + out_w, :]
   if flip:
     frames = tf.cond(u[3] < 0.5, lambda: frames[:, :, ::-1, :], lambda: frames)
   frames = tf.clip_by_value(frames * (1.0 / 255.0), 0.0, 1.0)

@@ -1,4 +1,5 @@
 """Data config: defaults and up-front validation (one clear `DataError` line per problem)."""
+
 import os
 
 import ml_collections
@@ -16,9 +17,13 @@ def default_config() -> ml_collections.ConfigDict:
   Optional fields are typed placeholders (None until set) so `--config.data.path=...` works.
   """
   c = ml_collections.ConfigDict()
-  c.source = 'synthetic'          # one of SOURCES
-  c.path = placeholder(str)  # folder/records: a directory or CSV (folder), or a `prepare` output dir (records)
-  c.eval_path = placeholder(str)  # eval split location; None = `path` (or `path/<eval_split>` if that exists)
+  c.source = 'synthetic'  # one of SOURCES
+  c.path = placeholder(
+    str
+  )  # folder/records: a directory or CSV (folder), or a `prepare` output dir (records)
+  c.eval_path = placeholder(
+    str
+  )  # eval split location; None = `path` (or `path/<eval_split>` if that exists)
   c.csv_root = placeholder(str)  # base for relative paths in a CSV; None = the CSV file's directory
   c.tfds_name = 'ucf101'
   c.tfds_data_dir = placeholder(str)  # None unless set
@@ -27,29 +32,35 @@ def default_config() -> ml_collections.ConfigDict:
   c.train_split = 'train'
   c.eval_split = 'test'
   # Clip sampling and augmentation (as the official datasets/video_dataset.py).
-  c.frame_stride = 1              # temporal stride between the T frames (1 = native fps)
-  c.short_side = placeholder(int)  # resize the short side to this (antialiased); None = smallest cover of (H, W)
-  c.train_crop = 'center'         # 'center' | 'random'
-  c.flip = True                   # random horizontal flip (training only)
-  c.eval_chunks = 'first'         # 'first': one clip per video from frame 0; 'all': non-overlapping chunks
+  c.frame_stride = 1  # temporal stride between the T frames (1 = native fps)
+  c.short_side = placeholder(
+    int
+  )  # resize the short side to this (antialiased); None = smallest cover of (H, W)
+  c.train_crop = 'center'  # 'center' | 'random'
+  c.flip = True  # random horizontal flip (training only)
+  c.eval_chunks = 'first'  # 'first': one clip per video from frame 0; 'all': non-overlapping chunks
   # tf.data knobs.
-  c.shuffle_buffer = 256          # records/tfds: whole videos are buffered (index sources permute fully)
-  c.num_parallel_calls = None     # None = cores (synthetic/folder) or AUTOTUNE (records/tfds); -1 = AUTOTUNE
-  c.prefetch = 2                  # batches
+  c.shuffle_buffer = 256  # records/tfds: whole videos are buffered (index sources permute fully)
+  c.num_parallel_calls = (
+    None  # None = cores (synthetic/folder) or AUTOTUNE (records/tfds); -1 = AUTOTUNE
+  )
+  c.prefetch = 2  # batches
   # Synthetic source.
   c.synthetic_num_train = 50_000
   c.synthetic_num_eval = 1_000
-  c.synthetic_num_classes = 10    # 10 motion classes; up to 50 (motion x hero shape)
-  c.synthetic_num_frames = 64     # length of each synthetic video; train clips start at random in it
+  c.synthetic_num_classes = 10  # 10 motion classes; up to 50 (motion x hero shape)
+  c.synthetic_num_frames = 64  # length of each synthetic video; train clips start at random in it
   c.synthetic_style = 'textured'  # 'textured' | 'simple' (smooth backgrounds, solid objects)
-  c.synthetic_seed = 0            # content seed (the `seed` argument of get_dataset only orders/augments)
+  c.synthetic_seed = 0  # content seed (the `seed` argument of get_dataset only orders/augments)
   return c
 
 
 def validate(cfg, split: str, video_shape) -> None:
   """Raises DataError (one line) on a config that cannot work; cheap, touches no data."""
+
   def bad(msg):
     raise DataError(f'data config: {msg}')
+
   if cfg.source not in SOURCES:
     bad(f'unknown source {cfg.source!r}; expected one of {SOURCES}')
   if split not in SPLITS:

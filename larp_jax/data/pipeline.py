@@ -17,6 +17,7 @@ Stream contract (all sources):
   the Python work of the synthetic and folder sources sees the pipeline's cancel event and returns
   placeholders instead of decoding, and the tf.data iterator is destroyed then and there.
 """
+
 import gc
 import logging
 import os
@@ -48,8 +49,9 @@ class DataIterator:
   of at garbage collection, where tf.data waits for every running decode to finish.
   """
 
-  def __init__(self, ds, *, train, batch_size, num_batches, skip_log, cancel=None,
-               upscale_log=None):
+  def __init__(
+    self, ds, *, train, batch_size, num_batches, skip_log, cancel=None, upscale_log=None
+  ):
     self.dataset = ds
     self.train = train
     self.batch_size = batch_size
@@ -60,8 +62,10 @@ class DataIterator:
     self._it = ds.as_numpy_iterator()
     self._emitted = 0
     # Zero-length arrays of each field: the template of all-padding batches.
-    self._spec = {k: np.zeros((0,) + tuple(s.shape[1:]), s.dtype.as_numpy_dtype)
-                  for k, s in ds.element_spec.items()}
+    self._spec = {
+      k: np.zeros((0,) + tuple(s.shape[1:]), s.dtype.as_numpy_dtype)
+      for k, s in ds.element_spec.items()
+    }
 
   @property
   def num_skipped(self) -> int:
@@ -101,8 +105,10 @@ class DataIterator:
     if alive() is not None:  # held by a reference cycle (e.g. a kept traceback): collect it now
       gc.collect()
     if alive() is not None:
-      _log.warning('DataIterator.close(): the tf.data iterator is still referenced elsewhere; '
-                   'it is destroyed when that reference goes')
+      _log.warning(
+        'DataIterator.close(): the tf.data iterator is still referenced elsewhere; '
+        'it is destroyed when that reference goes'
+      )
     self.dataset = None
 
   def __enter__(self):
@@ -127,8 +133,12 @@ class DataIterator:
       batch = self._spec
     n = len(batch['label'])
     pad = lambda x, fill: np.concatenate([x, np.full((b - n,) + x.shape[1:], fill, x.dtype)])
-    out = {'video': pad(batch['video'], 0), 'label': pad(batch['label'], 0),
-           'clip_id': pad(batch['clip_id'], -1), 'mask': np.arange(b) < n}
+    out = {
+      'video': pad(batch['video'], 0),
+      'label': pad(batch['label'], 0),
+      'clip_id': pad(batch['clip_id'], -1),
+      'mask': np.arange(b) < n,
+    }
     self._emitted += 1
     return out
 
@@ -151,6 +161,7 @@ def _global_max(n: int, process_count: int) -> int:
   """Max of `n` over the real JAX processes (simulated hosts in one process cannot agree)."""
   if process_count > 1 and jax.process_count() > 1:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
     return int(np.max(multihost_utils.process_allgather(np.int64(n))))
   return n
 
@@ -160,10 +171,15 @@ def index_train_stream(n: int, seed: int, skip: int) -> tf.data.Dataset:
 
   Starts `skip` elements in, without touching the skipped ones.
   """
+
   def epoch(e):
     key = tf.stack([tf.constant(seed, tf.int64), tf.cast(e, tf.int64)])
+
     def pos(i):
-      return tf.random.experimental.index_shuffle(i, seed=key, max_index=n - 1), tf.cast(e, tf.int64)
+      return tf.random.experimental.index_shuffle(i, seed=key, max_index=n - 1), tf.cast(
+        e, tf.int64
+      )
+
     return tf.data.Dataset.range(n).map(pos)
 
   return resumed_epochs(epoch, n, skip)
@@ -188,8 +204,9 @@ def _synthetic(cfg, split, video_shape, seed, skip, pi, pc) -> Built:
   def render(index, t0):
     if cancel.is_set():  # closing: a placeholder, nobody reads it
       return np.zeros((t, h, w, 3), np.float32), np.int32(0)
-    clip, label = synthetic.render(*render_args[:2], int(index), render_args[2], int(t0),
-                                   video_shape, stride, style)
+    clip, label = synthetic.render(
+      *render_args[:2], int(index), render_args[2], int(t0), video_shape, stride, style
+    )
     return clip, np.int32(label)
 
   def make(index, t0):
@@ -210,18 +227,21 @@ def _synthetic(cfg, split, video_shape, seed, skip, pi, pc) -> Built:
       return {'video': video, 'label': label, 'clip_id': tf.cast(index, tf.int32)}
 
     ds = index_train_stream(len(ids), seed, skip).map(
-        train_elem, num_parallel_calls=parallel_calls(cfg, python_decode=True))
+      train_elem, num_parallel_calls=parallel_calls(cfg, python_decode=True)
+    )
     return Built(ds, None, video_io.SkipLog(), cancel, video_io.UpscaleLog())
 
   chunks = int(clips.num_chunks(length, t, stride)) if cfg.eval_chunks == 'all' else 1
+
   def eval_elem(j):
     index, k = tf.gather(ids_t, j // chunks), j % chunks
     video, label = make(index, k * t * stride)
     return {'video': video, 'label': label, 'clip_id': tf.cast(index * chunks + k, tf.int32)}
 
   n = len(ids) * chunks
-  ds = tf.data.Dataset.range(n).map(eval_elem,
-                                    num_parallel_calls=parallel_calls(cfg, python_decode=True))
+  ds = tf.data.Dataset.range(n).map(
+    eval_elem, num_parallel_calls=parallel_calls(cfg, python_decode=True)
+  )
   return Built(ds, n, video_io.SkipLog(), cancel, video_io.UpscaleLog())
 
 
@@ -230,8 +250,11 @@ def _synthetic(cfg, split, video_shape, seed, skip, pi, pc) -> Built:
 
 def folder_classes(cfg) -> list | None:
   """Class names shared by both splits of a folder source (None for CSV lists)."""
-  roots = {split_location(cfg, s) for s in config_lib.SPLITS
-           if (cfg.eval_path if s == 'eval' else cfg.path)}
+  roots = {
+    split_location(cfg, s)
+    for s in config_lib.SPLITS
+    if (cfg.eval_path if s == 'eval' else cfg.path)
+  }
   roots = [r for r in roots if os.path.isdir(r)]
   return sorted(set().union(*(video_io.folder_classes(r) for r in roots))) if roots else None
 
@@ -258,9 +281,17 @@ def _folder(cfg, split, video_shape, seed, skip, pi, pc) -> Built:
     for a bad file."""
     path = paths[pos]
     try:
-      frames = video_io.decode(path, short_side=short, out_hw=(h, w), start_u=u,
-                               num_frames=t, stride=stride, start=start, cancel=cancel,
-                               upscale_log=upscaled)
+      frames = video_io.decode(
+        path,
+        short_side=short,
+        out_hw=(h, w),
+        start_u=u,
+        num_frames=t,
+        stride=stride,
+        start=start,
+        cancel=cancel,
+        upscale_log=upscaled,
+      )
       return frames, labels[pos], np.int32(ids[pos]), True
     except video_io.Cancelled:
       return empty  # closing, not a bad file: not counted or logged
@@ -294,21 +325,35 @@ def _folder(cfg, split, video_shape, seed, skip, pi, pc) -> Built:
     return load(int(pos), 0.0, int(start)) or empty
 
   def decoded(fn, args, u, train):
-    frames, label, cid, ok = tf.numpy_function(fn, args, (tf.uint8, tf.int32, tf.int32, tf.bool),
-                                               stateful=False)
+    frames, label, cid, ok = tf.numpy_function(
+      fn, args, (tf.uint8, tf.int32, tf.int32, tf.bool), stateful=False
+    )
     frames.set_shape((t, None, None, 3))
-    video = clips.process(frames, u, video_shape, short_side=short,
-                          random_crop=train and cfg.train_crop == 'random', flip=train and cfg.flip)
-    return {'video': video, 'label': tf.ensure_shape(label, ()),
-            'clip_id': tf.ensure_shape(cid, ()), 'ok': tf.ensure_shape(ok, ())}
+    video = clips.process(
+      frames,
+      u,
+      video_shape,
+      short_side=short,
+      random_crop=train and cfg.train_crop == 'random',
+      flip=train and cfg.flip,
+    )
+    return {
+      'video': video,
+      'label': tf.ensure_shape(label, ()),
+      'clip_id': tf.ensure_shape(cid, ()),
+      'ok': tf.ensure_shape(ok, ()),
+    }
 
   if split == 'train':
     ids_t = tf.constant(ids, tf.int64)
+
     def train_elem(pos, epoch):
       u = clips.clip_uniforms(clips.element_key(seed, epoch, tf.gather(ids_t, pos)))
       return decoded(py_train, [pos, u[0]], u, True)
+
     ds = index_train_stream(len(paths), seed, skip).map(
-        train_elem, num_parallel_calls=parallel_calls(cfg, python_decode=True))
+      train_elem, num_parallel_calls=parallel_calls(cfg, python_decode=True)
+    )
     return Built(ds.map(_drop_ok), None, log, cancel, upscaled)
 
   if cfg.eval_chunks == 'all':
@@ -328,8 +373,9 @@ def _folder(cfg, split, video_shape, seed, skip, pi, pc) -> Built:
     pos, starts = np.arange(len(paths)), np.zeros(len(paths), np.int64)
   zero_u = tf.zeros([4])
   ds = tf.data.Dataset.from_tensor_slices((pos, starts)).map(
-      lambda p, s: decoded(py_eval, [p, s], zero_u, False),
-      num_parallel_calls=parallel_calls(cfg, python_decode=True))
+    lambda p, s: decoded(py_eval, [p, s], zero_u, False),
+    num_parallel_calls=parallel_calls(cfg, python_decode=True),
+  )
   ds = ds.filter(lambda e: e['ok']).map(_drop_ok)
   return Built(ds, len(pos), log, cancel, upscaled)
 
@@ -341,8 +387,16 @@ def _drop_ok(e):
 # ----------------------------------------------------------------------------- entry points
 
 
-def get_dataset(cfg, split: str, video_shape, batch_size: int, seed: int = 0, start_step: int = 0,
-                process_index: int | None = None, process_count: int | None = None) -> DataIterator:
+def get_dataset(
+  cfg,
+  split: str,
+  video_shape,
+  batch_size: int,
+  seed: int = 0,
+  start_step: int = 0,
+  process_index: int | None = None,
+  process_count: int | None = None,
+) -> DataIterator:
   """This host's batches: {'video': f32 [b, T, H, W, 3] in [0, 1], 'label': i32 [b], 'clip_id': i32 [b]}.
 
   split 'train': infinite, shuffled, drop_remainder; `start_step` skips exactly that many batches.
@@ -351,15 +405,19 @@ def get_dataset(cfg, split: str, video_shape, batch_size: int, seed: int = 0, st
   """
   config_lib.validate(cfg, split, video_shape)
   if int(batch_size) < 1 or int(start_step) < 0:
-    raise ValueError(f'data: batch_size must be >= 1 and start_step >= 0, got {batch_size}, {start_step}')
+    raise ValueError(
+      f'data: batch_size must be >= 1 and start_step >= 0, got {batch_size}, {start_step}'
+    )
   pi, pc = _host(process_index, process_count)
   video_shape = tuple(int(d) for d in video_shape)
   skip = int(start_step) * int(batch_size) if split == 'train' else 0
   if cfg.source == 'records':
     from larp_jax.data import records  # pylint: disable=g-import-not-at-top
+
     build = records.build
   elif cfg.source == 'tfds':
     from larp_jax.data import tfds_source  # pylint: disable=g-import-not-at-top
+
     build = tfds_source.build
   else:
     build = {'synthetic': _synthetic, 'folder': _folder}[cfg.source]
@@ -375,9 +433,15 @@ def get_dataset(cfg, split: str, video_shape, batch_size: int, seed: int = 0, st
     ds = ds.batch(batch_size)
     num_batches = _global_max(-(-built.num_eval // batch_size), pc)
   ds = ds.prefetch(int(cfg.prefetch) if int(cfg.prefetch) > 0 else 0)
-  return DataIterator(ds, train=split == 'train', batch_size=int(batch_size),
-                      num_batches=num_batches, skip_log=built.skip_log, cancel=built.cancel,
-                      upscale_log=built.upscale_log)
+  return DataIterator(
+    ds,
+    train=split == 'train',
+    batch_size=int(batch_size),
+    num_batches=num_batches,
+    skip_log=built.skip_log,
+    cancel=built.cancel,
+    upscale_log=built.upscale_log,
+  )
 
 
 def num_skipped(iterator: DataIterator | None = None) -> int:
@@ -396,5 +460,6 @@ def make_global_batch(batch: dict, mesh: jax.sharding.Mesh, sharding=None) -> di
     sharding = jax.sharding.PartitionSpec(mesh.axis_names)
   if isinstance(sharding, jax.sharding.PartitionSpec):
     sharding = jax.sharding.NamedSharding(mesh, sharding)
-  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
-          for k, v in batch.items()}
+  return {
+    k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()
+  }

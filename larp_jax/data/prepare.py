@@ -13,6 +13,7 @@ Videos are written in a fixed shuffled order (round-robin over shards) so that e
 the classes. A missing source or no decodable video exits with code 2 and one `error:` line.
 The work is done by `prepare()`.
 """
+
 import concurrent.futures
 import io
 import json
@@ -47,16 +48,30 @@ def _png(frame: np.ndarray) -> bytes:
 def _example(frames, label, index, path):
   feat = lambda **kw: tf.train.Feature(**kw)
   ints = lambda v: feat(int64_list=tf.train.Int64List(value=[int(v)]))
-  return tf.train.Example(features=tf.train.Features(feature={
-      'frames': feat(bytes_list=tf.train.BytesList(value=[_png(f) for f in frames])),
-      'num_frames': ints(len(frames)), 'height': ints(frames.shape[1]),
-      'width': ints(frames.shape[2]), 'label': ints(label), 'index': ints(index),
-      'path': feat(bytes_list=tf.train.BytesList(value=[os.fsencode(path)])),
-  })).SerializeToString()
+  return tf.train.Example(
+    features=tf.train.Features(
+      feature={
+        'frames': feat(bytes_list=tf.train.BytesList(value=[_png(f) for f in frames])),
+        'num_frames': ints(len(frames)),
+        'height': ints(frames.shape[1]),
+        'width': ints(frames.shape[2]),
+        'label': ints(label),
+        'index': ints(index),
+        'path': feat(bytes_list=tf.train.BytesList(value=[os.fsencode(path)])),
+      }
+    )
+  ).SerializeToString()
 
 
-def prepare(src: str, out: str, short_side: int = 128, shards: int = 8, workers: int | None = None,
-            csv_root: str | None = None, seed: int = 0) -> dict:
+def prepare(
+  src: str,
+  out: str,
+  short_side: int = 128,
+  shards: int = 8,
+  workers: int | None = None,
+  csv_root: str | None = None,
+  seed: int = 0,
+) -> dict:
   """Writes OUT/shard-*.tfrecord and OUT/manifest.json; returns the manifest. Raises DataError
   (one line) for a missing source or one without a decodable video."""
   if not os.path.exists(src):
@@ -97,10 +112,17 @@ def prepare(src: str, out: str, short_side: int = 128, shards: int = 8, workers:
     raise DataError(f'prepare: no decodable video in {src!r} ({len(vl.paths)} files tried)')
   for s in info:
     s['sha256'] = records.sha256(os.path.join(out, s['file']))
-  manifest = {'version': 1, 'source': os.path.abspath(src), 'num_clips': written,
-              'classes': list(vl.classes), 'short_side': int(short_side),
-              'num_skipped': len(log), 'skipped': sorted(log.paths),
-              'num_upscaled': len(upscaled), 'shards': info}
+  manifest = {
+    'version': 1,
+    'source': os.path.abspath(src),
+    'num_clips': written,
+    'classes': list(vl.classes),
+    'short_side': int(short_side),
+    'num_skipped': len(log),
+    'skipped': sorted(log.paths),
+    'num_upscaled': len(upscaled),
+    'shards': info,
+  }
   with open(os.path.join(out, records.MANIFEST), 'w') as f:
     json.dump(manifest, f, indent=1)
   return manifest
@@ -108,19 +130,25 @@ def prepare(src: str, out: str, short_side: int = 128, shards: int = 8, workers:
 
 def _command(args: list) -> None:
   fv = flags.FlagValues()
-  flags.DEFINE_integer('short_side', 128, 'Resize every video so that its short side is this.',
-                       flag_values=fv)
-  flags.DEFINE_integer('shards', 8, 'Number of TFRecord files (at most one per video).',
-                       flag_values=fv)
-  flags.DEFINE_integer('workers', None, 'Decoding threads (default: the CPU count).',
-                       flag_values=fv)
-  flags.DEFINE_string('csv_root', None, 'Base of relative paths in a CSV (default: its directory).',
-                      flag_values=fv)
+  flags.DEFINE_integer(
+    'short_side', 128, 'Resize every video so that its short side is this.', flag_values=fv
+  )
+  flags.DEFINE_integer(
+    'shards', 8, 'Number of TFRecord files (at most one per video).', flag_values=fv
+  )
+  flags.DEFINE_integer(
+    'workers', None, 'Decoding threads (default: the CPU count).', flag_values=fv
+  )
+  flags.DEFINE_string(
+    'csv_root', None, 'Base of relative paths in a CSV (default: its directory).', flag_values=fv
+  )
   src, out = cli_env.parse_flags(fv, args, __doc__, positional=('SRC', 'OUT'))
   logging.basicConfig(level=logging.INFO)
   m = prepare(src, out, fv.short_side, fv.shards, fv.workers, fv.csv_root)
-  print(f'wrote {m["num_clips"]} clips in {len(m["shards"])} shards to {out} '
-        f'({m["num_skipped"]} skipped)')
+  print(
+    f'wrote {m["num_clips"]} clips in {len(m["shards"])} shards to {out} '
+    f'({m["num_skipped"]} skipped)'
+  )
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -9,6 +9,7 @@ Layout of a prepared directory:
       'index'      int64 (stable clip id: position in the sorted source list), 'path' bytes
 Only the T frames of a clip are PNG-decoded, so reading is cheap whatever the video length.
 """
+
 import hashlib
 import json
 import os
@@ -23,20 +24,22 @@ from larp_jax.errors import DataError
 
 MANIFEST = 'manifest.json'
 FEATURES = {
-    'frames': tf.io.VarLenFeature(tf.string),
-    'num_frames': tf.io.FixedLenFeature([], tf.int64),
-    'height': tf.io.FixedLenFeature([], tf.int64),
-    'width': tf.io.FixedLenFeature([], tf.int64),
-    'label': tf.io.FixedLenFeature([], tf.int64),
-    'index': tf.io.FixedLenFeature([], tf.int64),
+  'frames': tf.io.VarLenFeature(tf.string),
+  'num_frames': tf.io.FixedLenFeature([], tf.int64),
+  'height': tf.io.FixedLenFeature([], tf.int64),
+  'width': tf.io.FixedLenFeature([], tf.int64),
+  'label': tf.io.FixedLenFeature([], tf.int64),
+  'index': tf.io.FixedLenFeature([], tf.int64),
 }
 
 
 def read_manifest(root: str) -> dict:
   path = os.path.join(root, MANIFEST)
   if not os.path.exists(path):
-    raise DataError(f'data: {root!r} has no {MANIFEST}; create it with '
-                     f'`python -m larp_jax.data.prepare SRC {root}`')
+    raise DataError(
+      f'data: {root!r} has no {MANIFEST}; create it with '
+      f'`python -m larp_jax.data.prepare SRC {root}`'
+    )
   with open(path) as f:
     return json.load(f)
 
@@ -95,7 +98,9 @@ def build(cfg, split, video_shape, seed, skip, pi, pc) -> source_api.Built:
   def host_filter(ds):
     if by_file:
       return ds
-    pick = lambda s: tf.equal(tf.io.parse_single_example(s, {'index': FEATURES['index']})['index'] % pc, pi)
+    pick = lambda s: tf.equal(
+      tf.io.parse_single_example(s, {'index': FEATURES['index']})['index'] % pc, pi
+    )
     return ds.filter(pick)
 
   npc = source_api.parallel_calls(cfg)
@@ -110,10 +115,16 @@ def build(cfg, split, video_shape, seed, skip, pi, pc) -> source_api.Built:
       """One epoch: files in an order keyed by (seed, e), interleaved, then a seeded shuffle."""
       key = tf.stack([tf.constant(seed, tf.int64), e])
       order = tf.random.experimental.index_shuffle(
-          tf.range(len(files), dtype=tf.int64), seed=key, max_index=len(files) - 1)
+        tf.range(len(files), dtype=tf.int64), seed=key, max_index=len(files) - 1
+      )
       ds = tf.data.Dataset.from_tensor_slices(tf.gather(files_t, order))
-      ds = ds.interleave(tf.data.TFRecordDataset, cycle_length=min(4, len(files)), block_length=1,
-                         num_parallel_calls=npc, deterministic=True)
+      ds = ds.interleave(
+        tf.data.TFRecordDataset,
+        cycle_length=min(4, len(files)),
+        block_length=1,
+        num_parallel_calls=npc,
+        deterministic=True,
+      )
       ds = host_filter(ds).shuffle(buf, seed=seed * 1_000_003 + e)
       return ds.map(lambda x: (x, e))
 
@@ -124,10 +135,19 @@ def build(cfg, split, video_shape, seed, skip, pi, pc) -> source_api.Built:
       u = clips.clip_uniforms(clips.element_key(seed, e, ex['index']))
       idx = clips.tf_frame_indices(ex['num_frames'], u[0], t, stride)
       frames = decode_frames(ex['frames'], idx, t)
-      video = clips.process(frames, u, video_shape, short_side=short,
-                            random_crop=cfg.train_crop == 'random', flip=bool(cfg.flip))
-      return {'video': video, 'label': tf.cast(ex['label'], tf.int32),
-              'clip_id': tf.cast(ex['index'], tf.int32)}
+      video = clips.process(
+        frames,
+        u,
+        video_shape,
+        short_side=short,
+        random_crop=cfg.train_crop == 'random',
+        flip=bool(cfg.flip),
+      )
+      return {
+        'video': video,
+        'label': tf.cast(ex['label'], tf.int32),
+        'clip_id': tf.cast(ex['index'], tf.int32),
+      }
 
     return source_api.Built(ds.map(train_elem, num_parallel_calls=npc), None, log)
 
@@ -139,8 +159,11 @@ def build(cfg, split, video_shape, seed, skip, pi, pc) -> source_api.Built:
   all_ids = np.concatenate([np.asarray(s['indices'], np.int64) for s in shards])
   all_lens = np.concatenate([np.asarray(s['num_frames'], np.int64) for s in shards])
   order = np.argsort(all_ids)
-  all_chunks = (clips.num_chunks(all_lens[order], t, stride) if cfg.eval_chunks == 'all'
-                else np.ones(len(order), np.int64))
+  all_chunks = (
+    clips.num_chunks(all_lens[order], t, stride)
+    if cfg.eval_chunks == 'all'
+    else np.ones(len(order), np.int64)
+  )
   offsets = np.zeros(int(all_ids.max()) + 1, np.int64)
   offsets[all_ids[order]] = np.cumsum(all_chunks) - all_chunks
   offsets_t = tf.constant(offsets)
@@ -148,7 +171,7 @@ def build(cfg, split, video_shape, seed, skip, pi, pc) -> source_api.Built:
 
   def expand(serialized):
     ex = parse(serialized)
-    k = (tf.maximum(ex['num_frames'] // (t * stride), 1) if all_mode else tf.constant(1, tf.int64))
+    k = tf.maximum(ex['num_frames'] // (t * stride), 1) if all_mode else tf.constant(1, tf.int64)
     return tf.data.Dataset.range(k).map(lambda j: (ex, j))
 
   def eval_elem(ex, j):
@@ -156,8 +179,11 @@ def build(cfg, split, video_shape, seed, skip, pi, pc) -> source_api.Built:
     frames = decode_frames(ex['frames'], idx, t)
     video = clips.process(frames, tf.zeros([4]), video_shape, short_side=short)
     cid = tf.gather(offsets_t, ex['index']) + j if all_mode else ex['index']
-    return {'video': video, 'label': tf.cast(ex['label'], tf.int32),
-            'clip_id': tf.cast(cid, tf.int32)}
+    return {
+      'video': video,
+      'label': tf.cast(ex['label'], tf.int32),
+      'clip_id': tf.cast(cid, tf.int32),
+    }
 
   ds = ds.flat_map(expand).map(eval_elem, num_parallel_calls=npc)
   return source_api.Built(ds, num_eval, log)

@@ -1,6 +1,7 @@
 """What every source's `build` shares: the `Built` it returns, `split_location` (where a split's
 files are), `parallel_calls` (the `num_parallel_calls` of its maps) and `resumed_epochs` (the
 endless training stream, started any number of elements in)."""
+
 import dataclasses
 import os
 import threading
@@ -15,7 +16,7 @@ AUTOTUNE = tf.data.AUTOTUNE
 
 @dataclasses.dataclass
 class Built:
-  ds: tf.data.Dataset   # unbatched {'video', 'label', 'clip_id'}
+  ds: tf.data.Dataset  # unbatched {'video', 'label', 'clip_id'}
   num_eval: int | None  # eval: planned local element count (before bad files are dropped)
   skip_log: video_io.SkipLog
   # Set only by `DataIterator.close()`; the source's Python functions then return placeholders.

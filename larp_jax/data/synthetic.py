@@ -13,10 +13,21 @@ Classes (label % 10 = hero motion; label // 10 = hero shape when num_classes > 1
   8 blink (on/off)      9 figure-eight
 Shapes: 0 disk, 1 square, 2 triangle, 3 cross, 4 ring.
 """
+
 import numpy as np
 
-MOTIONS = ('bounce_h', 'bounce_v', 'bounce_diag', 'orbit', 'spin', 'pulse', 'wave', 'gravity',
-           'blink', 'figure8')
+MOTIONS = (
+  'bounce_h',
+  'bounce_v',
+  'bounce_diag',
+  'orbit',
+  'spin',
+  'pulse',
+  'wave',
+  'gravity',
+  'blink',
+  'figure8',
+)
 SHAPES = ('disk', 'square', 'triangle', 'cross', 'ring')
 _SPLIT_IDS = {'train': 0, 'eval': 1}
 
@@ -131,7 +142,9 @@ def _background(rng, t, h, w, unit, smooth=False):
   th = rng.uniform(0, np.pi)
   c, s = np.float32(np.cos(th)), np.float32(np.sin(th))
   if smooth:
-    g = 0.5 + 0.5 * np.sin(np.float32(rng.uniform(1.5, 3.0)) * (c * xs + s * ys) + rng.uniform(0, 6))
+    g = 0.5 + 0.5 * np.sin(
+      np.float32(rng.uniform(1.5, 3.0)) * (c * xs + s * ys) + rng.uniform(0, 6)
+    )
   elif kind == 0:  # stripes
     g = 0.5 + 0.5 * np.sin(np.float32(rng.uniform(10, 30)) * (c * xs + s * ys))
   elif kind == 1:  # rotated checkerboard
@@ -142,19 +155,29 @@ def _background(rng, t, h, w, unit, smooth=False):
     for _ in range(3):
       a = rng.uniform(0, 2 * np.pi)
       f = np.float32(rng.uniform(5, 15))
-      g = g + np.sin(f * (np.float32(np.cos(a)) * xs + np.float32(np.sin(a)) * ys) + rng.uniform(0, 6))
+      g = g + np.sin(
+        f * (np.float32(np.cos(a)) * xs + np.float32(np.sin(a)) * ys) + rng.uniform(0, 6)
+      )
     g = 0.5 + g / 6.0
   c0, c1 = _pastel(rng, 2)
   tex = c0 + g[..., None].astype(np.float32) * (c1 - c0)  # [h', w', 3]
   # Per-frame slices: numpy's multi-axis fancy indexing is several times slower here.
-  return np.stack([tex[a:a + h, b:b + w] for a, b in zip(oy - y0, ox - x0)])
+  return np.stack([tex[a : a + h, b : b + w] for a, b in zip(oy - y0, ox - x0)])
 
 
 STYLES = ('textured', 'simple')
 
 
-def render(seed: int, split: str, index: int, num_classes: int, t0: int, shape,
-           stride: int = 1, style: str = 'textured') -> tuple[np.ndarray, int]:
+def render(
+  seed: int,
+  split: str,
+  index: int,
+  num_classes: int,
+  t0: int,
+  shape,
+  stride: int = 1,
+  style: str = 'textured',
+) -> tuple[np.ndarray, int]:
   """Frames t0 + i * stride (i < T) of synthetic video `index`, as float32 [T, H, W, 3] in [0, 1].
 
   style: 'textured' (the default: fine background textures, striped objects, 1-3 distractors) or
@@ -169,7 +192,9 @@ def render(seed: int, split: str, index: int, num_classes: int, t0: int, shape,
   label = int(index) % num_classes
   motion = label % len(MOTIONS)
   rng = np.random.default_rng([int(seed), _SPLIT_IDS[split], int(index)])
-  hero_shape = (label // len(MOTIONS)) if num_classes > len(MOTIONS) else int(rng.integers(len(SHAPES)))
+  hero_shape = (
+    (label // len(MOTIONS)) if num_classes > len(MOTIONS) else int(rng.integers(len(SHAPES)))
+  )
   unit = float(min(h, w))
   wn, hn = w / unit, h / unit
   t = (t0 + np.arange(nt) * stride).astype(np.float32)
@@ -189,7 +214,7 @@ def render(seed: int, split: str, index: int, num_classes: int, t0: int, shape,
   stripe_freq = rng.uniform(0.75, 1.5, size=len(objects)).astype(np.float32)
   for k in order:
     kind, rad, (cx, cy, ang, sc, al) = objects[k]
-    size = (np.asarray(sc, np.float32) * np.float32(rad))  # [T] object radius, in units
+    size = np.asarray(sc, np.float32) * np.float32(rad)  # [T] object radius, in units
     # Draw each frame's object inside a fixed-size window around it (clamped into the frame):
     # the window holds the object's visible part, and costs far less than the whole frame.
     box = int(np.ceil(2 * 1.2 * size.max() * unit)) + 4
@@ -209,13 +234,16 @@ def render(seed: int, split: str, index: int, num_classes: int, t0: int, shape,
     # Soft edge about 1.5 px wide, and the blink on/off factor.
     a = np.clip((1.0 - dist) * (size * unit / 1.5)[:, None, None], 0.0, 1.0)
     a *= np.asarray(al, np.float32)[:, None, None]
-    two_tone = (np.zeros_like(u) if simple else
-                (np.floor(stripe_freq[k] * u + 8.0).astype(np.int32) & 1).astype(np.float32))
+    two_tone = (
+      np.zeros_like(u)
+      if simple
+      else (np.floor(stripe_freq[k] * u + 8.0).astype(np.int32) & 1).astype(np.float32)
+    )
     c0, diff = colors[k, 0], colors[k, 1] - colors[k, 0]
     a_hi = (a * two_tone)[..., None]
     a = a[..., None]
     for i in range(nt):
-      win = frame[i, top[i]:top[i] + bh, left[i]:left[i] + bw]  # a view: updated in place
+      win = frame[i, top[i] : top[i] + bh, left[i] : left[i] + bw]  # a view: updated in place
       win += a[i] * (c0 - win) + a_hi[i] * diff
   # Every pixel is a convex mix of colours in [0, 1], so no clipping is needed.
   return frame, label

@@ -5,6 +5,7 @@ stable); clip_id = the example's position in the whole split. Frames are read st
 (`SkipDecoding`) and only the T frames of a clip are decoded, which is also what makes the
 frame-count pass of `eval_chunks='all'` and the resume skip cheap.
 """
+
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
@@ -18,15 +19,17 @@ from larp_jax.errors import DataError
 def _missing(cfg, err) -> DataError:
   where = cfg.tfds_data_dir or '~/tensorflow_datasets'
   return DataError(
-      f'data: TFDS dataset {cfg.tfds_name!r} is not available in {where} '
-      f'({type(err).__name__}); build it with `tfds build {cfg.tfds_name} '
-      f'--data_dir={where}` and set config.data.tfds_data_dir')
+    f'data: TFDS dataset {cfg.tfds_name!r} is not available in {where} '
+    f'({type(err).__name__}); build it with `tfds build {cfg.tfds_name} '
+    f'--data_dir={where}` and set config.data.tfds_data_dir'
+  )
 
 
 def _read(builder, cfg, split):
   key = cfg.tfds_video_key
-  return builder.as_dataset(split=split, shuffle_files=False,
-                            decoders={key: tfds.decode.SkipDecoding()})
+  return builder.as_dataset(
+    split=split, shuffle_files=False, decoders={key: tfds.decode.SkipDecoding()}
+  )
 
 
 def _count(builder, cfg, split) -> int:
@@ -40,8 +43,12 @@ def _frames(video, idx, num_frames: int):
   """Encoded frames [N] (or uint8 [N, h, w, 3]) -> uint8 [T, h, w, 3] of frames `idx`."""
   picked = tf.gather(video, idx)
   if video.dtype == tf.string:
-    return tf.stack([tf.io.decode_image(picked[i], channels=3, expand_animations=False)
-                     for i in range(num_frames)])
+    return tf.stack(
+      [
+        tf.io.decode_image(picked[i], channels=3, expand_animations=False)
+        for i in range(num_frames)
+      ]
+    )
   return tf.cast(picked, tf.uint8)
 
 
@@ -62,7 +69,8 @@ def build(cfg, split, video_shape, seed, skip, pi, pc) -> source_api.Built:
   vkey, lkey = cfg.tfds_video_key, cfg.tfds_label_key
   # (clip_id, encoded video, label); positions are stable because file order is fixed.
   base = base.enumerate(start=offset).map(
-      lambda i, ex: (tf.cast(i, tf.int32), ex[vkey], tf.cast(ex[lkey], tf.int32)))
+    lambda i, ex: (tf.cast(i, tf.int32), ex[vkey], tf.cast(ex[lkey], tf.int32))
+  )
   npc = source_api.parallel_calls(cfg)
   short = cfg.short_side
 
@@ -77,13 +85,20 @@ def build(cfg, split, video_shape, seed, skip, pi, pc) -> source_api.Built:
     def train_elem(cid, video, label, e):
       u = clips.clip_uniforms(clips.element_key(seed, e, cid))
       idx = clips.tf_frame_indices(tf.shape(video)[0], u[0], t, stride)
-      out = clips.process(_frames(video, idx, t), u, video_shape, short_side=short,
-                          random_crop=cfg.train_crop == 'random', flip=bool(cfg.flip))
+      out = clips.process(
+        _frames(video, idx, t),
+        u,
+        video_shape,
+        short_side=short,
+        random_crop=cfg.train_crop == 'random',
+        flip=bool(cfg.flip),
+      )
       return {'video': out, 'label': label, 'clip_id': cid}
 
     return source_api.Built(ds.map(train_elem, num_parallel_calls=npc), None, video_io.SkipLog())
 
   all_mode = cfg.eval_chunks == 'all'
+
   def chunks(video):
     n = tf.cast(tf.shape(video)[0], tf.int64)
     return tf.maximum(n // (t * stride), 1) if all_mode else tf.constant(1, tf.int64)

@@ -4,6 +4,7 @@ Paths are only ever paths: files are opened with Python's `open()` and the file 
 to PyAV, so a name such as `rtsp://...`, `pipe:0` or `concat:a|b` is never read as an FFmpeg URL
 or protocol, and nothing is globbed or expanded.
 """
+
 import csv
 import dataclasses
 import logging
@@ -15,8 +16,22 @@ import numpy as np
 
 from larp_jax.data import clips
 
-VIDEO_EXTENSIONS = ('.mp4', '.avi', '.webm', '.mkv', '.gif', '.mov', '.m4v', '.mpg', '.mpeg',
-                    '.flv', '.wmv', '.ogv', '.3gp', '.ts')
+VIDEO_EXTENSIONS = (
+  '.mp4',
+  '.avi',
+  '.webm',
+  '.mkv',
+  '.gif',
+  '.mov',
+  '.m4v',
+  '.mpg',
+  '.mpeg',
+  '.flv',
+  '.wmv',
+  '.ogv',
+  '.3gp',
+  '.ts',
+)
 
 _log = logging.getLogger(__name__)
 _lock = threading.Lock()
@@ -44,8 +59,9 @@ class SkipLog:
       self.paths.add(path)
       _all_skipped.add(path)
     if new:
-      _log.warning('skipping undecodable video %r: %s (%d skipped so far)', path, reason,
-                   len(self.paths))
+      _log.warning(
+        'skipping undecodable video %r: %s (%d skipped so far)', path, reason, len(self.paths)
+      )
 
   def __len__(self):
     return len(self.paths)
@@ -64,9 +80,17 @@ class UpscaleLog:
       self.paths.add(path)
     if new:
       factor = max(out_hw[0] / src_hw[0], out_hw[1] / src_hw[1])
-      _log.warning('upscaling video %r from %dx%d to %dx%d (%.1fx): the source is much smaller '
-                   'than the clip (%d upscaled so far)', path, src_hw[0], src_hw[1], out_hw[0],
-                   out_hw[1], factor, len(self.paths))
+      _log.warning(
+        'upscaling video %r from %dx%d to %dx%d (%.1fx): the source is much smaller '
+        'than the clip (%d upscaled so far)',
+        path,
+        src_hw[0],
+        src_hw[1],
+        out_hw[0],
+        out_hw[1],
+        factor,
+        len(self.paths),
+      )
 
   def __len__(self):
     return len(self.paths)
@@ -79,9 +103,9 @@ def num_skipped_total() -> int:
 
 @dataclasses.dataclass(frozen=True)
 class VideoList:
-  paths: tuple      # absolute or as given
+  paths: tuple  # absolute or as given
   labels: np.ndarray  # int32 [N]
-  classes: tuple    # class names, index = label (may be empty for label-only CSVs)
+  classes: tuple  # class names, index = label (may be empty for label-only CSVs)
 
 
 def _is_video(name: str) -> bool:
@@ -113,8 +137,9 @@ def list_videos(path: str, classes=None, csv_root=None) -> VideoList:
         if _is_video(f) and os.path.basename(dirpath) in ids:
           items.append((os.path.join(dirpath, f), ids[os.path.basename(dirpath)]))
     items.sort()
-    return VideoList(tuple(p for p, _ in items), np.array([l for _, l in items], np.int32),
-                     tuple(classes))
+    return VideoList(
+      tuple(p for p, _ in items), np.array([l for _, l in items], np.int32), tuple(classes)
+    )
   root = csv_root or os.path.dirname(os.path.abspath(path))
   with open(path, newline='') as f:
     rows = [r for r in csv.reader(f) if r and any(c.strip() for c in r)]
@@ -177,8 +202,18 @@ def _output_size(h: int, w: int, out_hw, short_side) -> tuple[int, int]:
   return clips.resized_size(h, w, oh, ow, short_side)
 
 
-def decode(path: str, short_side=None, out_hw=None, start_u=None, num_frames=None, stride=1,
-           start=None, interpolation='BILINEAR', cancel=None, upscale_log=None):
+def decode(
+  path: str,
+  short_side=None,
+  out_hw=None,
+  start_u=None,
+  num_frames=None,
+  stride=1,
+  start=None,
+  interpolation='BILINEAR',
+  cancel=None,
+  upscale_log=None,
+):
   """Decodes frames as uint8 [n, h', w', 3], resized by swscale (antialiased bilinear).
 
   With `num_frames`, returns the clip of `num_frames` frames starting at `start`, or at a start
@@ -200,7 +235,11 @@ def decode(path: str, short_side=None, out_hw=None, start_u=None, num_frames=Non
     n_meta = int(stream.frames or 0)
     want = None
     if num_frames is not None and n_meta > 0:
-      s = start if start is not None else clips.start_frame(n_meta, start_u or 0.0, num_frames, stride)
+      s = (
+        start
+        if start is not None
+        else clips.start_frame(n_meta, start_u or 0.0, num_frames, stride)
+      )
       want = clips.frame_indices(n_meta, s, num_frames, stride)
     size = None
     kept = {}
@@ -209,12 +248,15 @@ def decode(path: str, short_side=None, out_hw=None, start_u=None, num_frames=Non
       _check(cancel)
       if size is None:
         size = _output_size(frame.height, frame.width, out_hw, short_side)
-        if (upscale_log is not None and
-            max(size[0] / frame.height, size[1] / frame.width) > UPSCALE_WARN_FACTOR):
+        if (
+          upscale_log is not None
+          and max(size[0] / frame.height, size[1] / frame.width) > UPSCALE_WARN_FACTOR
+        ):
           upscale_log.add(path, (frame.height, frame.width), size)
       if want is None or count in want:
-        kept[count] = frame.to_ndarray(width=size[1], height=size[0], format='rgb24',
-                                       interpolation=interpolation)
+        kept[count] = frame.to_ndarray(
+          width=size[1], height=size[0], format='rgb24', interpolation=interpolation
+        )
       count += 1
       if want is not None and count > want[-1]:
         break
@@ -223,7 +265,9 @@ def decode(path: str, short_side=None, out_hw=None, start_u=None, num_frames=Non
     if num_frames is None:
       return np.stack([kept[i] for i in range(count)])
     if want is None:  # no frame count in the header: everything was decoded, pick now
-      s = start if start is not None else clips.start_frame(count, start_u or 0.0, num_frames, stride)
+      s = (
+        start if start is not None else clips.start_frame(count, start_u or 0.0, num_frames, stride)
+      )
       want = clips.frame_indices(count, s, num_frames, stride)
     last = max(kept)  # the header may over-count: pad with the last frame actually decoded
     return np.stack([kept[min(int(i), last)] for i in want])

@@ -35,24 +35,26 @@ import numpy as np
 from larp_jax.evaluation import recon_metrics
 from larp_jax.models import patches
 
-MSE_FLOOR = recon_metrics.MSE_FLOOR   # an exact reconstruction is 100 dB, as for the tokenizer
+MSE_FLOOR = recon_metrics.MSE_FLOOR  # an exact reconstruction is 100 dB, as for the tokenizer
 PCA_COMPONENTS = (1, 4, 16)
-CHUNK_VALUES = 1 << 22       # float64 values per chunk of clips (32 MB)
-_SHIFT = 0.5                 # sums are of x - 0.5: a fixed shift, so shards still add up
+CHUNK_VALUES = 1 << 22  # float64 values per chunk of clips (32 MB)
+_SHIFT = 0.5  # sums are of x - 0.5: a fixed shift, so shards still add up
 
 Clips = Union[np.ndarray, Sequence[np.ndarray]]
 
 
 def names(pca_components: Iterable[int] = PCA_COMPONENTS) -> tuple:
   """The baselines' names, in reporting order: trivial codes first, then the PCA oracles."""
-  return ('dataset_mean', 'clip_mean', 'patch_mean') + tuple(f'pca{int(k)}'
-                                                             for k in pca_components)
+  return ('dataset_mean', 'clip_mean', 'patch_mean') + tuple(f'pca{int(k)}' for k in pca_components)
 
 
 def label(name: str) -> str:
   """A short human name, e.g. 'patch-mean colour' or 'PCA-16'."""
-  fixed = {'dataset_mean': 'dataset-mean video', 'clip_mean': 'clip-mean colour',
-           'patch_mean': 'patch-mean colour'}
+  fixed = {
+    'dataset_mean': 'dataset-mean video',
+    'clip_mean': 'clip-mean colour',
+    'patch_mean': 'patch-mean colour',
+  }
   return fixed.get(name) or f'PCA-{name[3:]}'
 
 
@@ -73,7 +75,7 @@ def _chunks(clips: Clips, max_values: int = CHUNK_VALUES):
       continue
     step = max(1, max_values // int(np.prod(part.shape[1:])))
     for i in range(0, len(part), step):
-      yield to_unit(part[i:i + step])
+      yield to_unit(part[i : i + step])
 
 
 def _blocks(video: np.ndarray, patch_size) -> np.ndarray:
@@ -88,7 +90,7 @@ def _blocks(video: np.ndarray, patch_size) -> np.ndarray:
 def patchify(video: np.ndarray, patch_size) -> np.ndarray:
   """``models.patches.patchify`` (the model's patch order) with a clear error when
   ``patch_size`` does not divide the clips: [B, T, H, W, C] -> [B, P, kt*kh*kw*C]."""
-  _blocks(video, patch_size)   # checks divisibility
+  _blocks(video, patch_size)  # checks divisibility
   return patches.patchify(video, tuple(int(k) for k in patch_size))
 
 
@@ -119,9 +121,13 @@ def sufficient_stats(clips: Clips, patch_size, video_shape=None) -> dict:
     video_shape = first.shape[1:4]
   t, h, w = (int(s) for s in video_shape)
   d = int(np.prod(patch_size)) * 3
-  stats = {'n': np.zeros((), np.float64), 'video_sum': np.zeros((t, h, w, 3), np.float64),
-           'patch_n': np.zeros((), np.float64), 'patch_sum': np.zeros((d,), np.float64),
-           'patch_outer': np.zeros((d, d), np.float64)}
+  stats = {
+    'n': np.zeros((), np.float64),
+    'video_sum': np.zeros((t, h, w, 3), np.float64),
+    'patch_n': np.zeros((), np.float64),
+    'patch_sum': np.zeros((d,), np.float64),
+    'patch_outer': np.zeros((d, d), np.float64),
+  }
   for x in _chunks(clips):
     x = x - _SHIFT
     p = patchify(x, patch_size).reshape(-1, d)
@@ -146,14 +152,18 @@ def fit(stats: dict, pca_components: Iterable[int] = PCA_COMPONENTS) -> dict:
   cov = stats['patch_outer'] / pn - np.outer(m, m)
   evals, evecs = np.linalg.eigh((cov + cov.T) / 2)
   evals, evecs = evals[::-1], evecs[:, ::-1]
-  bases = {int(k): evecs[:, :min(int(k), len(m))] for k in pca_components}
-  return {'mean_video': stats['video_sum'] / n + _SHIFT, 'patch_mean': m + _SHIFT,
-          'bases': bases, 'eigenvalues': evals}
+  bases = {int(k): evecs[:, : min(int(k), len(m))] for k in pca_components}
+  return {
+    'mean_video': stats['video_sum'] / n + _SHIFT,
+    'patch_mean': m + _SHIFT,
+    'bases': bases,
+    'eigenvalues': evals,
+  }
 
 
 def _mse(recon: np.ndarray, target: np.ndarray) -> np.ndarray:
   """Per-clip MSE of the clamped reconstruction, over every axis but the first."""
-  err = np.clip(recon, 0.0, 1.0, out=np.empty(recon.shape, np.float64))   # C order
+  err = np.clip(recon, 0.0, 1.0, out=np.empty(recon.shape, np.float64))  # C order
   err -= target
   err = err.reshape(len(err), -1)
   return np.einsum('bi,bi->b', err, err) / max(1, err.shape[1])
@@ -166,9 +176,11 @@ def per_clip_mse(video: np.ndarray, fitted: dict, patch_size) -> dict:
   the projection on the largest basis is shared: ``fit``'s bases are prefixes of one another.
   """
   video = to_unit(video)
-  out = {'dataset_mean': _mse(np.broadcast_to(fitted['mean_video'], video.shape), video),
-         'clip_mean': _mse(clip_mean_recon(video), video),
-         'patch_mean': _mse(patch_mean_recon(video, patch_size), video)}
+  out = {
+    'dataset_mean': _mse(np.broadcast_to(fitted['mean_video'], video.shape), video),
+    'clip_mean': _mse(clip_mean_recon(video), video),
+    'patch_mean': _mse(patch_mean_recon(video, patch_size), video),
+  }
   if fitted['bases']:
     p = patchify(video, patch_size)
     widest = max(fitted['bases'].values(), key=lambda b: b.shape[1])
@@ -186,8 +198,7 @@ def psnr_from_mse(mse) -> np.ndarray:
 
 def error_sums(clips: Clips, fitted: dict, patch_size) -> dict:
   """Second pass: {name: float64 [2] = (sum of per-clip MSE, sum of per-clip PSNR)}."""
-  sums = {name: np.zeros((2,), np.float64)
-          for name in ('dataset_mean', 'clip_mean', 'patch_mean')}
+  sums = {name: np.zeros((2,), np.float64) for name in ('dataset_mean', 'clip_mean', 'patch_mean')}
   sums.update({f'pca{k}': np.zeros((2,), np.float64) for k in fitted['bases']})
   for x in _chunks(clips):
     for name, mse in per_clip_mse(x, fitted, patch_size).items():
@@ -195,9 +206,14 @@ def error_sums(clips: Clips, fitted: dict, patch_size) -> dict:
   return sums
 
 
-def baseline_metrics(clips: Clips, patch_size, *, video_shape=None,
-                     pca_components: Iterable[int] = PCA_COMPONENTS,
-                     all_sum: Optional[Callable] = None) -> Optional[dict]:
+def baseline_metrics(
+  clips: Clips,
+  patch_size,
+  *,
+  video_shape=None,
+  pca_components: Iterable[int] = PCA_COMPONENTS,
+  all_sum: Optional[Callable] = None,
+) -> Optional[dict]:
   """Every baseline's mean PSNR and MSE over ``clips``.
 
   Args:

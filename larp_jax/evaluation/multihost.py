@@ -14,6 +14,7 @@ def host_local(x, mesh) -> np.ndarray:
   if jax.process_count() == 1:
     return np.asarray(jax.device_get(x))
   from jax.experimental import multihost_utils
+
   return np.asarray(multihost_utils.global_array_to_host_local_array(x, mesh, P(('data', 'fsdp'))))
 
 
@@ -22,6 +23,7 @@ def all_sum(tree):
   if jax.process_count() == 1:
     return tree
   from jax.experimental import multihost_utils
+
   gathered = multihost_utils.process_allgather(tree)
   return jax.tree_util.tree_map(lambda a: np.asarray(a).sum(axis=0), gathered)
 

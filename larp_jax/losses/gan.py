@@ -24,14 +24,17 @@ def noisy_targets(rng, shape, noise: float = 0.15, clip: float = 0.3):
 def discriminator_loss(real_logits, fake_logits, rng, noise: float = 0.15, clip: float = 0.3):
   """BCE-with-logits against noisy targets, summed over the real and fake halves."""
   real_t, fake_t = noisy_targets(rng, real_logits.shape, noise, clip)
-  return (optax.sigmoid_binary_cross_entropy(real_logits, real_t).mean()
-          + optax.sigmoid_binary_cross_entropy(fake_logits, fake_t).mean())
+  return (
+    optax.sigmoid_binary_cross_entropy(real_logits, real_t).mean()
+    + optax.sigmoid_binary_cross_entropy(fake_logits, fake_t).mean()
+  )
 
 
 def lecam_regularizer(real_logits, fake_logits, ema_real, ema_fake):
   """relu(mean D(real) - ema_fake)^2 + relu(ema_real - mean D(fake))^2 (unweighted)."""
-  return (jnp.square(jax.nn.relu(jnp.mean(real_logits) - ema_fake))
-          + jnp.square(jax.nn.relu(ema_real - jnp.mean(fake_logits))))
+  return jnp.square(jax.nn.relu(jnp.mean(real_logits) - ema_fake)) + jnp.square(
+    jax.nn.relu(ema_real - jnp.mean(fake_logits))
+  )
 
 
 def update_ema(ema, value, decay: float):

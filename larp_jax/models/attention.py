@@ -36,13 +36,15 @@ def _softmax_attention(q, k, v, *, causal: bool, seeds, dropout_rate: float = 0.
   logits = jnp.einsum('bqhd,bkhd->bhqk', q * jnp.asarray(scale, q.dtype), k)
   logits = logits.astype(jnp.float32)
   if causal:
-    logits = jnp.where(causal_keep(jnp.arange(lq), jnp.arange(lk)), logits,
-                       jnp.finfo(jnp.float32).min)
+    logits = jnp.where(
+      causal_keep(jnp.arange(lq), jnp.arange(lk)), logits, jnp.finfo(jnp.float32).min
+    )
   probs = jax.nn.softmax(logits, axis=-1)
   if dropout_rate > 0:
     threshold, keep_scale = keep_rule(dropout_rate)
-    keep = attention_keep(seeds, threshold, jnp.arange(b * h), jnp.arange(lq), jnp.arange(lk),
-                          lq, lk).reshape(b, h, lq, lk)
+    keep = attention_keep(
+      seeds, threshold, jnp.arange(b * h), jnp.arange(lq), jnp.arange(lk), lq, lk
+    ).reshape(b, h, lq, lk)
     probs = drop(probs, keep, keep_scale)
   return jnp.einsum('bhqk,bkhd->bqhd', probs.astype(v.dtype), v)
 
@@ -78,13 +80,16 @@ def select_attention_impl(impl: str, q, k, v=None, *, dropout: bool = False) -> 
     if why and requested == 'auto':
       return 'chunked'
     if why:
-      raise errors.ConfigError(f"attention impl 'cpu_flash' cannot run here: {why}. Use "
-                       "attention_impl='auto' or 'chunked'.")
+      raise errors.ConfigError(
+        f"attention impl 'cpu_flash' cannot run here: {why}. Use "
+        "attention_impl='auto' or 'chunked'."
+      )
   return impl
 
 
-def attention(q, k, v, *, causal: bool, dropout_rng=None, dropout_rate: float = 0.0,
-              impl: str = 'xla'):
+def attention(
+  q, k, v, *, causal: bool, dropout_rng=None, dropout_rate: float = 0.0, impl: str = 'xla'
+):
   """Multi-head scaled dot-product attention.
 
   Args:
@@ -105,8 +110,10 @@ def attention(q, k, v, *, causal: bool, dropout_rng=None, dropout_rate: float = 
     [B, Lq, H, Dh] in q's dtype.
   """
   if causal and q.shape[1] != k.shape[1]:
-    raise ValueError(f'causal attention needs as many queries as keys, got {q.shape[1]} queries '
-                     f'and {k.shape[1]} keys')
+    raise ValueError(
+      f'causal attention needs as many queries as keys, got {q.shape[1]} queries '
+      f'and {k.shape[1]} keys'
+    )
   dropout_on = dropout_rng is not None and dropout_rate > 0
   impl = select_attention_impl(impl, q, k, v, dropout=dropout_on)
   if dropout_on and dropout_rate >= 1.0:

@@ -32,7 +32,9 @@ def _head_group(heads: int, chunk: int, k_len: int, budget: int = 1 << 19) -> in
   scores fit in ~2 MiB): batched matmuls over a few heads amortise the per-iteration cost of the
   loop (on a 2-core CPU ~5% faster at the tiny bench shapes, neutral at LARP-L)."""
   per_head = max(chunk * k_len, 1)
-  return max(g for g in range(1, heads + 1) if heads % g == 0 and g * per_head <= max(budget, per_head))
+  return max(
+    g for g in range(1, heads + 1) if heads % g == 0 and g * per_head <= max(budget, per_head)
+  )
 
 
 def _key_extents(causal, lk, qc, nq):
@@ -46,14 +48,15 @@ def _key_extents(causal, lk, qc, nq):
 
 class _Plan(NamedTuple):
   """The blocking of one flash-attention call, shared by its forward and backward passes."""
-  lq: int                       # queries
-  lk: int                       # keys
-  qc: int                       # query chunk
-  nq: int                       # query chunks
-  g: int                        # heads per loop iteration
-  extents: Optional[list]       # keys per chunk (causal, unrolled) or None (lax.map / scan)
-  threshold: int                # dropout: keep bits >= threshold ...
-  keep_scale: float             # ... and scale kept probabilities by this
+
+  lq: int  # queries
+  lk: int  # keys
+  qc: int  # query chunk
+  nq: int  # query chunks
+  g: int  # heads per loop iteration
+  extents: Optional[list]  # keys per chunk (causal, unrolled) or None (lax.map / scan)
+  threshold: int  # dropout: keep bits >= threshold ...
+  keep_scale: float  # ... and scale kept probabilities by this
 
 
 def _plan(q, k, causal: bool, rate: float) -> _Plan:
@@ -62,8 +65,16 @@ def _plan(q, k, causal: bool, rate: float) -> _Plan:
   qc = _query_chunk(lq, lk)
   nq = lq // qc
   threshold, keep_scale = keep_rule(rate) if rate > 0 else (0, 1.0)
-  return _Plan(lq, lk, qc, nq, _head_group(q.shape[0], qc, lk), _key_extents(causal, lk, qc, nq),
-               threshold, keep_scale)
+  return _Plan(
+    lq,
+    lk,
+    qc,
+    nq,
+    _head_group(q.shape[0], qc, lk),
+    _key_extents(causal, lk, qc, nq),
+    threshold,
+    keep_scale,
+  )
 
 
 def _grouped(x, g):
@@ -81,9 +92,9 @@ def _flash_forward(q, k, v, seeds, causal, rate):
   lq, lk, qc, nq, g, extents = plan[:6]
   neg = jnp.finfo(jnp.float32).min
 
-  def block(qb, kb, vb, start, heads):                                 # [g, qc | n, Dh]
+  def block(qb, kb, vb, start, heads):  # [g, qc | n, Dh]
     rows, cols = start + jnp.arange(qc), jnp.arange(kb.shape[1])
-    s = jnp.einsum('gqd,gkd->gqk', qb, kb).astype(jnp.float32)         # [g, qc, n]
+    s = jnp.einsum('gqd,gkd->gqk', qb, kb).astype(jnp.float32)  # [g, qc, n]
     if causal:
       s = jnp.where(causal_keep(rows, cols), s, neg)
     m = jnp.max(s, axis=-1, keepdims=True)
@@ -96,13 +107,15 @@ def _flash_forward(q, k, v, seeds, causal, rate):
     return o, (m + jnp.log(total))[..., 0]
 
   def one_group(args):
-    qi, ki, vi, heads = args                                           # [g, Lq | Lk, Dh]
+    qi, ki, vi, heads = args  # [g, Lq | Lk, Dh]
     if extents is None:
       chunks = (jnp.swapaxes(qi.reshape(g, nq, qc, d), 0, 1), jnp.arange(nq, dtype=jnp.int32) * qc)
       o, lse = jax.lax.map(lambda c: block(c[0], ki, vi, c[1], heads), chunks)
       return (jnp.swapaxes(o, 0, 1).reshape(g, lq, d), jnp.swapaxes(lse, 0, 1).reshape(g, lq))
-    outs = [block(qi[:, c * qc:(c + 1) * qc], ki[:, :n], vi[:, :n], c * qc, heads)
-            for c, n in enumerate(extents)]
+    outs = [
+      block(qi[:, c * qc : (c + 1) * qc], ki[:, :n], vi[:, :n], c * qc, heads)
+      for c, n in enumerate(extents)
+    ]
     return (jnp.concatenate([o for o, _ in outs], 1), jnp.concatenate([s for _, s in outs], 1))
 
   heads = _grouped(jnp.arange(bh, dtype=jnp.int32), g)
@@ -131,9 +144,9 @@ def _flash_bwd(causal, rate, residuals, do):
   plan = _plan(q, k, causal, rate)
   lq, lk, qc, nq, g, extents = plan[:6]
 
-  def block(qb, dob, lse_b, delta_b, kb, vb, start, heads):            # [g, qc | n, Dh]
+  def block(qb, dob, lse_b, delta_b, kb, vb, start, heads):  # [g, qc | n, Dh]
     rows, cols = start + jnp.arange(qc), jnp.arange(kb.shape[1])
-    s_t = jnp.einsum('gkd,gqd->gkq', kb, qb).astype(jnp.float32)       # [g, n, qc]
+    s_t = jnp.einsum('gkd,gqd->gkq', kb, qb).astype(jnp.float32)  # [g, n, qc]
     p_t = jnp.exp(s_t - lse_b[:, None, :])
     if causal:
       p_t = jnp.where(causal_keep(rows, cols).T, p_t, 0.0)
@@ -151,35 +164,48 @@ def _flash_bwd(causal, rate, residuals, do):
     return dq, dk.astype(jnp.float32), dv.astype(jnp.float32)
 
   def one_group(args):
-    qi, ki, vi, oi, lsei, doi, heads = args                            # [g, L, Dh], [g, L]
-    delta = jnp.sum(oi.astype(jnp.float32) * doi.astype(jnp.float32), axis=-1)    # [g, Lq]
+    qi, ki, vi, oi, lsei, doi, heads = args  # [g, L, Dh], [g, L]
+    delta = jnp.sum(oi.astype(jnp.float32) * doi.astype(jnp.float32), axis=-1)  # [g, Lq]
     zeros = jnp.zeros((g, lk, d), jnp.float32)
     if extents is None:
+
       def step(carry, c):
         qb, dob, lse_b, delta_b, start = c
         dq_b, dk_b, dv_b = block(qb, dob, lse_b, delta_b, ki, vi, start, heads)
         return (carry[0] + dk_b, carry[1] + dv_b), dq_b
+
       split = lambda x: jnp.swapaxes(x.reshape(g, nq, qc, *x.shape[2:]), 0, 1)
-      chunks = (split(qi), split(doi), split(lsei), split(delta),
-                jnp.arange(nq, dtype=jnp.int32) * qc)
+      chunks = (
+        split(qi),
+        split(doi),
+        split(lsei),
+        split(delta),
+        jnp.arange(nq, dtype=jnp.int32) * qc,
+      )
       (dk, dv), dq = jax.lax.scan(step, (zeros, zeros), chunks)
       dq = jnp.swapaxes(dq, 0, 1).reshape(g, lq, d)
     else:
       dk, dv, dqs = zeros, zeros, []
       for c, n in enumerate(extents):
         r = slice(c * qc, (c + 1) * qc)
-        dq_b, dk_b, dv_b = block(qi[:, r], doi[:, r], lsei[:, r], delta[:, r], ki[:, :n],
-                                 vi[:, :n], c * qc, heads)
+        dq_b, dk_b, dv_b = block(
+          qi[:, r], doi[:, r], lsei[:, r], delta[:, r], ki[:, :n], vi[:, :n], c * qc, heads
+        )
         dk, dv = dk.at[:, :n].add(dk_b), dv.at[:, :n].add(dv_b)
         dqs.append(dq_b)
       dq = jnp.concatenate(dqs, 1)
     return dq, dk.astype(ki.dtype), dv.astype(vi.dtype)
 
   heads = _grouped(jnp.arange(bh, dtype=jnp.int32), g)
-  dq, dk, dv = jax.lax.map(one_group, tuple(_grouped(x, g) for x in (q, k, v, o, lse, do))
-                           + (heads,))
-  return (dq.reshape(q.shape), dk.reshape(k.shape), dv.reshape(v.shape),
-          np.zeros(seeds.shape, jax.dtypes.float0))
+  dq, dk, dv = jax.lax.map(
+    one_group, tuple(_grouped(x, g) for x in (q, k, v, o, lse, do)) + (heads,)
+  )
+  return (
+    dq.reshape(q.shape),
+    dk.reshape(k.shape),
+    dv.reshape(v.shape),
+    np.zeros(seeds.shape, jax.dtypes.float0),
+  )
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
@@ -203,8 +229,9 @@ def chunked_attention(q, k, v, *, causal: bool, seeds, dropout_rate: float = 0.0
   should use 'xla' or 'dot_product_attention'.
   """
   b, lq, h, d = q.shape
-  scale = jnp.asarray(d ** -0.5, q.dtype)
+  scale = jnp.asarray(d**-0.5, q.dtype)
   per_head = lambda x: jnp.transpose(x, (0, 2, 1, 3)).reshape(b * h, x.shape[1], d)
-  out = _flash(per_head(q * scale), per_head(k), per_head(v), seeds, causal,
-               float(dropout_rate))                                    # [B*H, Lq, Dh]
+  out = _flash(
+    per_head(q * scale), per_head(k), per_head(v), seeds, causal, float(dropout_rate)
+  )  # [B*H, Lq, Dh]
   return jnp.transpose(out.reshape(b, h, lq, d), (0, 2, 1, 3))

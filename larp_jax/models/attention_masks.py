@@ -19,6 +19,7 @@ def attention_keep(seeds, threshold, heads, rows, cols, q_len, k_len):
   ``counter_bits`` of (head * q_len + row) * k_len + col, so the 'xla' and 'chunked' kernels
   draw the same mask."""
   u = lambda x: jnp.asarray(x).astype(jnp.uint32)
-  index = ((u(heads)[:, None, None] * jnp.uint32(q_len) + u(rows)[None, :, None])
-           * jnp.uint32(k_len) + u(cols)[None, None, :])
+  index = (u(heads)[:, None, None] * jnp.uint32(q_len) + u(rows)[None, :, None]) * jnp.uint32(
+    k_len
+  ) + u(cols)[None, None, :]
   return counter_bits(seeds, index) >= jnp.uint32(threshold)

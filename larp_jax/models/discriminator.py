@@ -30,7 +30,7 @@ class TransformerDiscriminator(nn.Module):
   num_heads: int = 8
   mlp_ratio: float = 4.0
   norm_eps: float = 1e-5
-  attention_impl: str = 'auto'         # see models.attention.resolve_attention_impl
+  attention_impl: str = 'auto'  # see models.attention.resolve_attention_impl
   remat: str = 'none'
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
@@ -40,8 +40,9 @@ class TransformerDiscriminator(nn.Module):
       if s % p:
         raise ValueError(f'discriminator patch_size {dim}={p} does not divide video {dim}={s}')
     if self.width % self.num_heads or self.width % 4:
-      raise ValueError(f'discriminator width={self.width} must be divisible by num_heads='
-                       f'{self.num_heads} and by 4')
+      raise ValueError(
+        f'discriminator width={self.width} must be divisible by num_heads={self.num_heads} and by 4'
+      )
     super().__post_init__()
 
   @nn.compact
@@ -52,13 +53,23 @@ class TransformerDiscriminator(nn.Module):
     x = patches.patchify(video.astype(self.dtype), self.patch_size)
     x = layers.dense(self.width, ('patch', 'embed'), name='patch_embed', **kw)(x)
     x = x + jnp.asarray(embeddings.sincos_3d(self.width, *grid)).astype(x.dtype)
-    cls = self.param('cls_token', nn.with_logical_partitioning(_torch_xavier_uniform_3d,
-                                                               (None, None, 'embed')),
-                     (1, 1, self.width), self.param_dtype)
+    cls = self.param(
+      'cls_token',
+      nn.with_logical_partitioning(_torch_xavier_uniform_3d, (None, None, 'embed')),
+      (1, 1, self.width),
+      self.param_dtype,
+    )
     cls = jnp.broadcast_to(cls.astype(x.dtype), (x.shape[0], 1, self.width))
     x = jnp.concatenate([cls, x], axis=1)
-    x = vit.ViTStack(self.depth, self.num_heads, self.mlp_ratio, self.norm_eps,
-                     self.attention_impl, self.remat, name='blocks', **kw)(
-                         x, out_slice=(0, 1))       # only the CLS output is used
+    x = vit.ViTStack(
+      self.depth,
+      self.num_heads,
+      self.mlp_ratio,
+      self.norm_eps,
+      self.attention_impl,
+      self.remat,
+      name='blocks',
+      **kw,
+    )(x, out_slice=(0, 1))  # only the CLS output is used
     x = layers.layer_norm(1e-6, name='norm', **kw)(x[:, 0])
     return layers.dense(1, ('embed', None), name='head', **kw)(x)[:, 0].astype(jnp.float32)

@@ -40,8 +40,8 @@ def keep_rule(rate: float):
   """(threshold, scale): an element is kept when its 32 random bits are >= threshold, i.e. with
   probability 1 - rate to within 2^-33, and kept elements are scaled by the exact inverse of that
   probability."""
-  threshold = min(int(round(rate * 2.0 ** 32)), 2 ** 32 - 1)
-  return threshold, 2.0 ** 32 / (2 ** 32 - threshold)
+  threshold = min(int(round(rate * 2.0**32)), 2**32 - 1)
+  return threshold, 2.0**32 / (2**32 - threshold)
 
 
 def drop(x, keep, scale):
@@ -64,6 +64,7 @@ def dropout(x, rate: float, rng):
 
 class Dropout(nn.Module):
   """``nn.Dropout`` with the cheaper mask of ``dropout`` (same 'dropout' RNG stream)."""
+
   rate: float
 
   @nn.compact

@@ -31,19 +31,19 @@ def sincos_2d(dim: int, grid_h: int, grid_w: int, base: float = 10000.0) -> np.n
   """[grid_h * grid_w, dim]; row-major (h, w) order, dims [0, D/2) encode w, [D/2, D) encode h."""
   if dim % 4:
     raise ValueError(f'2D sin-cos embedding width must be divisible by 4, got {dim}')
-  hh, ww = np.meshgrid(np.arange(grid_h, dtype=np.float32),
-                       np.arange(grid_w, dtype=np.float32), indexing='ij')
+  hh, ww = np.meshgrid(
+    np.arange(grid_h, dtype=np.float32), np.arange(grid_w, dtype=np.float32), indexing='ij'
+  )
   emb_w = sincos_1d(dim // 2, ww.reshape(-1), base)
   emb_h = sincos_1d(dim // 2, hh.reshape(-1), base)
   return np.concatenate([emb_w, emb_h], axis=1)
 
 
-def sincos_3d(dim: int, grid_t: int, grid_h: int, grid_w: int,
-              base: float = 10000.0) -> np.ndarray:
+def sincos_3d(dim: int, grid_t: int, grid_h: int, grid_w: int, base: float = 10000.0) -> np.ndarray:
   """[grid_t * grid_h * grid_w, dim] float32: ``pe2d(h, w) + sincos_dim(t)``, t-major order."""
-  pe2d = sincos_2d(dim, grid_h, grid_w, base)                      # [h*w, D]
-  pe_t = sincos_1d(dim, np.arange(grid_t), base)                   # [t, D]
-  pe = pe_t[:, None, :] + pe2d[None, :, :]                         # [t, h*w, D]
+  pe2d = sincos_2d(dim, grid_h, grid_w, base)  # [h*w, D]
+  pe_t = sincos_1d(dim, np.arange(grid_t), base)  # [t, D]
+  pe = pe_t[:, None, :] + pe2d[None, :, :]  # [t, h*w, D]
   return pe.reshape(grid_t * grid_h * grid_w, dim).astype(np.float32)
 
 

@@ -23,6 +23,7 @@ class GPTBlock(nn.Module):
 
   ``__call__`` runs the whole sequence; a KV-cache decode step would be a second method beside
   it (see the module docstring)."""
+
   num_heads: int
   mlp_ratio: float = 4.0
   norm_eps: float = 1e-5
@@ -39,17 +40,21 @@ class GPTBlock(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     x = constrain(x)
     h = layer_norm(self.norm_eps, name='ln_1', **kw)(x)
-    q, k, v = (dense(d, ('embed', 'qkv'), name=n, **kw)(h).reshape(b, l, self.num_heads, h_dim)
-               for n in ('q', 'k', 'v'))
+    q, k, v = (
+      dense(d, ('embed', 'qkv'), name=n, **kw)(h).reshape(b, l, self.num_heads, h_dim)
+      for n in ('q', 'k', 'v')
+    )
     # The official prior passes its attention dropout straight to SDPA, so it stays active in
     # eval mode as well; ``attn_dropout_in_eval`` reproduces that (the official `models/gptc.py`).
     attn_on = (not deterministic) or self.attn_dropout_in_eval
     rng = self.make_rng('dropout') if (attn_on and self.dropout > 0) else None
-    a = attention(q, k, v, causal=True, dropout_rng=rng, dropout_rate=self.dropout,
-                  impl=self.attention_impl)
+    a = attention(
+      q, k, v, causal=True, dropout_rng=rng, dropout_rate=self.dropout, impl=self.attention_impl
+    )
     a = dense(d, ('qkv', 'embed'), name='proj', **kw)(a.reshape(b, l, d))
     x = x + Dropout(self.dropout)(a, deterministic=deterministic)
     h = layer_norm(self.norm_eps, name='ln_2', **kw)(x)
     x = x + Mlp(int(d * self.mlp_ratio), dropout=self.dropout, name='mlp', **kw)(
-        h, deterministic=deterministic)
+      h, deterministic=deterministic
+    )
     return constrain(x), None

@@ -27,6 +27,7 @@ class PriorGPT(nn.Module):
 
   __call__(x [B, L, d], deterministic) -> [B, L, d] float32 predictions of the next vector.
   """
+
   depth: int = 12
   num_heads: int = 6
   width: int = 384
@@ -36,7 +37,7 @@ class PriorGPT(nn.Module):
   dropout: float = 0.1
   attn_dropout_in_eval: bool = True
   norm_eps: float = 1e-5
-  attention_impl: str = 'auto'     # models.attention impl (see resolve_attention_impl)
+  attention_impl: str = 'auto'  # models.attention impl (see resolve_attention_impl)
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -47,15 +48,25 @@ class PriorGPT(nn.Module):
       raise ValueError(f'prior sequence length {l} exceeds its max_len {self.max_len}')
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     h = layers.dense(self.width, ('code', 'embed'), name='input_proj', **kw)(x)
-    pos = self.param('pos_embed', nn.with_logical_partitioning(
-        nn.initializers.normal(0.02), (None, 'length', 'embed')),
-        (1, self.max_len, self.width), self.param_dtype)
+    pos = self.param(
+      'pos_embed',
+      nn.with_logical_partitioning(nn.initializers.normal(0.02), (None, 'length', 'embed')),
+      (1, self.max_len, self.width),
+      self.param_dtype,
+    )
     h = h + pos[:, :l].astype(h.dtype)
     h = dropout_lib.Dropout(self.dropout)(h, deterministic=deterministic)
     for i in range(self.depth):
       h, _ = gpt.GPTBlock(
-          self.num_heads, self.mlp_ratio, self.norm_eps, self.dropout, self.attn_dropout_in_eval,
-          self.attention_impl, name=f'blocks_{i}', **kw)(h, deterministic)
+        self.num_heads,
+        self.mlp_ratio,
+        self.norm_eps,
+        self.dropout,
+        self.attn_dropout_in_eval,
+        self.attention_impl,
+        name=f'blocks_{i}',
+        **kw,
+      )(h, deterministic)
     h = layers.layer_norm(self.norm_eps, name='ln_f', **kw)(h)
     out = layers.dense(self.input_dim, ('embed', 'code'), name='head', **kw)(h)
     return out.astype(jnp.float32)
@@ -79,9 +90,17 @@ def label_rank(logits, labels):
   return jnp.sum((logits > label_logit).astype(jnp.int32), axis=-1)
 
 
-def scheduled_sampling_loss(predict: Callable, x, targets, codebook, *, rng,
-                            mix_ratio: Any = 0.0, n_rounds: int = 2,
-                            ce_temperature: float = 1.0) -> dict:
+def scheduled_sampling_loss(
+  predict: Callable,
+  x,
+  targets,
+  codebook,
+  *,
+  rng,
+  mix_ratio: Any = 0.0,
+  n_rounds: int = 2,
+  ce_temperature: float = 1.0,
+) -> dict:
   """Next-token prior loss with scheduled sampling over ``n_rounds`` rounds.
 
   Args:
@@ -114,12 +133,13 @@ def scheduled_sampling_loss(predict: Callable, x, targets, codebook, *, rng,
     losses.append(optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean())
     if r == 0:
       rank = label_rank(logits, labels)
-      first = {'prior_ce_round1': losses[0],
-               'prior_top1': jnp.mean((rank < 1).astype(jnp.float32)),
-               'prior_top5': jnp.mean((rank < 5).astype(jnp.float32))}
+      first = {
+        'prior_ce_round1': losses[0],
+        'prior_top1': jnp.mean((rank < 1).astype(jnp.float32)),
+        'prior_top5': jnp.mean((rank < 5).astype(jnp.float32)),
+      }
     if r + 1 < n_rounds:
-      sampled = sample_categorical(jax.random.fold_in(sample_rng, r),
-                                   jax.lax.stop_gradient(logits))
+      sampled = sample_categorical(jax.random.fold_in(sample_rng, r), jax.lax.stop_gradient(logits))
       sampled_codes = jnp.take(cb, sampled, axis=0)
       inputs = x.at[:, 1:].set(jnp.where(mask[..., None], sampled_codes, x[:, 1:]))
   return {'prior_loss': jnp.mean(jnp.stack(losses)), **first}

@@ -56,8 +56,10 @@ def codebook_stats(indices, codebook_size: int):
   counts = jnp.zeros((codebook_size,), jnp.float32).at[indices.reshape(-1)].add(1.0)
   probs = counts / jnp.maximum(counts.sum(), 1.0)
   entropy = -jnp.sum(jnp.where(probs > 0, probs * jnp.log(jnp.where(probs > 0, probs, 1.0)), 0.0))
-  return {'codebook_usage': jnp.mean((counts > 0).astype(jnp.float32)),
-          'codebook_perplexity': jnp.exp(entropy)}
+  return {
+    'codebook_usage': jnp.mean((counts > 0).astype(jnp.float32)),
+    'codebook_perplexity': jnp.exp(entropy),
+  }
 
 
 def entropy_loss(logits):
@@ -144,16 +146,19 @@ class BottleneckNorm(nn.Module):
   so the statistics are those of the whole global batch, as the official ``SyncBatchNorm``
   computes across GPUs. No ``axis_name`` is needed; that is only for ``pmap`` / ``shard_map``.
   """
+
   kind: str = 'none'
   epsilon: float = 1e-5
   momentum: float = 0.1
   param_dtype: Any = jnp.float32
 
   def _affine(self, y, shape, axes):
-    scale = self.param('scale', nn.with_logical_partitioning(nn.initializers.ones, axes),
-                       shape, self.param_dtype)
-    bias = self.param('bias', nn.with_logical_partitioning(nn.initializers.zeros, axes),
-                      shape, self.param_dtype)
+    scale = self.param(
+      'scale', nn.with_logical_partitioning(nn.initializers.ones, axes), shape, self.param_dtype
+    )
+    bias = self.param(
+      'bias', nn.with_logical_partitioning(nn.initializers.zeros, axes), shape, self.param_dtype
+    )
     return y * scale.astype(jnp.float32) + bias.astype(jnp.float32)
 
   @nn.compact
@@ -172,7 +177,9 @@ class BottleneckNorm(nn.Module):
         return self._affine(y, (n, d), ('latent', 'code'))
       return self._affine(y, (d,), ('code',))
     if self.kind not in BATCH_STAT_NORMS:
-      raise errors.ConfigError(f'unknown bottleneck norm {self.kind!r}; choose from {BOTTLENECK_NORMS}')
+      raise errors.ConfigError(
+        f'unknown bottleneck norm {self.kind!r}; choose from {BOTTLENECK_NORMS}'
+      )
     # bn_bn: features d, reduced over (B, N); bn_b: features N*d, reduced over B.
     x = z if self.kind == 'bn_bn' else z.reshape(b, n * d)
     axes = tuple(range(x.ndim - 1))
@@ -184,8 +191,10 @@ class BottleneckNorm(nn.Module):
       if not self.is_initializing():
         count = math.prod(x.shape[:-1])
         if count < 2:
-          raise errors.ConfigError(f'bottleneck_norm={self.kind!r} needs more than one value per '
-                           f'channel in training (got {count}): use a larger global batch')
+          raise errors.ConfigError(
+            f'bottleneck_norm={self.kind!r} needs more than one value per '
+            f'channel in training (got {count}): use a larger global batch'
+          )
         m = self.momentum
         batch_mean, batch_var = jax.lax.stop_gradient((mean.reshape(-1), var.reshape(-1)))
         ra_mean.value = (1 - m) * ra_mean.value + m * batch_mean
@@ -229,6 +238,7 @@ class VectorQuantizer(nn.Module):
     bypass: a diagnostic, not LARP: the output is the prepared continuous input itself (no
       quantization reaches the decoder); indices, losses and statistics are still computed.
   """
+
   codebook_size: int = 8192
   code_dim: int = 16
   vq_type: str = 'svq'
@@ -247,21 +257,27 @@ class VectorQuantizer(nn.Module):
   def setup(self):
     init = nn.initializers.variance_scaling(2.0, 'fan_in', 'uniform', in_axis=1, out_axis=0)
     self.codebook = self.param(
-        'codebook', nn.with_logical_partitioning(init, ('vocab', 'code')),
-        (self.codebook_size, self.code_dim), self.param_dtype)
+      'codebook',
+      nn.with_logical_partitioning(init, ('vocab', 'code')),
+      (self.codebook_size, self.code_dim),
+      self.param_dtype,
+    )
     if self.learnable_temperature:
       self.inv_temperature = self.param(
-          'inv_temperature',
-          nn.with_logical_partitioning(nn.initializers.constant(1.0 / self.temperature), ()),
-          (), jnp.float32)
+        'inv_temperature',
+        nn.with_logical_partitioning(nn.initializers.constant(1.0 / self.temperature), ()),
+        (),
+        jnp.float32,
+      )
 
   def current_temperature(self, step=None):
     """The sampling temperature: fixed, learned (1 / 'inv_temperature') or scheduled at ``step``."""
     if self.learnable_temperature:
       return 1.0 / self.inv_temperature
     if self.temperature_ramp_steps > 0 and step is not None:
-      return scheduled_temperature(step, self.temperature_start, self.temperature,
-                                   self.temperature_ramp_steps)
+      return scheduled_temperature(
+        step, self.temperature_start, self.temperature, self.temperature_ramp_steps
+      )
     return self.temperature
 
   def normalized_codebook(self):
@@ -278,8 +294,11 @@ class VectorQuantizer(nn.Module):
     cb = self.normalized_codebook()
     if self.l2_normalized:
       return jnp.einsum('...d,kd->...k', zn, cb)
-    return -(jnp.sum(zn * zn, -1, keepdims=True) - 2 * jnp.einsum('...d,kd->...k', zn, cb)
-             + jnp.sum(cb * cb, -1))
+    return -(
+      jnp.sum(zn * zn, -1, keepdims=True)
+      - 2 * jnp.einsum('...d,kd->...k', zn, cb)
+      + jnp.sum(cb * cb, -1)
+    )
 
   def _scale(self, sim, step=None):
     if self.learnable_temperature:
@@ -332,7 +351,12 @@ class VectorQuantizer(nn.Module):
       extra.update(entropy_loss=ent, per_sample_entropy=per_sample, codebook_entropy=batch_ent)
     if self.learnable_temperature or self.temperature_ramp_steps > 0:
       extra['vq_temperature'] = jnp.asarray(self.current_temperature(step), jnp.float32)
-    aux = {'indices': indices, 'vq_loss': vq_loss,
-           'commitment_loss': commitment, 'codebook_loss': codebook,
-           **codebook_stats(indices, self.codebook_size), **extra}
+    aux = {
+      'indices': indices,
+      'vq_loss': vq_loss,
+      'commitment_loss': commitment,
+      'codebook_loss': codebook,
+      **codebook_stats(indices, self.codebook_size),
+      **extra,
+    }
     return z_st, aux

@@ -25,8 +25,13 @@ import numpy as np
 
 from larp_jax import errors
 from larp_jax.models import attention, embeddings, layers, patches, prior as prior_lib, vit
-from larp_jax.models.quantizer import (BATCH_STAT_NORMS, BOTTLENECK_NORMS, VQ_TYPES,
-                                       BottleneckNorm, VectorQuantizer)
+from larp_jax.models.quantizer import (
+  BATCH_STAT_NORMS,
+  BOTTLENECK_NORMS,
+  VQ_TYPES,
+  BottleneckNorm,
+  VectorQuantizer,
+)
 
 
 QUERY_INITS = ('normal', 'sincos')
@@ -39,52 +44,86 @@ def _as_triple(name, value):
   return value
 
 
-def check_tokenizer_kwargs(video_shape, patch_size, num_latent_tokens, width, num_heads,
-                           codebook_size, code_dim, vq_type, query_init, remat, attention_impl,
-                           use_prior, prior_width, prior_heads, prior_max_len, *,
-                           bottleneck_norm='none', vq_temperature=0.03,
-                           vq_temperature_learnable=False, vq_temperature_start=0.03,
-                           vq_temperature_ramp_steps=0, vq_entropy_weight=0.0,
-                           vq_entropy_temperature=0.01):
+def check_tokenizer_kwargs(
+  video_shape,
+  patch_size,
+  num_latent_tokens,
+  width,
+  num_heads,
+  codebook_size,
+  code_dim,
+  vq_type,
+  query_init,
+  remat,
+  attention_impl,
+  use_prior,
+  prior_width,
+  prior_heads,
+  prior_max_len,
+  *,
+  bottleneck_norm='none',
+  vq_temperature=0.03,
+  vq_temperature_learnable=False,
+  vq_temperature_start=0.03,
+  vq_temperature_ramp_steps=0,
+  vq_entropy_weight=0.0,
+  vq_entropy_temperature=0.01,
+):
   """Raises ValueError (one clear line) for an inconsistent tokenizer configuration."""
   t, h, w = _as_triple('video_shape', video_shape)
   pt, ph, pw = _as_triple('patch_size', patch_size)
   for dim, (size, patch) in zip('THW', ((t, pt), (h, ph), (w, pw))):
     if size % patch:
-      raise errors.ConfigError(f'video_shape {dim}={size} is not divisible by patch_size {dim}={patch}; '
-                       f'choose a {dim} that is a multiple of {patch}')
+      raise errors.ConfigError(
+        f'video_shape {dim}={size} is not divisible by patch_size {dim}={patch}; '
+        f'choose a {dim} that is a multiple of {patch}'
+      )
   if num_latent_tokens <= 1:
     raise errors.ConfigError(f'num_latent_tokens must be > 1, got {num_latent_tokens}')
   if width % num_heads:
     raise errors.ConfigError(f'width={width} is not divisible by num_heads={num_heads}')
   if width % 4:
-    raise errors.ConfigError(f'width={width} must be divisible by 4 for the 2D/3D sin-cos embedding')
+    raise errors.ConfigError(
+      f'width={width} must be divisible by 4 for the 2D/3D sin-cos embedding'
+    )
   if codebook_size < 2 or code_dim < 1:
     raise errors.ConfigError(f'bad codebook: codebook_size={codebook_size}, code_dim={code_dim}')
   layers.check_choice('vq_type', vq_type, VQ_TYPES)
   layers.check_choice('query_init', query_init, QUERY_INITS)
   layers.check_choice('bottleneck_norm', bottleneck_norm, BOTTLENECK_NORMS)
   if not vq_temperature > 0:
-    raise errors.ConfigError(f'vq_temperature must be > 0, got {vq_temperature} (the official '
-                     f'stochastic_temperature < 0, a learned temperature, is '
-                     f'vq_temperature_learnable=True with vq_temperature=0.1)')
+    raise errors.ConfigError(
+      f'vq_temperature must be > 0, got {vq_temperature} (the official '
+      f'stochastic_temperature < 0, a learned temperature, is '
+      f'vq_temperature_learnable=True with vq_temperature=0.1)'
+    )
   if vq_temperature_ramp_steps < 0 or not vq_temperature_start > 0:
-    raise errors.ConfigError(f'vq_temperature_ramp_steps must be >= 0 and vq_temperature_start > 0, got '
-                     f'{vq_temperature_ramp_steps} and {vq_temperature_start}')
+    raise errors.ConfigError(
+      f'vq_temperature_ramp_steps must be >= 0 and vq_temperature_start > 0, got '
+      f'{vq_temperature_ramp_steps} and {vq_temperature_start}'
+    )
   if vq_temperature_learnable and vq_temperature_ramp_steps > 0:
-    raise errors.ConfigError('vq_temperature_learnable=True and vq_temperature_ramp_steps > 0 exclude '
-                     'each other: choose a learned or a scheduled temperature')
+    raise errors.ConfigError(
+      'vq_temperature_learnable=True and vq_temperature_ramp_steps > 0 exclude '
+      'each other: choose a learned or a scheduled temperature'
+    )
   if vq_entropy_weight < 0 or not vq_entropy_temperature > 0:
-    raise errors.ConfigError(f'vq_entropy_weight must be >= 0 and vq_entropy_temperature > 0, got '
-                     f'{vq_entropy_weight} and {vq_entropy_temperature}')
+    raise errors.ConfigError(
+      f'vq_entropy_weight must be >= 0 and vq_entropy_temperature > 0, got '
+      f'{vq_entropy_weight} and {vq_entropy_temperature}'
+    )
   layers.check_choice('remat', remat, vit.REMAT_CHOICES)
   layers.check_choice('attention_impl', attention_impl, attention.ATTENTION_CHOICES)
   if use_prior:
     if prior_width % prior_heads:
-      raise errors.ConfigError(f'prior_width={prior_width} is not divisible by prior_heads={prior_heads}')
+      raise errors.ConfigError(
+        f'prior_width={prior_width} is not divisible by prior_heads={prior_heads}'
+      )
     if prior_max_len is not None and prior_max_len < num_latent_tokens - 1:
-      raise errors.ConfigError(f'prior_max_len={prior_max_len} is shorter than the '
-                       f'{num_latent_tokens - 1} positions the prior must see')
+      raise errors.ConfigError(
+        f'prior_max_len={prior_max_len} is shorter than the '
+        f'{num_latent_tokens - 1} positions the prior must see'
+      )
 
 
 class LARPTokenizer(nn.Module):
@@ -104,6 +143,7 @@ class LARPTokenizer(nn.Module):
   hold a 'batch_stats' collection too: pass it to every apply, and mark it mutable in training
   applies (``mutable=['batch_stats']``); eval and ``encode`` use the running statistics.
   """
+
   video_shape: Sequence[int] = (16, 128, 128)
   patch_size: Sequence[int] = (4, 8, 8)
   num_latent_tokens: int = 1024
@@ -112,12 +152,12 @@ class LARPTokenizer(nn.Module):
   decoder_depth: int = 12
   num_heads: int = 12
   mlp_ratio: float = 4.0
-  norm_eps: float = 1e-5               # timm < 1.0.16 ViT block (released checkpoints)
-  pe_base: float = 10000.0             # 3D patch PE and 1D latent PE (latent_pe_scale_factor)
-  query_init_std: float = 0.02         # latent queries and decoder type vector: randn * std
-  query_init: str = 'normal'           # latent queries: 'normal' (randn * query_init_std, released)
-                                       # or 'sincos' (1D sin-cos table; official
-                                       # encoder_query_gaussian_init=False)
+  norm_eps: float = 1e-5  # timm < 1.0.16 ViT block (released checkpoints)
+  pe_base: float = 10000.0  # 3D patch PE and 1D latent PE (latent_pe_scale_factor)
+  query_init_std: float = 0.02  # latent queries and decoder type vector: randn * std
+  query_init: str = 'normal'  # latent queries: 'normal' (randn * query_init_std, released)
+  # or 'sincos' (1D sin-cos table; official
+  # encoder_query_gaussian_init=False)
   # Not in LARP: query i also receives patch token i (its embedding + PE; with N = k x
   # num_patches, patch i % num_patches), a locality bias that gives every holistic token its own
   # content from the first block on. False: the released queries.
@@ -136,41 +176,53 @@ class LARPTokenizer(nn.Module):
   # Official options beyond the released recipe (official models/bottleneck.py and
   # trainers/larp_tokenizer_trainer.py); the defaults are the released values. See
   # quantizer.BottleneckNorm and quantizer.VectorQuantizer.
-  bottleneck_norm: str = 'none'        # 'none' | 'bn_bn' | 'bn_b' | 'ln_d' | 'ln_nd' | 'ln_d_na'
-  vq_temperature_learnable: bool = False   # trained inverse temperature, init 1/vq_temperature
-  vq_temperature_start: float = 0.03   # with vq_temperature_ramp_steps > 0: linear ramp from
-  vq_temperature_ramp_steps: int = 0   # start to vq_temperature over that many steps (0 = off)
-  vq_entropy_weight: float = 0.0       # entropy loss inside vq_loss (0 = off)
+  bottleneck_norm: str = 'none'  # 'none' | 'bn_bn' | 'bn_b' | 'ln_d' | 'ln_nd' | 'ln_d_na'
+  vq_temperature_learnable: bool = False  # trained inverse temperature, init 1/vq_temperature
+  vq_temperature_start: float = 0.03  # with vq_temperature_ramp_steps > 0: linear ramp from
+  vq_temperature_ramp_steps: int = 0  # start to vq_temperature over that many steps (0 = off)
+  vq_entropy_weight: float = 0.0  # entropy loss inside vq_loss (0 = off)
   vq_entropy_temperature: float = 0.01
-  vq_bypass: bool = False              # diagnostic: the decoder sees continuous latents (not LARP)
+  vq_bypass: bool = False  # diagnostic: the decoder sees continuous latents (not LARP)
   use_prior: bool = True
   prior_depth: int = 12
   prior_width: int = 384
   prior_heads: int = 6
   prior_max_len: Optional[int] = None  # None: num_latent_tokens (1024 in the released model)
   prior_dropout: float = 0.1
-  prior_attn_dropout_in_eval: bool = True   # released-code quirk (official models/gptc.py)
+  prior_attn_dropout_in_eval: bool = True  # released-code quirk (official models/gptc.py)
   prior_n_rounds: int = 2
   prior_ce_temperature: float = 1.0
-  attention_impl: str = 'auto'         # see models.attention.resolve_attention_impl
+  attention_impl: str = 'auto'  # see models.attention.resolve_attention_impl
   remat: str = 'none'
   scan_layers: bool = False
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
   def __post_init__(self):
-    check_tokenizer_kwargs(self.video_shape, self.patch_size, self.num_latent_tokens,
-                           self.width, self.num_heads, self.codebook_size, self.code_dim,
-                           self.vq_type, self.query_init, self.remat, self.attention_impl,
-                           self.use_prior,
-                           self.prior_width, self.prior_heads, self.prior_max_len,
-                           bottleneck_norm=self.bottleneck_norm,
-                           vq_temperature=self.vq_temperature,
-                           vq_temperature_learnable=self.vq_temperature_learnable,
-                           vq_temperature_start=self.vq_temperature_start,
-                           vq_temperature_ramp_steps=self.vq_temperature_ramp_steps,
-                           vq_entropy_weight=self.vq_entropy_weight,
-                           vq_entropy_temperature=self.vq_entropy_temperature)
+    check_tokenizer_kwargs(
+      self.video_shape,
+      self.patch_size,
+      self.num_latent_tokens,
+      self.width,
+      self.num_heads,
+      self.codebook_size,
+      self.code_dim,
+      self.vq_type,
+      self.query_init,
+      self.remat,
+      self.attention_impl,
+      self.use_prior,
+      self.prior_width,
+      self.prior_heads,
+      self.prior_max_len,
+      bottleneck_norm=self.bottleneck_norm,
+      vq_temperature=self.vq_temperature,
+      vq_temperature_learnable=self.vq_temperature_learnable,
+      vq_temperature_start=self.vq_temperature_start,
+      vq_temperature_ramp_steps=self.vq_temperature_ramp_steps,
+      vq_entropy_weight=self.vq_entropy_weight,
+      vq_entropy_temperature=self.vq_entropy_temperature,
+    )
     super().__post_init__()
 
   # ---------------------------------------------------------------- geometry
@@ -195,49 +247,79 @@ class LARPTokenizer(nn.Module):
   # ---------------------------------------------------------------- modules
   def setup(self):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    stack = dict(num_heads=self.num_heads, mlp_ratio=self.mlp_ratio, norm_eps=self.norm_eps,
-                 attention_impl=self.attention_impl, remat=self.remat, scan=self.scan_layers,
-                 **kw)
+    stack = dict(
+      num_heads=self.num_heads,
+      mlp_ratio=self.mlp_ratio,
+      norm_eps=self.norm_eps,
+      attention_impl=self.attention_impl,
+      remat=self.remat,
+      scan=self.scan_layers,
+      **kw,
+    )
     # Conv3d(kernel=stride=patch) == Dense on flattened patches; the official init is xavier
     # on the weight viewed as [width, patch_dim], which is the Dense fan_in/fan_out.
     self.patch_embed = layers.dense(self.width, ('patch', 'embed'), name='patch_embed', **kw)
     self.encoder = vit.ViTStack(self.encoder_depth, name='encoder', **stack)
     if self.query_init == 'sincos':
       query_init = lambda key, shape, dtype: jnp.asarray(
-          embeddings.sincos_1d_table(shape[1], shape[0]), dtype)
+        embeddings.sincos_1d_table(shape[1], shape[0]), dtype
+      )
     else:
       query_init = nn.initializers.normal(self.query_init_std)
     self.latent_queries = self.param(
-        'latent_queries', nn.with_logical_partitioning(query_init, ('latent', 'embed')),
-        (self.num_latent_tokens, self.width), self.param_dtype)
+      'latent_queries',
+      nn.with_logical_partitioning(query_init, ('latent', 'embed')),
+      (self.num_latent_tokens, self.width),
+      self.param_dtype,
+    )
     self.in_linear = layers.dense(self.code_dim, ('embed', 'code'), name='in_linear', **kw)
     if self.bottleneck_norm != 'none':
-      self.norm_layer = BottleneckNorm(self.bottleneck_norm, param_dtype=self.param_dtype,
-                                       name='norm_layer')
+      self.norm_layer = BottleneckNorm(
+        self.bottleneck_norm, param_dtype=self.param_dtype, name='norm_layer'
+      )
     self.quantizer = VectorQuantizer(
-        self.codebook_size, self.code_dim, self.vq_type, self.vq_temperature,
-        self.vq_l2_normalized, self.vq_commit_weight, self.vq_codebook_weight,
-        temperature_start=self.vq_temperature_start,
-        temperature_ramp_steps=self.vq_temperature_ramp_steps,
-        learnable_temperature=self.vq_temperature_learnable,
-        entropy_weight=self.vq_entropy_weight, entropy_temperature=self.vq_entropy_temperature,
-        bypass=self.vq_bypass, param_dtype=self.param_dtype, name='quantizer')
+      self.codebook_size,
+      self.code_dim,
+      self.vq_type,
+      self.vq_temperature,
+      self.vq_l2_normalized,
+      self.vq_commit_weight,
+      self.vq_codebook_weight,
+      temperature_start=self.vq_temperature_start,
+      temperature_ramp_steps=self.vq_temperature_ramp_steps,
+      learnable_temperature=self.vq_temperature_learnable,
+      entropy_weight=self.vq_entropy_weight,
+      entropy_temperature=self.vq_entropy_temperature,
+      bypass=self.vq_bypass,
+      param_dtype=self.param_dtype,
+      name='quantizer',
+    )
     self.out_linear = layers.dense(self.width, ('code', 'embed'), name='out_linear', **kw)
     self.decoder = vit.ViTStack(self.decoder_depth, name='decoder', **stack)
     self.query_type_embed = self.param(
-        'query_type_embed', nn.with_logical_partitioning(nn.initializers.normal(0.02),
-                                                         (None, None, 'embed')),
-        (1, 1, self.width), self.param_dtype)
+      'query_type_embed',
+      nn.with_logical_partitioning(nn.initializers.normal(0.02), (None, None, 'embed')),
+      (1, 1, self.width),
+      self.param_dtype,
+    )
     self.final_norm = layers.layer_norm(1e-6, name='final_norm', **kw)
-    self.final_linear = layers.dense(self.patch_dim, ('embed', 'patch'), name='final_linear',
-                                     kernel_init=layers.zeros, **kw)
+    self.final_linear = layers.dense(
+      self.patch_dim, ('embed', 'patch'), name='final_linear', kernel_init=layers.zeros, **kw
+    )
     if self.use_prior:
       self.prior = prior_lib.PriorGPT(
-          depth=self.prior_depth, num_heads=self.prior_heads, width=self.prior_width,
-          max_len=self.prior_max_len or self.num_latent_tokens, input_dim=self.code_dim,
-          mlp_ratio=self.mlp_ratio, dropout=self.prior_dropout,
-          attn_dropout_in_eval=self.prior_attn_dropout_in_eval,
-          attention_impl=self.attention_impl, name='prior', **kw)
+        depth=self.prior_depth,
+        num_heads=self.prior_heads,
+        width=self.prior_width,
+        max_len=self.prior_max_len or self.num_latent_tokens,
+        input_dim=self.code_dim,
+        mlp_ratio=self.mlp_ratio,
+        dropout=self.prior_dropout,
+        attn_dropout_in_eval=self.prior_attn_dropout_in_eval,
+        attention_impl=self.attention_impl,
+        name='prior',
+        **kw,
+      )
 
   def _patch_pe(self):
     return jnp.asarray(embeddings.sincos_3d(self.width, *self.grid, base=self.pe_base))
@@ -254,8 +336,10 @@ class LARPTokenizer(nn.Module):
   def _check_video(self, video):
     expected = (*self.video_shape, 3)
     if video.ndim != 5 or tuple(video.shape[1:]) != expected:
-      raise ValueError(f'video must have shape [B, {", ".join(map(str, expected))}] '
-                       f'(channels last), got {tuple(video.shape)}')
+      raise ValueError(
+        f'video must have shape [B, {", ".join(map(str, expected))}] '
+        f'(channels last), got {tuple(video.shape)}'
+      )
     if video.dtype == jnp.uint8:
       video = video.astype(jnp.float32) / 255.0
     return video
@@ -269,14 +353,16 @@ class LARPTokenizer(nn.Module):
     x = self.patch_embed(self.patchify(video.astype(self.dtype)))
     x = x + self._patch_pe().astype(x.dtype)
     b = x.shape[0]
-    queries = jnp.broadcast_to(self.latent_queries.astype(x.dtype)[None],
-                               (b, self.num_latent_tokens, self.width))
+    queries = jnp.broadcast_to(
+      self.latent_queries.astype(x.dtype)[None], (b, self.num_latent_tokens, self.width)
+    )
     if self.query_patch_skip:
       reps = -(-self.num_latent_tokens // self.num_patches)
-      queries = queries + jnp.tile(x, (1, reps, 1))[:, :self.num_latent_tokens]
+      queries = queries + jnp.tile(x, (1, reps, 1))[:, : self.num_latent_tokens]
     # Only the query outputs are kept: the last block computes just those rows.
-    z = self.encoder(jnp.concatenate([x, queries], axis=1),
-                     out_slice=(-self.num_latent_tokens, None))
+    z = self.encoder(
+      jnp.concatenate([x, queries], axis=1), out_slice=(-self.num_latent_tokens, None)
+    )
     z = self.in_linear(z).astype(jnp.float32)
     if self.bottleneck_norm != 'none':
       z = self.norm_layer(z, train=train)
@@ -292,20 +378,20 @@ class LARPTokenizer(nn.Module):
     """Quantized (normalised) codes [B, N, code_dim] -> reconstruction [B, T, H, W, 3], not clamped."""
     z = self.out_linear(z_q.astype(self.dtype))
     skip = z
-    z = z + jnp.asarray(embeddings.sincos_1d_table(self.width, self.num_latent_tokens,
-                                                    self.pe_base)).astype(z.dtype)
+    z = z + jnp.asarray(
+      embeddings.sincos_1d_table(self.width, self.num_latent_tokens, self.pe_base)
+    ).astype(z.dtype)
     b = z.shape[0]
     queries = self._patch_pe()[None] + self.query_type_embed.astype(jnp.float32)
     queries = jnp.broadcast_to(queries.astype(z.dtype), (b, self.num_patches, self.width))
     if self.latent_patch_skip:
       n, p = self.num_latent_tokens, self.num_patches
-      if n >= p:   # latents j, j + p, ... all feed patch query j (the remainder is dropped)
-        skip = skip[:, :(n // p) * p].reshape(b, n // p, p, self.width).sum(1)
+      if n >= p:  # latents j, j + p, ... all feed patch query j (the remainder is dropped)
+        skip = skip[:, : (n // p) * p].reshape(b, n // p, p, self.width).sum(1)
       else:
         skip = jnp.tile(skip, (1, -(-p // n), 1))[:, :p]
       queries = queries + skip
-    h = self.decoder(jnp.concatenate([z, queries], axis=1),
-                     out_slice=(-self.num_patches, None))
+    h = self.decoder(jnp.concatenate([z, queries], axis=1), out_slice=(-self.num_patches, None))
     h = self.final_norm(h)
     return self.unpatchify(self.final_linear(h).astype(jnp.float32))
 
@@ -318,12 +404,21 @@ class LARPTokenizer(nn.Module):
   def decode(self, tokens):
     """int tokens [B, N] -> video [B, T, H, W, 3] float32, clamped to [0, 1]."""
     if tokens.ndim != 2 or tokens.shape[1] != self.num_latent_tokens:
-      raise ValueError(f'tokens must have shape [B, {self.num_latent_tokens}], '
-                       f'got {tuple(tokens.shape)}')
+      raise ValueError(
+        f'tokens must have shape [B, {self.num_latent_tokens}], got {tuple(tokens.shape)}'
+      )
     return jnp.clip(self.decode_latents(self.quantizer.lookup(tokens)), 0.0, 1.0)
 
-  def __call__(self, video, *, train: bool = True, vq_deterministic: Optional[bool] = None,
-               mix_ratio: Any = 0.0, with_prior: Optional[bool] = None, step: Any = None):
+  def __call__(
+    self,
+    video,
+    *,
+    train: bool = True,
+    vq_deterministic: Optional[bool] = None,
+    mix_ratio: Any = 0.0,
+    with_prior: Optional[bool] = None,
+    step: Any = None,
+  ):
     """The training / evaluation forward pass.
 
     Args:
@@ -352,11 +447,18 @@ class LARPTokenizer(nn.Module):
     aux['tokens'] = vq_aux['indices']
     if with_prior:
       predict = lambda x: self.prior(x, deterministic=not train)
-      aux.update(prior_lib.scheduled_sampling_loss(
-          predict, z_q, vq_aux['indices'], self.quantizer.normalized_codebook(),
-          rng=self.make_rng('vq'), mix_ratio=mix_ratio if train else 0.0,
+      aux.update(
+        prior_lib.scheduled_sampling_loss(
+          predict,
+          z_q,
+          vq_aux['indices'],
+          self.quantizer.normalized_codebook(),
+          rng=self.make_rng('vq'),
+          mix_ratio=mix_ratio if train else 0.0,
           n_rounds=self.prior_n_rounds if train else 1,
-          ce_temperature=self.prior_ce_temperature))
+          ce_temperature=self.prior_ce_temperature,
+        )
+      )
     return recon, aux
 
 

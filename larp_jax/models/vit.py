@@ -26,6 +26,7 @@ class ViTAttention(nn.Module):
   With ``out_slice=(start, stop)`` (Python slice bounds: ``(-n, None)`` is the last n tokens)
   only the tokens ``start:stop`` query (all tokens still give keys and values) and the output
   holds just those rows: the same rows as the full output, without computing the others."""
+
   num_heads: int
   impl: str = 'xla'
   out_slice: Optional[Tuple[int, Optional[int]]] = None
@@ -39,7 +40,7 @@ class ViTAttention(nn.Module):
     qkv = dense(3 * d, ('embed', 'qkv'), use_bias=False, name='qkv', **kw)(x)
     q, k, v = jnp.split(qkv.reshape(b, l, 3 * self.num_heads, d // self.num_heads), 3, axis=2)
     if self.out_slice is not None:
-      q = q[:, self.out_slice[0]:self.out_slice[1]]
+      q = q[:, self.out_slice[0] : self.out_slice[1]]
     out = attention(q, k, v, causal=False, impl=self.impl).reshape(b, q.shape[1], d)
     return dense(d, ('qkv', 'embed'), name='proj', **kw)(out)
 
@@ -49,6 +50,7 @@ class ViTBlock(nn.Module):
 
   ``out_slice=(start, stop)``: compute and return only the tokens ``start:stop`` (attending to
   all tokens), for a last block whose other outputs are discarded."""
+
   num_heads: int
   mlp_ratio: float = 4.0
   norm_eps: float = 1e-5
@@ -63,12 +65,14 @@ class ViTBlock(nn.Module):
     d = x.shape[-1]
     x = constrain(x)
     a = ViTAttention(self.num_heads, self.attention_impl, self.out_slice, name='attn', **kw)(
-        layer_norm(self.norm_eps, name='norm1', **kw)(x))
+      layer_norm(self.norm_eps, name='norm1', **kw)(x)
+    )
     if self.out_slice is not None:
-      x = x[:, self.out_slice[0]:self.out_slice[1]]
+      x = x[:, self.out_slice[0] : self.out_slice[1]]
     x = x + a
     x = x + Mlp(int(d * self.mlp_ratio), name='mlp', **kw)(
-        layer_norm(self.norm_eps, name='norm2', **kw)(x))
+      layer_norm(self.norm_eps, name='norm2', **kw)(x)
+    )
     return constrain(x), None
 
 
@@ -79,12 +83,13 @@ class ViTStack(nn.Module):
   (faster compiles for deep stacks); otherwise blocks are named ``blocks_0..blocks_{depth-1}``
   like the official ``blocks.i`` state-dict entries.
   """
+
   depth: int
   num_heads: int
   mlp_ratio: float = 4.0
   norm_eps: float = 1e-5
   attention_impl: str = 'xla'
-  remat: str = 'none'            # 'none' | 'full' | 'dots' (save matmul outputs)
+  remat: str = 'none'  # 'none' | 'full' | 'dots' (save matmul outputs)
   scan: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
@@ -96,16 +101,28 @@ class ViTStack(nn.Module):
     ``scan=True`` the full output is sliced."""
     block = ViTBlock
     if self.remat != 'none':
-      policy = {'full': None,
-                'dots': jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims}[self.remat]
+      policy = {'full': None, 'dots': jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims}[
+        self.remat
+      ]
       block = nn.remat(block, policy=policy, prevent_cse=not self.scan)
-    kw = dict(num_heads=self.num_heads, mlp_ratio=self.mlp_ratio, norm_eps=self.norm_eps,
-              attention_impl=self.attention_impl, dtype=self.dtype, param_dtype=self.param_dtype)
+    kw = dict(
+      num_heads=self.num_heads,
+      mlp_ratio=self.mlp_ratio,
+      norm_eps=self.norm_eps,
+      attention_impl=self.attention_impl,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+    )
     if self.scan:
-      scanned = nn.scan(block, variable_axes={'params': 0}, split_rngs={'params': True},
-                        length=self.depth, metadata_params={nn.PARTITION_NAME: 'layers'})
+      scanned = nn.scan(
+        block,
+        variable_axes={'params': 0},
+        split_rngs={'params': True},
+        length=self.depth,
+        metadata_params={nn.PARTITION_NAME: 'layers'},
+      )
       x, _ = scanned(name='blocks', **kw)(x, None)
-      return x if out_slice is None else x[:, out_slice[0]:out_slice[1]]
+      return x if out_slice is None else x[:, out_slice[0] : out_slice[1]]
     for i in range(self.depth):
       last = out_slice if i == self.depth - 1 else None
       x, _ = block(name=f'blocks_{i}', out_slice=last, **kw)(x, None)

@@ -38,8 +38,10 @@ from larp_jax.models import dropout
 
 SOURCE = Path(__file__).with_name('flash_attention.cc')
 FLAGS = ('-O3', '-march=native', '-std=c++17', '-shared', '-fPIC', '-w')
-TARGETS = {'larp_cpu_flash_forward': 'LarpFlashForward',
-           'larp_cpu_flash_backward': 'LarpFlashBackward'}
+TARGETS = {
+  'larp_cpu_flash_forward': 'LarpFlashForward',
+  'larp_cpu_flash_backward': 'LarpFlashBackward',
+}
 
 _lock = threading.Lock()
 _state: dict = {}
@@ -74,11 +76,21 @@ def build() -> Path:
   """Compiles the kernel if this source/compiler/jaxlib/CPU has no cached build; returns the
   library's path. Raises OSError (no compiler) or RuntimeError (compiler errors, with them)."""
   import jaxlib
+
   cxx, version = _compiler()
   source = SOURCE.read_bytes()
-  key = hashlib.sha256(b'\0'.join([
-      source, version.encode(), ' '.join(FLAGS).encode(), jaxlib.__version__.encode(),
-      _cpu_flags().encode(), platform.machine().encode()])).hexdigest()[:16]
+  key = hashlib.sha256(
+    b'\0'.join(
+      [
+        source,
+        version.encode(),
+        ' '.join(FLAGS).encode(),
+        jaxlib.__version__.encode(),
+        _cpu_flags().encode(),
+        platform.machine().encode(),
+      ]
+    )
+  ).hexdigest()[:16]
   lib = cache_dir() / f'flash_attention_{key}.so'
   if lib.exists():
     return lib
@@ -89,12 +101,13 @@ def build() -> Path:
     cmd = [*cxx, *FLAGS, '-I', jax.ffi.include_dir(), str(SOURCE), '-o', tmp]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     if out.returncode != 0:
-      raise RuntimeError(f'compiling {SOURCE.name} failed ({" ".join(cmd)}):\n'
-                         f'{out.stderr.strip()[-2000:]}')
+      raise RuntimeError(
+        f'compiling {SOURCE.name} failed ({" ".join(cmd)}):\n{out.stderr.strip()[-2000:]}'
+      )
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(tmp, 0o755 & ~umask)   # mkstemp's 0600 would hide a shared cache from other users
-    os.replace(tmp, lib)            # atomic: concurrent processes see a whole library or none
+    os.chmod(tmp, 0o755 & ~umask)  # mkstemp's 0600 would hide a shared cache from other users
+    os.replace(tmp, lib)  # atomic: concurrent processes see a whole library or none
   finally:
     if os.path.exists(tmp):
       os.unlink(tmp)
@@ -108,8 +121,7 @@ def _load() -> Optional[str]:
   try:
     lib = ctypes.cdll.LoadLibrary(str(build()))
     for target, symbol in TARGETS.items():
-      jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)),
-                                  platform='cpu')
+      jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform='cpu')
   except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError) as e:
     return f'{type(e).__name__}: {e}'
   return None
@@ -121,8 +133,11 @@ def unavailable_reason() -> Optional[str]:
     if 'reason' not in _state:
       _state['reason'] = _load()
       if _state['reason'] is not None:
-        print(f'larp_jax: the C++ CPU attention kernel is unavailable ({_state["reason"]}); '
-              "using the pure-JAX 'chunked' kernel", file=sys.stderr)
+        print(
+          f'larp_jax: the C++ CPU attention kernel is unavailable ({_state["reason"]}); '
+          "using the pure-JAX 'chunked' kernel",
+          file=sys.stderr,
+        )
     return _state['reason']
 
 
@@ -138,8 +153,9 @@ def supports(q, k, v=None) -> Optional[str]:
     return f'it computes in float32 only (got {q.dtype}, {k.dtype}, {v.dtype})'
   same = lambda x: (x.shape[0], x.shape[2], x.shape[3])
   if q.ndim != 4 or k.ndim != 4 or k.shape != v.shape or same(q) != same(k):
-    return (f'it needs q [B, Lq, H, Dh] and k, v [B, Lk, H, Dh] (got {q.shape}, {k.shape}, '
-            f'{v.shape})')
+    return (
+      f'it needs q [B, Lq, H, Dh] and k, v [B, Lk, H, Dh] (got {q.shape}, {k.shape}, {v.shape})'
+    )
   if q.shape[-1] % 16 or q.shape[-1] == 0:
     return f'the head dim must be a positive multiple of 16 (got {q.shape[-1]})'
   if k.shape[1] == 0:
@@ -163,17 +179,17 @@ def _require():
 
 def _attrs(causal: bool, rate: float) -> dict:
   threshold, scale = dropout.keep_rule(rate) if rate > 0 else (0, 1.0)
-  return dict(causal=np.int64(causal), threshold=np.int64(threshold),
-              keep_scale=np.float32(scale))
+  return dict(causal=np.int64(causal), threshold=np.int64(threshold), keep_scale=np.float32(scale))
 
 
 def _forward(q, k, v, seeds, causal, rate):
   _require()
   b, lq, h, _ = q.shape
   call = jax.ffi.ffi_call(
-      'larp_cpu_flash_forward',
-      (jax.ShapeDtypeStruct(q.shape, jnp.float32), jax.ShapeDtypeStruct((b, h, lq), jnp.float32)),
-      vmap_method='sequential')
+    'larp_cpu_flash_forward',
+    (jax.ShapeDtypeStruct(q.shape, jnp.float32), jax.ShapeDtypeStruct((b, h, lq), jnp.float32)),
+    vmap_method='sequential',
+  )
   return call(q, k, v, seeds, **_attrs(causal, rate))
 
 
@@ -194,9 +210,10 @@ def _fwd(q, k, v, seeds, causal, rate):
 def _bwd(causal, rate, residuals, dout):
   q, k, v, seeds, out, lse = residuals
   call = jax.ffi.ffi_call(
-      'larp_cpu_flash_backward',
-      tuple(jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in (q, k, v)),
-      vmap_method='sequential')
+    'larp_cpu_flash_backward',
+    tuple(jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in (q, k, v)),
+    vmap_method='sequential',
+  )
   dq, dk, dv = call(q, k, v, seeds, out, lse, dout.astype(jnp.float32), **_attrs(causal, rate))
   return dq, dk, dv, np.zeros(seeds.shape, jax.dtypes.float0)
 

@@ -23,7 +23,7 @@ class Task:
   """
 
   name = 'task'
-  batch_keys: tuple = ('video',)   # the fields of each input batch the step receives
+  batch_keys: tuple = ('video',)  # the fields of each input batch the step receives
 
   def __init__(self, config, mesh):
     self.config = config

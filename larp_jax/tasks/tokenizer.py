@@ -43,17 +43,19 @@ def make_model(model_cfg) -> LARPTokenizer:
   try:
     return LARPTokenizer(**model_kwargs(model_cfg))
   except TypeError as e:
-    raise errors.ConfigError(f'config.model has an unknown or missing tokenizer argument: '
-                             f'{e}') from None
-  except ValueError as e:   # models.tokenizer.check_tokenizer_kwargs: inconsistent values
+    raise errors.ConfigError(
+      f'config.model has an unknown or missing tokenizer argument: {e}'
+    ) from None
+  except ValueError as e:  # models.tokenizer.check_tokenizer_kwargs: inconsistent values
     raise errors.ConfigError(f'config.model: {e}') from None
 
 
 def model_variables(params, batch_stats=None) -> dict:
   """The variables the tokenizer is applied with: its parameters, and the running statistics
   of a batch-norm bottleneck when it has one."""
-  return {'params': params} if batch_stats is None else {'params': params,
-                                                         'batch_stats': batch_stats}
+  return (
+    {'params': params} if batch_stats is None else {'params': params, 'batch_stats': batch_stats}
+  )
 
 
 def boxed_variables(model: LARPTokenizer, seed: int = 0) -> dict:
@@ -84,10 +86,13 @@ class TokenizerTask(base.Task):
       data_config.validate(config.data, 'eval', self.model.video_shape)
     try:
       self.disc = TransformerDiscriminator(
-          video_shape=self.model.video_shape, dtype=self.model.dtype,
-          param_dtype=self.model.param_dtype, attention_impl=self.model.attention_impl,
-          **config_lib.as_kwargs(config.disc))
-    except ValueError as e:   # its own consistency checks (patch size, width / heads)
+        video_shape=self.model.video_shape,
+        dtype=self.model.dtype,
+        param_dtype=self.model.param_dtype,
+        attention_impl=self.model.attention_impl,
+        **config_lib.as_kwargs(config.disc),
+      )
+    except ValueError as e:  # its own consistency checks (patch size, width / heads)
       raise errors.ConfigError(f'config.disc: {e}') from None
     total = int(config.total_steps)
     self.gen_tx = optim.generator_optimizer(config.optim, total)
@@ -102,8 +107,14 @@ class TokenizerTask(base.Task):
     video = jnp.zeros((1, *self.model.video_shape, 3), jnp.float32)
     variables = boxed_variables(self.model, seed)
     disc_params = self.disc.init(k_disc, video)['params']
-    return state_lib.create(variables['params'], disc_params, self.gen_tx, self.disc_tx,
-                            use_ema=self.uses_ema, batch_stats=variables.get('batch_stats'))
+    return state_lib.create(
+      variables['params'],
+      disc_params,
+      self.gen_tx,
+      self.disc_tx,
+      use_ema=self.uses_ema,
+      batch_stats=variables.get('batch_stats'),
+    )
 
   @property
   def uses_ema(self) -> bool:
@@ -112,9 +123,15 @@ class TokenizerTask(base.Task):
   def train_step(self):
     cfg = self.config
     return functools.partial(
-        steps.tokenizer_train_step, model=self.model, disc=self.disc, gen_tx=self.gen_tx,
-        disc_tx=self.disc_tx, loss_cfg=cfg.loss, optim_cfg=cfg.optim,
-        total_steps=int(cfg.total_steps))
+      steps.tokenizer_train_step,
+      model=self.model,
+      disc=self.disc,
+      gen_tx=self.gen_tx,
+      disc_tx=self.disc_tx,
+      loss_cfg=cfg.loss,
+      optim_cfg=cfg.optim,
+      total_steps=int(cfg.total_steps),
+    )
 
   def extras(self):
     return load_lpips(self)
@@ -122,9 +139,14 @@ class TokenizerTask(base.Task):
   # ------------------------------------------------------------------ data and reporting
 
   def train_data(self, *, batch_size: int, start_step: int):
-    return data_lib.get_dataset(self.config.data, 'train', video_shape=self.model.video_shape,
-                                batch_size=batch_size, seed=int(self.config.seed),
-                                start_step=start_step)
+    return data_lib.get_dataset(
+      self.config.data,
+      'train',
+      video_shape=self.model.video_shape,
+      batch_size=batch_size,
+      seed=int(self.config.seed),
+      start_step=start_step,
+    )
 
   def data_counters(self, iterator) -> dict:
     return {'skipped_files': float(data_lib.num_skipped(iterator))}
@@ -159,8 +181,10 @@ class TokenizerTask(base.Task):
     """The evaluator of this task, built on first use (jitted batch function, LPIPS, I3D)."""
     if self._evaluator is None:
       from larp_jax.evaluation import evaluator as evaluator_lib  # local: heavy (I3D)
-      self._evaluator = evaluator_lib.Evaluator(self.config, self.model, self.mesh, self.rules,
-                                                self.variable_shardings()[1])
+
+      self._evaluator = evaluator_lib.Evaluator(
+        self.config, self.model, self.mesh, self.rules, self.variable_shardings()[1]
+      )
     return self._evaluator
 
   def evaluate(self, state, workdir: str, step: int) -> Optional[dict]:
@@ -168,10 +192,12 @@ class TokenizerTask(base.Task):
 
   def evaluate_variables(self, variables, workdir: str, step: int) -> dict:
     from larp_jax.evaluation import evaluator as evaluator_lib
+
     metrics = self.evaluator().evaluate(variables, workdir, int(step))
     path = os.path.join(evaluator_lib.output_dir(self.config, workdir), f'{int(step)}.json')
-    return dict(metrics, json=path,
-                summary=f'{evaluator_lib.format_summary(metrics)}\nwritten to {path}')
+    return dict(
+      metrics, json=path, summary=f'{evaluator_lib.format_summary(metrics)}\nwritten to {path}'
+    )
 
 
 def build(config, devices=None) -> TokenizerTask:
@@ -186,5 +212,6 @@ def load_lpips(task: TokenizerTask) -> Any:
   if task.config.loss.lpips_weight <= 0:
     return {}
   from larp_jax.losses import perceptual
+
   params = perceptual.load_lpips_params(task.config.loss.lpips_net)
   return jax.device_put(params, sharding.replicated(task.mesh))

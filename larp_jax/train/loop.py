@@ -36,7 +36,7 @@ from larp_jax import checkpoint, config_lib, errors, params_io, sharding
 from larp_jax import data as data_lib
 from larp_jax import workdir as workdir_lib
 
-PARAMS_SUBDIR = 'params'   # <workdir>/params: the final model variables, params only
+PARAMS_SUBDIR = 'params'  # <workdir>/params: the final model variables, params only
 
 
 class NonFiniteLossError(errors.UserError):
@@ -54,8 +54,12 @@ def make_train_step(task, state_shardings):
   """The jitted, sharded, state-donating step: (state, batch, key, extras) -> (state, metrics)."""
   rep = sharding.replicated(task.mesh)
   batch = {k: sharding.batch_sharding(task.mesh) for k in task.batch_keys}
-  return jax.jit(task.train_step(), in_shardings=(state_shardings, batch, rep, rep),
-                 out_shardings=(state_shardings, rep), donate_argnums=0)
+  return jax.jit(
+    task.train_step(),
+    in_shardings=(state_shardings, batch, rep, rep),
+    out_shardings=(state_shardings, rep),
+    donate_argnums=0,
+  )
 
 
 def init_or_restore(task, mngr):
@@ -63,8 +67,9 @@ def init_or_restore(task, mngr):
   abstract, shardings = task.abstract_state()
   step, state = checkpoint.restore_latest(mngr, abstract, shardings)
   if state is None:
-    init = jax.jit(lambda: nn.unbox(task.boxed_init(int(task.config.seed))),
-                   out_shardings=shardings)
+    init = jax.jit(
+      lambda: nn.unbox(task.boxed_init(int(task.config.seed))), out_shardings=shardings
+    )
     with sharding.logical_context(task.mesh, task.rules):
       state = init()
     step = 0
@@ -93,7 +98,7 @@ class _Preemption:
     for sig in (signal.SIGTERM, signal.SIGINT):
       try:
         self._previous[sig] = signal.signal(sig, self._handle)
-      except ValueError:   # not the main thread (e.g. a notebook worker): no handler
+      except ValueError:  # not the main thread (e.g. a notebook worker): no handler
         pass
     return self
 
@@ -103,8 +108,11 @@ class _Preemption:
       logging.warning('Second signal %d: exiting now, without the stop checkpoint.', signum)
       sys.stderr.flush()
       os._exit(128 + signum)
-    logging.warning('Received signal %d: checkpointing and stopping after this step '
-                    '(send it again to exit at once).', signum)
+    logging.warning(
+      'Received signal %d: checkpointing and stopping after this step '
+      '(send it again to exit at once).',
+      signum,
+    )
     self.requested = True
 
   def __exit__(self, *exc):
@@ -147,8 +155,15 @@ def prepare_workdir(config, workdir: str):
   return lock, diff
 
 
-def run(task_cls, config, workdir: str, *, evaluate_fn: Optional[Callable] = None,
-        stop_at: Optional[int] = None, devices=None) -> dict:
+def run(
+  task_cls,
+  config,
+  workdir: str,
+  *,
+  evaluate_fn: Optional[Callable] = None,
+  stop_at: Optional[int] = None,
+  devices=None,
+) -> dict:
   """Trains the task ``task_cls`` (a ``tasks.base.Task`` class) of ``config`` in ``workdir``.
 
   Returns the last metrics read on the host. ``evaluate_fn(task, state, workdir, step)``
@@ -191,21 +206,37 @@ def _train(task, workdir, diff, *, evaluate_fn, stop_at) -> dict:
     stack.callback(mngr.wait_until_finished)
     if start_step == 0 and is_main:
       task.log_overview(state)
-    logging.info('Task %s, mesh %s on %d devices; starting at step %d of %d.', task.name,
-                 dict(task.mesh.shape), jax.device_count(), start_step, total)
+    logging.info(
+      'Task %s, mesh %s on %d devices; starting at step %d of %d.',
+      task.name,
+      dict(task.mesh.shape),
+      jax.device_count(),
+      start_step,
+      total,
+    )
     if start_step >= total:
       logging.info('Nothing to do: checkpoint step %d >= total_steps %d.', start_step, total)
       return {}
     per_host = config.batch_size // jax.process_count()
-    train_iter = stack.enter_context(task.train_data(batch_size=per_host,
-                                                     start_step=start_step))
+    train_iter = stack.enter_context(task.train_data(batch_size=per_host, start_step=start_step))
     extras = task.extras()
     train_step = make_train_step(task, state_shardings)
     evaluate = evaluate_fn or (lambda t, s, w, i: t.evaluate(s, w, i))
     with sharding.logical_context(task.mesh, task.rules):
-      metrics, state, finished = _steps(task, workdir, mngr, writer, train_iter, state,
-                                        start_step, train_step, extras, preemption,
-                                        evaluate=evaluate, stop_at=stop_at)
+      metrics, state, finished = _steps(
+        task,
+        workdir,
+        mngr,
+        writer,
+        train_iter,
+        state,
+        start_step,
+        train_step,
+        extras,
+        preemption,
+        evaluate=evaluate,
+        stop_at=stop_at,
+      )
     if finished:
       export_params(task, state, os.path.join(workdir, PARAMS_SUBDIR), step=total)
     return metrics
@@ -234,18 +265,33 @@ def export_params(task, state, directory: str, *, step: int) -> Optional[str]:
 def _sync(name: str) -> None:
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
+
     multihost_utils.sync_global_devices(name)
 
 
-def _steps(task, workdir, mngr, writer, train_iter, state, start_step, train_step, extras,
-           preemption, *, evaluate, stop_at) -> tuple[dict, Any, bool]:
+def _steps(
+  task,
+  workdir,
+  mngr,
+  writer,
+  train_iter,
+  state,
+  start_step,
+  train_step,
+  extras,
+  preemption,
+  *,
+  evaluate,
+  stop_at,
+) -> tuple[dict, Any, bool]:
   """Runs the steps; returns (last host metrics, state, whether total_steps was reached)."""
   config = task.config
   is_main = jax.process_index() == 0
   total = int(config.total_steps)
   key = jax.random.key(int(config.seed))
-  report = periodic_actions.ReportProgress(num_train_steps=total, writer=writer,
-                                           every_steps=int(config.log_every), every_secs=None)
+  report = periodic_actions.ReportProgress(
+    num_train_steps=total, writer=writer, every_steps=int(config.log_every), every_secs=None
+  )
   metrics_path = os.path.join(workdir, workdir_lib.METRICS_FILE)
   eta = _Eta(start_step + 1)
   last_metrics = {}
@@ -256,15 +302,17 @@ def _steps(task, workdir, mngr, writer, train_iter, state, start_step, train_ste
     bad = [k for k, v in host.items() if not math.isfinite(v)]
     if bad:
       raise NonFiniteLossError(
-          f'non-finite {", ".join(bad)} at step {step}; stopping. The last good checkpoint '
-          f'(step {mngr.latest_step()}) is kept in {mngr.directory}. Lower the learning rate '
-          f'or use float32 (config.model.dtype) and restart.')
+        f'non-finite {", ".join(bad)} at step {step}; stopping. The last good checkpoint '
+        f'(step {mngr.latest_step()}) is kept in {mngr.directory}. Lower the learning rate '
+        f'or use float32 (config.model.dtype) and restart.'
+      )
     return host
 
   for step in range(start_step + 1, total + 1):
     raw = next(train_iter)
-    batch = data_lib.make_global_batch({k: raw[k] for k in task.batch_keys}, task.mesh,
-                                       batch_sharding)
+    batch = data_lib.make_global_batch(
+      {k: raw[k] for k in task.batch_keys}, task.mesh, batch_sharding
+    )
     state, metrics = train_step(state, batch, key, extras)
     report(step)
     is_last = step == total
@@ -277,7 +325,7 @@ def _steps(task, workdir, mngr, writer, train_iter, state, start_step, train_ste
     log_now = step % int(config.log_every) == 0 or is_last or first or stop_now
     ckpt_now = step % int(config.checkpoint_every) == 0 or is_last or stop_now
     if log_now or ckpt_now:
-      host = checked(metrics, step)   # also guards every checkpoint against NaN state
+      host = checked(metrics, step)  # also guards every checkpoint against NaN state
       last_metrics = host
     if first:
       eta.mark_first_done()
@@ -287,16 +335,19 @@ def _steps(task, workdir, mngr, writer, train_iter, state, start_step, train_ste
       if is_main:
         with open(metrics_path, 'a') as f:
           f.write(json.dumps({'step': step, **host}) + '\n')
-        logging.info('step %d/%d | %s | %s', step, total, task.log_line(host),
-                     eta.line(step, total))
+        logging.info(
+          'step %d/%d | %s | %s', step, total, task.log_line(host), eta.line(step, total)
+        )
     if ckpt_now:
       checkpoint.save(mngr, step, state, force=True)
-    if config.get('eval_every') and not preempted and (
-        step % int(config.eval_every) == 0 or is_last):   # preempted: no time to evaluate
+    if (
+      config.get('eval_every') and not preempted and (step % int(config.eval_every) == 0 or is_last)
+    ):  # preempted: no time to evaluate
       eval_metrics = evaluate(task, state, workdir, step)
       if eval_metrics:
-        writer.write_scalars(step, {f'eval/{k}': v for k, v in eval_metrics.items()
-                                    if isinstance(v, (int, float))})
+        writer.write_scalars(
+          step, {f'eval/{k}': v for k, v in eval_metrics.items() if isinstance(v, (int, float))}
+        )
     if stop_now:
       mngr.wait_until_finished()
       logging.warning('Stopping at step %d: checkpoint saved, exiting.', step)
@@ -315,11 +366,11 @@ def evaluate_run(task_cls, config, workdir: str) -> dict:
   if not params_io.is_params_dir(workdir):
     if not os.path.isdir(os.path.join(workdir, 'checkpoints')):
       raise errors.UserError(
-          f'no checkpoint in {os.path.join(workdir, "checkpoints")}: train first (python -m '
-          f'larp_jax.main --config=... --workdir={workdir}), or point --workdir at a run directory')
+        f'no checkpoint in {os.path.join(workdir, "checkpoints")}: train first (python -m '
+        f'larp_jax.main --config=... --workdir={workdir}), or point --workdir at a run directory'
+      )
     workdir_lib.check_config(workdir, config)
   task = make_task(task_cls, config)
   abstract, shardings = task.variable_shardings()
-  variables, step, _ = params_io.load_variables(workdir, abstract, shardings,
-                                                task.state_fields())
+  variables, step, _ = params_io.load_variables(workdir, abstract, shardings, task.state_fields())
   return task.evaluate_variables(variables, workdir, step)

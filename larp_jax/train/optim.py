@@ -10,8 +10,9 @@ import jax.numpy as jnp
 import optax
 
 
-def lr_multiplier(step, *, total_steps: int, warmup_steps: int, start_mult: float = 0.01,
-                  min_mult: float = 0.01):
+def lr_multiplier(
+  step, *, total_steps: int, warmup_steps: int, start_mult: float = 0.01, min_mult: float = 0.01
+):
   """Official step-wise schedule, ``step`` counted from 1: linear warmup from ``start_mult`` to
   1 over ``warmup_steps``, then a half cosine from 1 down to ``min_mult`` at ``total_steps``."""
   step = jnp.asarray(step, jnp.float32)
@@ -23,11 +24,16 @@ def lr_multiplier(step, *, total_steps: int, warmup_steps: int, start_mult: floa
 
 def schedule(base_lr: float, optim_cfg, total_steps: int):
   """optax schedule of the update count (0-based, so the official step is count + 1)."""
+
   def fn(count):
-    return base_lr * lr_multiplier(count + 1, total_steps=total_steps,
-                                   warmup_steps=optim_cfg.warmup_steps,
-                                   start_mult=optim_cfg.start_lr_mult,
-                                   min_mult=optim_cfg.min_lr_mult)
+    return base_lr * lr_multiplier(
+      count + 1,
+      total_steps=total_steps,
+      warmup_steps=optim_cfg.warmup_steps,
+      start_mult=optim_cfg.start_lr_mult,
+      min_mult=optim_cfg.min_lr_mult,
+    )
+
   return fn
 
 
@@ -36,13 +42,17 @@ def scale_subtree(name: str, factor: float) -> optax.GradientTransformation:
 
   After Adam this is exactly a learning-rate multiplier for that group (how the prior gets its
   x50 in the paper)."""
+
   def update_fn(updates, state, params=None):
     del params
+
     def scale(path, u):
       head = path[0]
       key = getattr(head, 'key', getattr(head, 'name', None))
       return u * factor if key == name else u
+
     return jax.tree_util.tree_map_with_path(scale, updates), state
+
   return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
 
 
@@ -52,8 +62,10 @@ def generator_optimizer(optim_cfg, total_steps: int) -> optax.GradientTransforma
   parts = []
   if optim_cfg.grad_clip_norm and optim_cfg.grad_clip_norm > 0:
     parts.append(optax.clip_by_global_norm(optim_cfg.grad_clip_norm))
-  parts += [optax.scale_by_adam(optim_cfg.b1, optim_cfg.b2, optim_cfg.eps),
-            optax.scale_by_learning_rate(schedule(optim_cfg.lr, optim_cfg, total_steps))]
+  parts += [
+    optax.scale_by_adam(optim_cfg.b1, optim_cfg.b2, optim_cfg.eps),
+    optax.scale_by_learning_rate(schedule(optim_cfg.lr, optim_cfg, total_steps)),
+  ]
   if optim_cfg.apply_prior_lr_mult and optim_cfg.prior_lr_mult != 1.0:
     parts.append(scale_subtree('prior', optim_cfg.prior_lr_mult))
   return optax.chain(*parts)
@@ -63,5 +75,5 @@ def discriminator_optimizer(optim_cfg, total_steps: int) -> optax.GradientTransf
   """Adam(disc_b1, disc_b2) at disc_lr with the same multiplier schedule (of the global step,
   passed in as the schedule count by the train step)."""
   return optax.chain(
-      optax.scale_by_adam(optim_cfg.disc_b1, optim_cfg.disc_b2, optim_cfg.eps),
-      optax.scale(-1.0))
+    optax.scale_by_adam(optim_cfg.disc_b1, optim_cfg.disc_b2, optim_cfg.eps), optax.scale(-1.0)
+  )

@@ -23,6 +23,7 @@ class TokenizerTrainState:
   batch_stats: the model's 'batch_stats' collection (running statistics of a batch-norm
     bottleneck, ``model.bottleneck_norm`` 'bn_bn' / 'bn_b'); ``None`` without one.
   """
+
   step: Any
   params: Any
   opt_state: Any
@@ -37,12 +38,22 @@ class TokenizerTrainState:
 DISC_STATS = ('disc_loss', 'disc_bce', 'lecam_loss', 'disc_real_logit', 'disc_fake_logit')
 
 
-def create(params, disc_params, gen_tx: optax.GradientTransformation,
-           disc_tx: optax.GradientTransformation, use_ema: bool,
-           batch_stats=None) -> TokenizerTrainState:
+def create(
+  params,
+  disc_params,
+  gen_tx: optax.GradientTransformation,
+  disc_tx: optax.GradientTransformation,
+  use_ema: bool,
+  batch_stats=None,
+) -> TokenizerTrainState:
   return TokenizerTrainState(
-      step=jnp.zeros((), jnp.int32), params=params, opt_state=gen_tx.init(params),
-      disc_params=disc_params, disc_opt_state=disc_tx.init(disc_params),
-      lecam_ema={'real': jnp.zeros((), jnp.float32), 'fake': jnp.zeros((), jnp.float32)},
-      disc_stats={k: jnp.zeros((), jnp.float32) for k in DISC_STATS},
-      ema_params=params if use_ema else None, batch_stats=batch_stats)
+    step=jnp.zeros((), jnp.int32),
+    params=params,
+    opt_state=gen_tx.init(params),
+    disc_params=disc_params,
+    disc_opt_state=disc_tx.init(disc_params),
+    lecam_ema={'real': jnp.zeros((), jnp.float32), 'fake': jnp.zeros((), jnp.float32)},
+    disc_stats={k: jnp.zeros((), jnp.float32) for k in DISC_STATS},
+    ema_params=params if use_ema else None,
+    batch_stats=batch_stats,
+  )

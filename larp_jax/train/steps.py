@@ -40,7 +40,8 @@ def _vq_weight(step, loss_cfg):
   if epochs <= 1:
     return loss_cfg.vq_weight
   return loss_cfg.vq_weight * quantizer_lib.vq_warmup_ratio(
-      step, loss_cfg.vq_warmup_start_ratio, epochs, loss_cfg.vq_warmup_steps_per_epoch)
+    step, loss_cfg.vq_warmup_start_ratio, epochs, loss_cfg.vq_warmup_steps_per_epoch
+  )
 
 
 def reconstruction_losses(recon, video, lpips_params, fake_logits_fn, *, loss_cfg, gan_on):
@@ -60,8 +61,9 @@ def reconstruction_losses(recon, video, lpips_params, fake_logits_fn, *, loss_cf
   return total, terms
 
 
-def discriminator_update(state: TokenizerTrainState, real, fake, rng, *, disc, disc_tx,
-                         loss_cfg, optim_cfg, total_steps):
+def discriminator_update(
+  state: TokenizerTrainState, real, fake, rng, *, disc, disc_tx, loss_cfg, optim_cfg, total_steps
+):
   """One discriminator Adam step on real vs (detached) fake videos. Returns the new
   (disc_params, disc_opt_state, lecam_ema, disc_stats)."""
   fake = jax.lax.stop_gradient(fake)
@@ -70,38 +72,58 @@ def discriminator_update(state: TokenizerTrainState, real, fake, rng, *, disc, d
   def loss_fn(dp):
     real_logits = disc.apply({'params': dp}, real)
     fake_logits = disc.apply({'params': dp}, fake)
-    bce = gan.discriminator_loss(real_logits, fake_logits, rng, loss_cfg.disc_label_noise,
-                                 loss_cfg.disc_label_clip)
+    bce = gan.discriminator_loss(
+      real_logits, fake_logits, rng, loss_cfg.disc_label_noise, loss_cfg.disc_label_clip
+    )
     lecam = gan.lecam_regularizer(real_logits, fake_logits, ema['real'], ema['fake'])
     weight = loss_cfg.lecam_weight
-    if loss_cfg.lecam_weight_applied_twice:     # released-code quirk: effective weight w^2
+    if loss_cfg.lecam_weight_applied_twice:  # released-code quirk: effective weight w^2
       weight = weight * weight
     loss = bce + weight * lecam
     return loss, (bce, lecam, jnp.mean(real_logits), jnp.mean(fake_logits))
 
-  (loss, (bce, lecam, real_mean, fake_mean)), grads = jax.value_and_grad(
-      loss_fn, has_aux=True)(state.disc_params)
+  (loss, (bce, lecam, real_mean, fake_mean)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+    state.disc_params
+  )
   updates, disc_opt_state = disc_tx.update(grads, state.disc_opt_state, state.disc_params)
   lr = optim_cfg.disc_lr * optim.lr_multiplier(
-      state.step + 1, total_steps=total_steps, warmup_steps=optim_cfg.warmup_steps,
-      start_mult=optim_cfg.start_lr_mult, min_mult=optim_cfg.min_lr_mult)
+    state.step + 1,
+    total_steps=total_steps,
+    warmup_steps=optim_cfg.warmup_steps,
+    start_mult=optim_cfg.start_lr_mult,
+    min_mult=optim_cfg.min_lr_mult,
+  )
   updates = jax.tree_util.tree_map(lambda u: u * lr, updates)
   disc_params = optax.apply_updates(state.disc_params, updates)
-  new_ema = {'real': gan.update_ema(ema['real'], real_mean, loss_cfg.lecam_ema_decay),
-             'fake': gan.update_ema(ema['fake'], fake_mean, loss_cfg.lecam_ema_decay)}
+  new_ema = {
+    'real': gan.update_ema(ema['real'], real_mean, loss_cfg.lecam_ema_decay),
+    'fake': gan.update_ema(ema['fake'], fake_mean, loss_cfg.lecam_ema_decay),
+  }
   stats = dict(zip(DISC_STATS, (loss, bce, lecam, real_mean, fake_mean)))
   return disc_params, disc_opt_state, new_ema, stats
 
 
-def tokenizer_train_step(state: TokenizerTrainState, batch, key, lpips_params, *, model, disc,
-                         gen_tx, disc_tx, loss_cfg, optim_cfg, total_steps: int):
+def tokenizer_train_step(
+  state: TokenizerTrainState,
+  batch,
+  key,
+  lpips_params,
+  *,
+  model,
+  disc,
+  gen_tx,
+  disc_tx,
+  loss_cfg,
+  optim_cfg,
+  total_steps: int,
+):
   """One tokenizer training step. ``batch['video']``: [B, T, H, W, 3] float in [0, 1].
 
   Returns the new state and a flat dict of float32 scalar metrics ('loss' is the total
   generator loss).
   """
   video = batch['video'].astype(jnp.float32)
-  step = state.step + 1                                   # official steps count from 1
+  step = state.step + 1  # official steps count from 1
   key = jax.random.fold_in(key, state.step)
   k_vq, k_drop, k_disc = jax.random.split(key, 3)
   mix = _mix_ratio(step, loss_cfg, total_steps)
@@ -112,9 +134,15 @@ def tokenizer_train_step(state: TokenizerTrainState, batch, key, lpips_params, *
     variables = {'params': params}
     if use_stats:
       variables['batch_stats'] = state.batch_stats
-    out = model.apply(variables, video, train=True, mix_ratio=mix, step=step,
-                      rngs={'vq': k_vq, 'dropout': k_drop},
-                      mutable=['batch_stats'] if use_stats else False)
+    out = model.apply(
+      variables,
+      video,
+      train=True,
+      mix_ratio=mix,
+      step=step,
+      rngs={'vq': k_vq, 'dropout': k_drop},
+      mutable=['batch_stats'] if use_stats else False,
+    )
     (recon, aux), new_vars = out if use_stats else (out, {})
     latent_loss = vq_weight * aux['vq_loss']
     if 'prior_loss' in aux:
@@ -122,18 +150,19 @@ def tokenizer_train_step(state: TokenizerTrainState, batch, key, lpips_params, *
     aux = {k: v for k, v in aux.items() if k != 'tokens'}
     return (recon, latent_loss), (aux, new_vars.get('batch_stats'))
 
-  (recon, latent_loss), pullback, (aux, batch_stats) = jax.vjp(forward, state.params,
-                                                                has_aux=True)
+  (recon, latent_loss), pullback, (aux, batch_stats) = jax.vjp(forward, state.params, has_aux=True)
 
   use_gan = loss_cfg.gan_weight > 0
   if use_gan:
     disc_on = (state.step % loss_cfg.disc_every) == 0
-    d_args = dict(disc=disc, disc_tx=disc_tx, loss_cfg=loss_cfg, optim_cfg=optim_cfg,
-                  total_steps=total_steps)
+    d_args = dict(
+      disc=disc, disc_tx=disc_tx, loss_cfg=loss_cfg, optim_cfg=optim_cfg, total_steps=total_steps
+    )
     disc_params, disc_opt_state, lecam_ema, disc_stats = jax.lax.cond(
-        disc_on,
-        lambda: discriminator_update(state, video, recon, k_disc, **d_args),
-        lambda: (state.disc_params, state.disc_opt_state, state.lecam_ema, state.disc_stats))
+      disc_on,
+      lambda: discriminator_update(state, video, recon, k_disc, **d_args),
+      lambda: (state.disc_params, state.disc_opt_state, state.lecam_ema, state.disc_stats),
+    )
     fake_logits_fn = lambda r: disc.apply({'params': jax.lax.stop_gradient(disc_params)}, r)
   else:
     disc_params, disc_opt_state = state.disc_params, state.disc_opt_state
@@ -142,8 +171,11 @@ def tokenizer_train_step(state: TokenizerTrainState, batch, key, lpips_params, *
   gan_on = (state.step >= loss_cfg.disc_start).astype(jnp.float32)
 
   (recon_total, terms), g_recon = jax.value_and_grad(
-      lambda r: reconstruction_losses(r, video, lpips_params, fake_logits_fn,
-                                      loss_cfg=loss_cfg, gan_on=gan_on), has_aux=True)(recon)
+    lambda r: reconstruction_losses(
+      r, video, lpips_params, fake_logits_fn, loss_cfg=loss_cfg, gan_on=gan_on
+    ),
+    has_aux=True,
+  )(recon)
   (grads,) = pullback((g_recon, jnp.ones_like(latent_loss)))
 
   updates, opt_state = gen_tx.update(grads, state.opt_state, state.params)
@@ -153,19 +185,35 @@ def tokenizer_train_step(state: TokenizerTrainState, batch, key, lpips_params, *
     d = optim_cfg.ema_decay
     ema_params = jax.tree_util.tree_map(lambda e, p: d * e + (1 - d) * p, ema_params, params)
 
-  lr = optim_cfg.lr * optim.lr_multiplier(step, total_steps=total_steps,
-                                          warmup_steps=optim_cfg.warmup_steps,
-                                          start_mult=optim_cfg.start_lr_mult,
-                                          min_mult=optim_cfg.min_lr_mult)
-  metrics = {'loss': recon_total + latent_loss, **terms, **aux, **disc_stats,
-             'grad_norm': optax.tree.norm(grads), 'lr': lr, 'mix_ratio': mix}
+  lr = optim_cfg.lr * optim.lr_multiplier(
+    step,
+    total_steps=total_steps,
+    warmup_steps=optim_cfg.warmup_steps,
+    start_mult=optim_cfg.start_lr_mult,
+    min_mult=optim_cfg.min_lr_mult,
+  )
+  metrics = {
+    'loss': recon_total + latent_loss,
+    **terms,
+    **aux,
+    **disc_stats,
+    'grad_norm': optax.tree.norm(grads),
+    'lr': lr,
+    'mix_ratio': mix,
+  }
   if int(loss_cfg.get('vq_warmup_epochs', 1)) > 1:
     metrics['vq_weight'] = vq_weight
   metrics = {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
-  new_state = state.replace(step=step, params=params, opt_state=opt_state,
-                            disc_params=disc_params, disc_opt_state=disc_opt_state,
-                            lecam_ema=lecam_ema, disc_stats=disc_stats, ema_params=ema_params)
+  new_state = state.replace(
+    step=step,
+    params=params,
+    opt_state=opt_state,
+    disc_params=disc_params,
+    disc_opt_state=disc_opt_state,
+    lecam_ema=lecam_ema,
+    disc_stats=disc_stats,
+    ema_params=ema_params,
+  )
   if use_stats:
     new_state = new_state.replace(batch_stats=batch_stats)
   return new_state, metrics
-
