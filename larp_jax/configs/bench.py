@@ -11,7 +11,7 @@ Arguments after ':' (comma separated): one preset word
           128-wide prior with 2 heads; a 2-layer discriminator of the official width (512, 8
           heads, 4x8x8 patches); LPIPS-VGG; batch 4.
   larp_l  configs/ucf101.py as released (size L, N=1024, 16x128x128), batch 1.
-  micro   a toy model small enough for the test suite (8x32x32, width 64, 1 + 1 layers).
+  micro   the tests' tiny model (``larp_jax/configs/common.py``) on 8x32x32 clips.
 and
   dtype   float32 (default) | bfloat16: the compute dtype of the tokenizer and discriminator
           (parameters stay float32; LPIPS always runs in float32).
@@ -28,7 +28,7 @@ What each measurement runs (``config.bench.<what>_overrides`` are applied to ``c
 """
 
 from larp_jax import config_lib
-from larp_jax.configs import ucf101
+from larp_jax.configs import common, ucf101
 import ml_collections
 
 PRESETS = ('tiny', 'larp_l', 'micro')
@@ -69,21 +69,9 @@ def get_config(arg=None):
     c.disc.update(width=512, depth=2, num_heads=8, patch_size=(4, 8, 8))
     c.loss.update(lpips_weight=1.0, lpips_net='vgg')
   elif preset == 'micro':
-    c.model.update(
-      video_shape=(8, 32, 32),
-      patch_size=(4, 8, 8),
-      num_latent_tokens=16,
-      width=64,
-      encoder_depth=1,
-      decoder_depth=1,
-      num_heads=2,
-      codebook_size=64,
-      code_dim=8,
-      prior_depth=1,
-      prior_width=32,
-      prior_heads=2,
-    )
-    c.disc.update(width=64, depth=1, num_heads=2, patch_size=(4, 8, 8))
+    # The test-size model every test uses (larp_jax/configs/common.py), on 8x32x32 clips.
+    c.model.update(video_shape=(8, 32, 32), **common.TINY_MODEL)
+    c.disc.update(common.TINY_DISC)
     c.loss.update(lpips_weight=1.0, lpips_net='alex')
   # larp_l: configs/ucf101.py unchanged (LPIPS-VGG, the 12-layer 512-wide discriminator).
 
