@@ -163,9 +163,7 @@ def load_tokenizer(path: str, *, use_ema: bool = True) -> Tokenizer:
   model = tokenizer_task.make_model(config.model)
   mesh = sharding.make_mesh({'data': 1}, jax.devices()[:1])
   abstract, shardings = tokenizer_task.variable_shardings(model, mesh, sharding.rules(config))
-  fields = {'params': 'ema_params' if use_ema and float(config.optim.ema_decay) > 0 else 'params'}
-  if model.uses_batch_stats:
-    fields['batch_stats'] = 'batch_stats'
+  fields = tokenizer_task.state_fields(model, ema=use_ema and float(config.optim.ema_decay) > 0)
   variables, step, _ = params_io.load_variables(path, abstract, shardings, fields)
   return Tokenizer(
     model=model,

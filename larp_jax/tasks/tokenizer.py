@@ -66,6 +66,14 @@ def boxed_variables(model: LARPTokenizer, seed: int = 0) -> dict:
   return model.init({'params': k_params, 'vq': k_vq, 'dropout': k_drop}, video, train=True)
 
 
+def state_fields(model: LARPTokenizer, *, ema: bool) -> dict:
+  """The TokenizerTrainState field that holds each collection of the model's variables."""
+  fields = {'params': 'ema_params' if ema else 'params'}
+  if model.uses_batch_stats:
+    fields['batch_stats'] = 'batch_stats'
+  return fields
+
+
 def variable_shardings(model: LARPTokenizer, mesh, rules):
   """(abstract variables, their NamedShardings) of the model alone: no optimiser, no
   discriminator. What loading parameters for inference needs."""
@@ -168,10 +176,7 @@ class TokenizerTask(base.Task):
   def state_fields(self) -> dict:
     """Which train-state field holds each exported collection (for reading only the model's
     variables out of a full training checkpoint)."""
-    fields = {'params': 'ema_params' if self.uses_ema else 'params'}
-    if self.model.uses_batch_stats:
-      fields['batch_stats'] = 'batch_stats'
-    return fields
+    return state_fields(self.model, ema=self.uses_ema)
 
   def variable_shardings(self):
     """(abstract model variables, NamedShardings) on this task's mesh."""
