@@ -56,6 +56,15 @@ def filter_logits(logits, *, temperature=1.0, top_k: int = 0, top_p=1.0, use_top
   return logits
 
 
+def _log_prob(logits, tokens):
+  """log softmax(logits)[tokens] as (x - max) - log(sum(exp(x - max))): at the large scales of a
+  tiny temperature this stays <= 0 (x - max is exact near the max), where x - logsumexp(x)
+  rounds by the ulp of the logits."""
+  shifted = logits - jnp.max(logits, axis=-1, keepdims=True)
+  lse = jnp.log(jnp.sum(jnp.exp(shifted), axis=-1))
+  return jnp.take_along_axis(shifted, tokens[:, None], axis=-1)[:, 0] - lse
+
+
 def sample(
   model: larp_ar.LARPAR,
   variables,
@@ -236,8 +245,7 @@ def _generate(
     else:
       tok = jax.random.categorical(jax.random.fold_in(key, t), logits, axis=-1)
     tok = tok.astype(jnp.int32)
-    logp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tok[:, None], axis=-1)
-    return tok, logp[:, 0]
+    return tok, _log_prob(logits, tok)
 
   def both(tok):
     return jnp.concatenate([tok, tok]) if use_cfg else tok
