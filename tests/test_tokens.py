@@ -309,3 +309,23 @@ def test_cli_command_as_readme_shows_it(setup, tmp_path):
   lines = r.stderr.strip().splitlines()
   assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith('error: '), r.stderr
   assert setup['a'] in lines[0] and setup['b'] in lines[0]
+
+
+@pytest.mark.parametrize(
+  'args, foreign_out, needle',
+  [
+    (['--tokenizer='], False, '--tokenizer is required'),
+    (['--config.data.synthetic_num_trai=3'], False, 'did you mean data.synthetic_num_train'),
+    (['--split=val'], False, 'value should be one of <train|eval|both>'),
+    ([], True, "holds no manifest.json (e.g. 'notes.txt'); choose a new or empty directory"),
+  ],
+)
+def test_command_mistakes_are_one_error_line(setup, tmp_path, capsys, args, foreign_out, needle):
+  out = tmp_path / 'out'
+  if foreign_out:  # a directory that holds other things is never written into
+    out.mkdir()
+    (out / 'notes.txt').write_text('')
+  assert tokenize_lib.main([f'--tokenizer={setup["a"]}', f'--out={out}', *args]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith('error: ') and needle in err[0], err
+  assert foreign_out or not out.exists()
