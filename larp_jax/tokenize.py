@@ -138,9 +138,8 @@ def _existing(out: str) -> Optional[dict]:
     from larp_jax import workdir as workdir_lib
 
     known = {tokens_lib.PROGRESS_DIR, workdir_lib.LOCK_FILE}
-    other = [
-      n for n in os.listdir(out) if n not in known and os.path.join(out, n) not in _our_files(out)
-    ]
+    known |= {os.path.basename(f) for f in _our_files(out)}
+    other = [n for n in os.listdir(out) if n not in known]
     if other:
       raise errors.UserError(
         f'--out={out} is not empty and holds no {tokens_lib.MANIFEST} (e.g. {sorted(other)[0]!r}); '

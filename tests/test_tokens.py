@@ -167,6 +167,12 @@ def test_resume_after_a_kill_redoes_no_finished_shard(setup, tmp_path):
   assert again['stats']['encoded_batches'] == 0
 
 
+def test_unfinished_shards_become_runs_each_encoded_from_its_own_start():
+  assert tokenize_lib._runs([1, 2, 5], 7) == [(1, 3), (5, 6), (7, None)]
+  assert tokenize_lib._runs([1, 2], 3) == [(1, None)]
+  assert tokenize_lib._runs([], 0) == [(0, None)] and tokenize_lib._runs([4], None) == [(4, 5)]
+
+
 def test_another_tokenizer_or_other_settings_are_refused_in_one_line(setup):
   with pytest.raises(errors.UserError) as e:
     _run(setup['b'], setup['full'])
