@@ -52,6 +52,11 @@ class Task:
     weights); loaded once per run."""
     return {}
 
+  def extras_shardings(self) -> Any:
+    """The shardings of ``extras()`` (a tree of NamedShardings, or None: replicated). A stage-2
+    task passes its frozen stage-1 parameters sharded like their training (e.g. FSDP)."""
+    return None
+
   # ------------------------------------------------------------------ data and reporting
 
   def train_data(self, *, batch_size: int, start_step: int):
@@ -94,3 +99,11 @@ class Task:
   def evaluate_variables(self, variables, workdir: str, step: int) -> dict:
     """``--mode=eval``: evaluates exported variables; the result has a 'summary' line."""
     raise NotImplementedError
+
+  def sample_variables(self, variables, workdir: str, step: int) -> dict:
+    """``--mode=sample``: writes samples of exported variables (videos a person can look at and
+    a JSON record); the result has a 'summary' line. Only generative tasks have it."""
+    del variables, workdir, step
+    from larp_jax import errors
+
+    raise errors.UserError(f'--mode=sample: the {self.name} task does not sample')

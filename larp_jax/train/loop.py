@@ -11,8 +11,9 @@
     (``task.evaluate``), and at the end the model's parameters alone (``params_io``) in
     ``<workdir>/params``.
 
-``evaluate_run(task_cls, config, workdir)`` is ``--mode=eval``: it reads only the model's
-variables of the latest checkpoint and evaluates them.
+``evaluate_run(task_cls, config, workdir)`` is ``--mode=eval`` and ``sample_run`` is
+``--mode=sample``: they read only the model's variables of the latest checkpoint (or of a params
+directory) and evaluate or sample them.
 """
 
 from __future__ import annotations
@@ -54,9 +55,10 @@ def make_train_step(task, state_shardings):
   """The jitted, sharded, state-donating step: (state, batch, key, extras) -> (state, metrics)."""
   rep = sharding.replicated(task.mesh)
   batch = {k: sharding.batch_sharding(task.mesh) for k in task.batch_keys}
+  extras = task.extras_shardings()
   return jax.jit(
     task.train_step(),
-    in_shardings=(state_shardings, batch, rep, rep),
+    in_shardings=(state_shardings, batch, rep, rep if extras is None else extras),
     out_shardings=(state_shardings, rep),
     donate_argnums=0,
   )
@@ -362,6 +364,20 @@ def evaluate_run(task_cls, config, workdir: str) -> dict:
   Returns the metrics plus 'summary' (text to print). Raises ``UserError`` if ``workdir`` holds
   no checkpoint, only damaged ones, or a run of another model than ``config`` describes.
   """
+  task, variables, step, workdir = load_for_inference(task_cls, config, workdir)
+  return task.evaluate_variables(variables, workdir, step)
+
+
+def sample_run(task_cls, config, workdir: str) -> dict:
+  """--mode=sample: samples from the model variables of ``workdir`` (as ``evaluate_run`` reads
+  them) with ``task.sample_variables``; returns its record plus 'summary'."""
+  task, variables, step, workdir = load_for_inference(task_cls, config, workdir)
+  return task.sample_variables(variables, workdir, step)
+
+
+def load_for_inference(task_cls, config, workdir: str):
+  """(task, the model's variables, their step, absolute workdir) from a run directory's latest
+  restorable checkpoint (model fields only) or from a params directory."""
   workdir = os.path.abspath(workdir)
   if not params_io.is_params_dir(workdir):
     if not os.path.isdir(os.path.join(workdir, 'checkpoints')):
@@ -373,4 +389,4 @@ def evaluate_run(task_cls, config, workdir: str) -> dict:
   task = make_task(task_cls, config)
   abstract, shardings = task.variable_shardings()
   variables, step, _ = params_io.load_variables(workdir, abstract, shardings, task.state_fields())
-  return task.evaluate_variables(variables, workdir, step)
+  return task, variables, step, workdir
