@@ -1,0 +1,264 @@
+"""Released PyTorch LARP checkpoints -> larp_jax params directories (and back, for the tests).
+
+    python -m larp_jax.convert --from=DIR --to=OUT [--overwrite] [--norm_eps=1e-5]
+
+    config, variables, report = larp_jax.convert.from_official(DIR)
+    tok = larp_jax.load_tokenizer(OUT)                   # after the command above
+
+DIR is what the official ``save_pretrained`` writes (``huggingface-cli download
+hywang66/LARP-L-long-tokenizer --local-dir DIR``): ``config.json``, the constructor's arguments,
+and ``model.safetensors``, read with the ``safetensors`` package (no torch). The arguments are
+mapped to a run config (the released recipe of ``configs/ucf101.py`` with the model of the
+checkpoint: every argument mapped, checked, or refused by name; ``convert/tokenizer.py``), every
+tensor to our parameter tree by a table (``convert/table.py``), with a check that each source
+tensor is used once and each parameter filled, shapes equal. The official buffers (the fixed
+sin-cos tables) are compared with ours and reported, not loaded. OUT is a params directory
+(``params_io``) whose ``params_info.json`` ``source`` records the conversion: the source
+directory, the sha256 of both files and the LayerNorm eps chosen.
+
+The LayerNorm eps of the ViT blocks is not in config.json: the released checkpoints were
+trained with timm < 1.0.16, whose blocks use torch's default eps 1e-5, and that is the default
+here; a model saved by the official code under timm >= 1.0.16 (eps 1e-6) needs
+``norm_eps=1e-6``.
+
+The official AR generator (``LARP_AR``) is recognised but not converted yet (larp_jax has no
+AR model yet). The discriminator is not part of the release: fine-tuning a converted tokenizer
+starts it fresh.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from typing import Any, Mapping, Optional
+
+import flax
+import jax
+import numpy as np
+
+from larp_jax import errors
+from larp_jax.convert import files, table, tokenizer as tok_map
+
+__all__ = [
+  'from_official',
+  'convert_state_dict',
+  'to_official',
+  'official_config',
+  'convert',
+  'format_report',
+]
+
+CONVERTED_BY = 'larp_jax.convert'
+
+
+def official_class(cfg: Mapping[str, Any]) -> str:
+  """'LARPTokenizer' or 'LARP_AR' from a config.json; UserError for anything else."""
+  if tok_map.is_official_config(cfg):
+    return tok_map.OFFICIAL_CLASS
+  inner = cfg.get('config') if isinstance(cfg.get('config'), Mapping) else cfg
+  if {'dim', 'n_layer', 'n_head', 'vocab_size'} <= set(inner):
+    return 'LARP_AR'
+  raise errors.UserError(
+    f'config.json names neither the official LARPTokenizer (bottleneck, prior_model, ...) nor '
+    f'LARP_AR (dim, n_layer, ...); its keys: {", ".join(sorted(cfg)) or "none"}'
+  )
+
+
+def _run_config(settings: Mapping[str, Any], norm_eps: float):
+  """The released recipe (``configs/ucf101.py``) with the converted model and loss settings."""
+  from larp_jax.configs import ucf101
+
+  c = ucf101.get_config()
+  for key, value in settings.items():
+    group, name = key.split('.', 1)
+    c[group][name] = value
+  c.model.norm_eps = float(norm_eps)
+  # The discriminator is not released (fresh at fine-tuning); its patches follow the tokenizer's.
+  c.disc.patch_size = tuple(c.model.patch_size)
+  return c
+
+
+def _expected(model) -> dict:
+  """Our flat variable paths -> shapes, without allocating them."""
+  from larp_jax.tasks import tokenizer as task
+
+  abstract = jax.eval_shape(lambda: flax.linen.unbox(task.boxed_variables(model)))
+  flat = flax.traverse_util.flatten_dict(abstract, sep='/')
+  return {k: tuple(v.shape) for k, v in flat.items()}
+
+
+def _choose_eps(norm_eps: Optional[float]) -> tuple[float, str]:
+  if norm_eps is None:
+    return tok_map.RELEASED_NORM_EPS, (
+      'default 1e-5: the released checkpoints were trained with timm < 1.0.16, whose ViT blocks '
+      "use torch's LayerNorm eps (timm >= 1.0.16 uses 1e-6)"
+    )
+  return float(norm_eps), 'given (norm_eps)'
+
+
+def convert_state_dict(
+  official_cfg: Mapping[str, Any],
+  names,
+  get,
+  *,
+  norm_eps: Optional[float] = None,
+):
+  """The conversion itself, on any source of tensors: (run config, flat variables, report).
+
+  ``names``: the official state dict's names; ``get(name)``: one tensor (numpy, or a
+  ``jax.ShapeDtypeStruct`` for a shapes-only check that allocates nothing).
+  """
+  from larp_jax.tasks import tokenizer as task
+
+  t0 = time.time()
+  cls = official_class(official_cfg)
+  if cls != tok_map.OFFICIAL_CLASS:
+    raise errors.UserError(
+      f'config.json is an official {cls} (the AR generator); larp_jax cannot convert it yet '
+      f'(it has no AR generator module)'
+    )
+  mapper = tok_map.map_config(official_cfg)
+  eps, eps_reason = _choose_eps(norm_eps)
+  config = _run_config(mapper.settings, eps)
+  model = task.make_model(config.model)
+  expected = _expected(model)
+  mapped = table.map_tensors(
+    names,
+    get,
+    tok_map.RULES,
+    expected,
+    ctx=tok_map.transform_context(model),
+    buffers=tok_map.buffers(model),
+    ignore=tok_map.IGNORED,
+    dtype=np.dtype(model.param_dtype),
+  )
+  params = {k: v for k, v in expected.items() if k.startswith('params/')}
+  report = dict(
+    official_class=cls,
+    arguments=[list(line) for line in mapper.lines],
+    norm_eps=dict(value=eps, reason=eps_reason),
+    buffers=mapped.buffers,
+    ignored=mapped.ignored,
+    source_dtypes=mapped.dtypes,
+    param_dtype=str(np.dtype(model.param_dtype)),
+    tensors=len(mapped.used),
+    parameters=tok_map.count(params),
+    parameters_without_prior=tok_map.count(params) - tok_map.count(params, 'params/prior/'),
+    seconds=round(time.time() - t0, 3),
+  )
+  casts = {d: n for d, n in mapped.dtypes.items() if d != report['param_dtype']}
+  if casts:
+    report['cast'] = f'{casts} source tensors cast to {report["param_dtype"]}'
+  return config, mapped.variables, report
+
+
+def from_official(directory: str, *, norm_eps: Optional[float] = None):
+  """(run config, variables {'params', ['batch_stats']} as numpy, report) of an official
+  checkpoint directory (``config.json`` + ``model.safetensors``).
+
+  Raises:
+    UserError: the directory or a file is missing or unreadable, or the class is not supported.
+    ConfigError: an argument of config.json that cannot be converted, a source tensor that no
+      rule uses or uses twice, a parameter left unfilled, a shape mismatch (each names them all).
+  """
+  directory = os.path.abspath(directory)
+  cfg_path, weights_path = files.paths(directory)
+  official_cfg = files.read_config(cfg_path)
+  with files.open_weights(weights_path) as weights:
+    config, flat, report = convert_state_dict(
+      official_cfg, weights.names, weights.get, norm_eps=norm_eps
+    )
+  report['source'] = dict(
+    converted_by=CONVERTED_BY,
+    directory=directory,
+    official_class=report['official_class'],
+    sha256={
+      files.CONFIG_FILE: files.sha256(cfg_path),
+      files.WEIGHTS_FILE: files.sha256(weights_path),
+    },
+    norm_eps=report['norm_eps']['value'],
+  )
+  return config, flax.traverse_util.unflatten_dict(flat, sep='/'), report
+
+
+def official_config(config) -> dict:
+  """Our run config -> the official config.json (``to_official``'s config)."""
+  return tok_map.official_config(dict(config['model']), dict(config['loss']))
+
+
+def to_official(config, variables) -> dict:
+  """Our variables ({'params', ['batch_stats']}) -> the official state dict {name: array},
+  buffers included: the inverse of ``from_official`` (what the round-trip tests feed it).
+  ``jax.ShapeDtypeStruct`` leaves give ``jax.ShapeDtypeStruct`` entries (shapes only)."""
+  from larp_jax.tasks import tokenizer as task
+
+  model = task.make_model(config['model'])
+  flat = flax.traverse_util.flatten_dict(dict(variables), sep='/')
+  out = table.unmap_tensors(flat, tok_map.RULES, ctx=tok_map.transform_context(model))
+  abstract = any(isinstance(v, jax.ShapeDtypeStruct) for v in flat.values())
+  extras = {k: f() for k, f in tok_map.buffers(model).items()}
+  extras.update(tok_map.official_extras(model))
+  for name, value in extras.items():
+    out[name] = jax.ShapeDtypeStruct(value.shape, value.dtype) if abstract else value
+  if abstract:
+    return out
+  return {k: np.asarray(v) for k, v in out.items()}
+
+
+def convert(
+  src: str, out: str, *, overwrite: bool = False, norm_eps: Optional[float] = None
+) -> dict:
+  """Converts the official checkpoint ``src`` into the params directory ``out`` (loadable by
+  ``larp_jax.load_tokenizer``); returns the report (with 'written_to').
+
+  Raises UserError if ``out`` exists (unless ``overwrite`` and it is a params directory).
+  """
+  from larp_jax import params_io
+
+  out = os.path.abspath(out)
+  if os.path.exists(out) and os.listdir(out):
+    if not overwrite:
+      raise errors.UserError(f'{out} exists and is not empty; pass --overwrite or choose another')
+    if not params_io.is_params_dir(out):
+      raise errors.UserError(
+        f'{out} is not a params directory; --overwrite only replaces one (remove it yourself)'
+      )
+  config, variables, report = from_official(src, norm_eps=norm_eps)
+  tmp = out + '.converting'
+  shutil.rmtree(tmp, ignore_errors=True)
+  params_io.save(tmp, variables, config=config, step=0, task='tokenizer', source=report['source'])
+  shutil.rmtree(out, ignore_errors=True)
+  os.replace(tmp, out)
+  report['written_to'] = out
+  return report
+
+
+def format_report(report: Mapping[str, Any]) -> str:
+  """The report as text: arguments, eps, buffers, ignored tensors, counts."""
+  lines = [f'official {report["official_class"]} -> larp_jax LARPTokenizer']
+  src = report.get('source')
+  if src:
+    lines.append(f'from {src["directory"]}')
+    lines += [f'  sha256 {name} {digest}' for name, digest in src['sha256'].items()]
+  lines.append('arguments:')
+  for name, value, what, given in report['arguments']:
+    lines.append(f'  {name} = {value!r}{"" if given else " (official default)"}: {what}')
+  eps = report['norm_eps']
+  lines.append(f'LayerNorm eps of the ViT blocks: {eps["value"]:g} ({eps["reason"]})')
+  lines.append('buffers (compared, not loaded):')
+  for name, b in report['buffers'].items():
+    diff = '' if b['max_abs_diff'] is None else f', max |diff| {b["max_abs_diff"]:.3g}'
+    lines.append(f'  {name}: {b["status"]}{diff}')
+  for name, why in report['ignored'].items():
+    lines.append(f'not loaded: {name} ({why})')
+  lines.append(
+    f'{report["tensors"]} tensors -> {report["parameters"]:,} parameters '
+    f'({report["parameters_without_prior"]:,} without the prior), {report["param_dtype"]}; '
+    f'source dtypes {report["source_dtypes"]}'
+  )
+  if report.get('cast'):
+    lines.append(report['cast'])
+  if report.get('written_to'):
+    lines.append(f'written to {report["written_to"]} (load with larp_jax.load_tokenizer)')
+  return '\n'.join(lines)
