@@ -11,6 +11,9 @@
     (``task.evaluate``), and at the end the model's parameters alone (``params_io``) in
     ``<workdir>/params``.
 
+A fresh run with ``config.init_from`` set starts from the model variables of that params or run
+directory (fine-tuning; the optimiser starts fresh).
+
 ``evaluate_run(task_cls, config, workdir)`` is ``--mode=eval``: it reads only the model's
 variables of the latest checkpoint and evaluates them.
 """
@@ -73,7 +76,20 @@ def init_or_restore(task, mngr):
     with sharding.logical_context(task.mesh, task.rules):
       state = init()
     step = 0
+    if task.config.get('init_from'):
+      state = init_from(task, state, task.config.init_from)
   return int(step), state, shardings
+
+
+def init_from(task, state, path: str):
+  """A fresh ``state`` whose model variables are those of ``path`` (``config.init_from``: a
+  params directory, e.g. a converted release, or a run directory's latest checkpoint); the
+  optimiser state and whatever the export does not hold (the discriminator) stay fresh.
+  UserError if ``path`` holds another model (shapes differ)."""
+  abstract, shardings = task.variable_shardings()
+  variables, step, kind = params_io.load_variables(path, abstract, shardings, task.state_fields())
+  logging.info('Model variables initialised from %s (%s, step %d).', path, kind, step)
+  return task.with_variables(state, variables)
 
 
 def _fmt_eta(seconds: float) -> str:
@@ -372,5 +388,10 @@ def evaluate_run(task_cls, config, workdir: str) -> dict:
     workdir_lib.check_config(workdir, config)
   task = make_task(task_cls, config)
   abstract, shardings = task.variable_shardings()
-  variables, step, _ = params_io.load_variables(workdir, abstract, shardings, task.state_fields())
-  return task.evaluate_variables(variables, workdir, step)
+  variables, step, kind = params_io.load_variables(
+    workdir, abstract, shardings, task.state_fields()
+  )
+  # A params directory says where its parameters came from (training, or a conversion of
+  # released weights with the sha256 of its files); the evaluation record keeps that.
+  source = params_io.read_info(workdir).get('source') if kind == 'params' else None
+  return task.evaluate_variables(variables, workdir, step, params_source=source)
