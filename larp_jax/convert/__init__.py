@@ -225,6 +225,7 @@ def convert(
         f'{out} is not a params directory; --overwrite only replaces one (remove it yourself)'
       )
   config, variables, report = from_official(src, norm_eps=norm_eps)
+  variables = _to_device(variables)
   tmp = out + '.converting'
   shutil.rmtree(tmp, ignore_errors=True)
   params_io.save(tmp, variables, config=config, step=0, task='tokenizer', source=report['source'])
@@ -232,6 +233,17 @@ def convert(
   os.replace(tmp, out)
   report['written_to'] = out
   return report
+
+
+def _to_device(variables):
+  """The numpy tree as jax arrays, one leaf at a time (each numpy array is dropped as soon as
+  its copy exists). Orbax then writes with one host copy of its own (measured for LARP-L: the
+  tree plus at most ~0.9 of it), where a numpy tree costs it about two."""
+  flat = flax.traverse_util.flatten_dict(variables, sep='/')
+  del variables
+  for key in list(flat):
+    flat[key] = jax.device_put(flat[key])
+  return flax.traverse_util.unflatten_dict(flat, sep='/')
 
 
 def format_report(report: Mapping[str, Any]) -> str:
