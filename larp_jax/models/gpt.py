@@ -2,10 +2,10 @@
 with bias, causal attention, dropout on the attention probabilities and the residual paths. ``PriorGPT``
 (``larp_jax.models.prior``) stacks these blocks.
 
-Only the full-sequence (training) call exists. A decode mode for generation, one token at a time
-with a KV cache (a 'cache' variable collection holding each block's keys and values, causal
-attention of the new queries against the cached keys), belongs here as a second entry point of
-``GPTBlock``; it is not implemented.
+Only the full-sequence (training) call exists: the prior is never sampled. The generator's
+KV-cache decoding (an explicit cache pytree, a decode method beside each block's full-sequence
+call) is in ``larp_jax.models.larp_ar`` (``LARPAR.prefill`` / ``decode_step``, ``Block.decode``);
+a decode mode for this block would follow the same pattern.
 """
 
 from __future__ import annotations
@@ -21,8 +21,7 @@ from larp_jax.models.layers import Dtype, Mlp, constrain, dense, layer_norm
 class GPTBlock(nn.Module):
   """The prior's block: LN -> causal MHA (separate q/k/v with bias) -> LN -> MLP, with dropout.
 
-  ``__call__`` runs the whole sequence; a KV-cache decode step would be a second method beside
-  it (see the module docstring)."""
+  ``__call__`` runs the whole sequence (see the module docstring for decoding)."""
 
   num_heads: int
   mlp_ratio: float = 4.0

@@ -1,0 +1,1 @@
+"""Sampling from the stage-2 generator (``sampling.sample``)."""
