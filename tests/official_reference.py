@@ -5,11 +5,13 @@ checkpoints"), with the official repository importable from ``--official_dir``:
 
     $LARP_TORCH_PYTHON tests/official_reference.py --official_dir=$LARP_OFFICIAL_DIR --out=DIR
 
-It builds small official tokenizers with random weights, writes each with its own
-``save_pretrained`` to ``DIR/<name>/`` and runs it on fixed random videos (``model.eval()``,
-deterministic quantization), writing ``DIR/<name>.npz``: the videos [B, T, H, W, 3], the tokens,
-the reconstruction [B, T, H, W, 3] (not clamped), the prior's logits (when it has one) and the
-LayerNorm eps of the installed timm's ViT blocks. Nothing of the official code is copied here:
+It builds small official models with random weights, writes each with its own
+``save_pretrained`` to ``DIR/<name>/`` and runs it (``model.eval()``), writing ``DIR/<name>.npz``:
+for the tokenizers ('plain', 'bn_learned_temperature') on fixed random videos with deterministic
+quantization, the videos [B, T, H, W, 3], the tokens, the reconstruction [B, T, H, W, 3] (not
+clamped), the prior's logits (when it has one) and the LayerNorm eps of the installed timm's ViT
+blocks; for the generators ('ar_class', 'ar_fp') the teacher-forced logits of random tokens and
+greedy samples ('greedy_cfg1', and 'greedy_cfg1.5' with guidance). Nothing of the official code is copied here:
 it is imported from ``--official_dir``.
 """
 
@@ -164,6 +166,58 @@ def tokenizer_reference(official_dir: str, out: str, variant: str, seed: int) ->
   return path
 
 
+def ar_reference(official_dir: str, out: str, variant: str, seed: int) -> str:
+  """A small official LARP_AR (class-conditional or frame prediction) with random weights:
+  teacher-forced logits of random tokens and greedy samples (with and without guidance)."""
+  import torch
+
+  _import_official(official_dir)
+  import ar as official_ar
+  from models.larp_ar import LARP_AR, ModelArgs
+
+  fp = variant == 'ar_fp'
+  seq_len, vocab = 8, 64
+  args = ModelArgs(
+    dim=32,
+    n_layer=2,
+    n_head=2,
+    vocab_size=vocab,
+    num_classes=5,
+    max_seq_len=seq_len,
+    frame_prediction=fp,
+    cls_token_num=seq_len + 1 if fp else 1,
+  )
+  torch.manual_seed(seed)
+  model = LARP_AR(args)
+  _randomize(model, seed)
+  model.eval()
+  model.save_pretrained(os.path.join(out, variant))
+  rng = np.random.default_rng(seed)
+  batch = 3
+  tokens = rng.integers(0, vocab, size=(batch, seq_len)).astype(np.int64)
+  result = dict(tokens=tokens.astype(np.int32))
+  if fp:
+    prefix = rng.integers(0, vocab, size=(batch, seq_len)).astype(np.int64)
+    cond = np.concatenate([prefix, np.full((batch, 1), vocab)], axis=1)  # + the separator
+    result['prefix'] = prefix.astype(np.int32)
+  else:
+    cond = np.arange(batch, dtype=np.int64) % args.num_classes
+    result['labels'] = cond.astype(np.int32)
+  cond = torch.from_numpy(cond)
+  with torch.no_grad():
+    logits, _ = model(torch.from_numpy(tokens[:, :-1]), cond)
+    result['logits'] = logits.numpy()
+    scales = (1.0,) if fp else (1.0, 1.5)
+    for scale in scales:
+      with model.sampling():
+        seq = official_ar.generate(model, cond, seq_len, cfg_scale=scale, sample_logits=False)
+      model.reset_caches()
+      result[f'greedy_cfg{scale:g}'] = seq.numpy().astype(np.int32)
+  path = os.path.join(out, f'{variant}.npz')
+  np.savez(path, **result)
+  return path
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--official_dir', required=True)
@@ -173,6 +227,8 @@ def main() -> None:
   os.makedirs(args.out, exist_ok=True)
   for variant in ('plain', 'bn_learned_temperature'):
     print(tokenizer_reference(args.official_dir, args.out, variant, args.seed))
+  for variant in ('ar_class', 'ar_fp'):
+    print(ar_reference(args.official_dir, args.out, variant, args.seed))
 
 
 if __name__ == '__main__':

@@ -16,11 +16,13 @@ import sys
 
 import flax
 import jax
+import ml_collections
 import numpy as np
 import pytest
 
 from larp_jax import checkpoint, convert, errors, load_tokenizer, params_io
 from larp_jax.configs import demo, ucf101
+from larp_jax.convert import ar as ar_map
 from larp_jax.convert import files, table
 from larp_jax.convert import tokenizer as tok_map
 from larp_jax.tasks import tokenizer as task
@@ -272,8 +274,8 @@ def test_config_arguments_unknown_or_refused_are_named():
   del cfg['prior_model']['n_rounds']
   with pytest.raises(errors.ConfigError, match='prior_model.n_rounds=.*missing'):
     tok_map.map_config(cfg)
-  with pytest.raises(errors.UserError, match='LARP_AR'):
-    convert.convert_state_dict({'dim': 8, 'n_layer': 1, 'n_head': 2, 'vocab_size': 4}, [], None)
+  with pytest.raises(errors.UserError, match='neither the official LARPTokenizer .* nor LARP_AR'):
+    convert.convert_state_dict({'width': 8}, [], None)
 
 
 def test_every_argument_is_reported_and_defaults_are_the_official_ones():
@@ -390,6 +392,77 @@ def test_cli_writes_a_params_dir_that_loads_evaluates_and_fine_tunes(tmp_path):
   assert t.params_source()['init_source'] == info['source']
 
 
+# ---------------------------------------------------------------- the AR generator
+
+
+def ar_config(**model):
+  kw = dict(vocab_size=64, num_classes=5, dim=32, depth=2, num_heads=2, seq_len=8)
+  kw.update(model)
+  return ml_collections.ConfigDict({'task': 'generator', 'model': kw})
+
+
+@pytest.mark.parametrize('fp', [False, True], ids=['class', 'fp'])
+def test_ar_round_trip_tiny_is_identical(fp, tmp_path):
+  config = ar_config(frame_prediction=fp)
+  model = ar_map.make_model(config.model)
+  rng = np.random.default_rng(0)
+  variables = jax.tree_util.tree_map(
+    lambda s: rng.standard_normal(s.shape).astype(np.float32), ar_map.abstract_variables(model)
+  )
+  sd = convert.to_official(config, variables)
+  assert sd['layers.1.attention.wqkv.weight'].shape == (96, 32)  # fused, [3D, D]
+  assert sd['tok_embeddings.weight'].shape == (64 + fp, 32)  # FP: the separator row
+  assert sd['abs_pe'].shape == (1, 16 if fp else 8, 32)
+  assert ('cls_embedding.embedding_table.weight' in sd) != fp
+  cfg = convert.official_config(config)
+  assert cfg['cls_token_num'] == (9 if fp else 1)
+  config2, got, report = convert.convert_state_dict(cfg, list(sd), sd.__getitem__)
+  want = flat(variables)
+  assert sorted(got) == sorted(want)
+  for k in want:
+    assert np.array_equal(got[k], want[k]), k
+  assert config2.task == 'generator' and report['ours'] == 'LARPAR'
+  # Written and read back as a params directory.
+  files.write_official(str(tmp_path / 'official'), cfg, sd)
+  convert.convert(str(tmp_path / 'official'), str(tmp_path / 'out'))
+  assert params_io.read_info(str(tmp_path / 'out'))['task'] == 'generator'
+  loaded_model, loaded, _ = convert.load_generator(str(tmp_path / 'out'))
+  assert loaded_model == model
+  for k, v in flat(loaded).items():
+    np.testing.assert_array_equal(np.asarray(v), want[k], err_msg=k)
+
+
+def test_ar_lp_shapes_and_parameter_count():
+  """The released generator's size ('llama-abs-LP', 8192 codes, 101 classes), shapes only."""
+  config = ar_config(
+    vocab_size=8192, num_classes=101, dim=1280, depth=30, num_heads=20, seq_len=1024
+  )
+  model = ar_map.make_model(config.model)
+  sd = convert.to_official(config, ar_map.abstract_variables(model))
+  assert sd['layers.29.feed_forward.w1.weight'].shape == (3584, 1280)
+  _, _, report = convert.convert_state_dict(
+    convert.official_config(config), list(sd), sd.__getitem__
+  )
+  assert round(report['parameters'] / 1e6, 2) == 631.98
+
+
+def test_ar_arguments_refused_are_named():
+  cfg = convert.official_config(ar_config())
+  cfg.update(n_kv_head=1, use_fixed_pe=True, drop_path_rate=0.1, cls_token_num=2, speed=3)
+  with pytest.raises(errors.ConfigError) as e:
+    ar_map.map_config(cfg)
+  for part in (
+    'n_kv_head=1: larp_jax has multi-head attention only',
+    'use_fixed_pe=True',
+    'drop_path_rate=0.1',
+    'cls_token_num=2: must be 1',
+    'speed=3: unknown argument',
+  ):
+    assert part in str(e.value), part
+  with pytest.raises(errors.UserError, match='norm_eps'):
+    convert.convert_state_dict(convert.official_config(ar_config()), [], None, norm_eps=1e-6)
+
+
 # ---------------------------------------------------------------- against the official code
 
 TORCH_PYTHON = os.environ.get('LARP_TORCH_PYTHON')
@@ -454,3 +527,21 @@ def test_parity_with_the_official_tokenizer(official_reference, variant):
     err = np.abs(logits - ref['prior_logits']).max()
     print(f'{variant}: prior logits max abs diff {err:.3g}')
     assert err < 1e-4
+
+
+@pytest.mark.parametrize('variant', ['ar_class', 'ar_fp'])
+def test_parity_with_the_official_generator(official_reference, variant):
+  from larp_jax.generation import sampling
+
+  ref = dict(np.load(os.path.join(official_reference, f'{variant}.npz')))
+  config, variables, _ = convert.from_official(os.path.join(official_reference, variant))
+  model = ar_map.make_model(config.model)
+  cond = dict(prefix=ref['prefix']) if 'prefix' in ref else dict(labels=ref['labels'])
+  logits = np.asarray(model.apply(variables, ref['tokens'], **cond))
+  err = np.abs(logits - ref['logits']).max()
+  print(f'{variant}: logits max abs diff {err:.3g} (scale {np.abs(ref["logits"]).max():.3g})')
+  assert err < 1e-4
+  for key in (k for k in ref if k.startswith('greedy_cfg')):
+    scale = float(key[len('greedy_cfg') :])
+    out = sampling.sample(model, variables, cfg_scale=scale, greedy=True, **cond)
+    np.testing.assert_array_equal(np.asarray(out['tokens']), ref[key], err_msg=key)

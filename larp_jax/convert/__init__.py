@@ -21,9 +21,11 @@ trained with timm < 1.0.16, whose blocks use torch's default eps 1e-5, and that 
 here; a model saved by the official code under timm >= 1.0.16 (eps 1e-6) needs
 ``norm_eps=1e-6``.
 
-The official AR generator (``LARP_AR``) is recognised but not converted yet (larp_jax has no
-AR model yet). The discriminator is not part of the release: fine-tuning a converted tokenizer
-starts it fresh.
+The official AR generator (``LARP_AR``, ``hywang66/LARP-L-long-AR`` and ``-AR-FP``) converts the
+same way into our ``LARPAR`` (``convert/ar.py``; its RMSNorm eps is in its config.json); OUT is
+then a params directory of task 'generator' whose config.json holds ``{'task', 'model'}``
+(``load_generator`` reads it until the generator task has its own loader). The discriminator is
+not part of the release: fine-tuning a converted tokenizer starts it fresh.
 """
 
 from __future__ import annotations
@@ -38,7 +40,9 @@ import jax
 import numpy as np
 
 from larp_jax import errors
-from larp_jax.convert import files, table, tokenizer as tok_map
+from larp_jax.convert import ar as ar_map
+from larp_jax.convert import files, table
+from larp_jax.convert import tokenizer as tok_map
 
 __all__ = [
   'from_official',
@@ -47,54 +51,35 @@ __all__ = [
   'official_config',
   'convert',
   'format_report',
+  'load_generator',
 ]
 
 CONVERTED_BY = 'larp_jax.convert'
 
 
+# Official class -> the module with its tables (same interface: map_config, run_config,
+# make_model, expected, RULES, IGNORED, buffers, official_extras, transform_context, counts,
+# norm_eps_record, official_config, TASK, OURS).
+KINDS = {tok_map.OFFICIAL_CLASS: tok_map, ar_map.OFFICIAL_CLASS: ar_map}
+_BY_TASK = {k.TASK: k for k in KINDS.values()}
+
+
 def official_class(cfg: Mapping[str, Any]) -> str:
   """'LARPTokenizer' or 'LARP_AR' from a config.json; UserError for anything else."""
-  if tok_map.is_official_config(cfg):
-    return tok_map.OFFICIAL_CLASS
-  inner = cfg.get('config') if isinstance(cfg.get('config'), Mapping) else cfg
-  if {'dim', 'n_layer', 'n_head', 'vocab_size'} <= set(inner):
-    return 'LARP_AR'
+  for name, kind in KINDS.items():
+    if kind.is_official_config(cfg):
+      return name
   raise errors.UserError(
     f'config.json names neither the official LARPTokenizer (bottleneck, prior_model, ...) nor '
-    f'LARP_AR (dim, n_layer, ...); its keys: {", ".join(sorted(cfg)) or "none"}'
+    f'LARP_AR (dim, n_layer, n_head, vocab_size, ...); its keys: {", ".join(sorted(cfg)) or "none"}'
   )
 
 
-def _run_config(settings: Mapping[str, Any], norm_eps: float):
-  """The released recipe (``configs/ucf101.py``) with the converted model and loss settings."""
-  from larp_jax.configs import ucf101
-
-  c = ucf101.get_config()
-  for key, value in settings.items():
-    group, name = key.split('.', 1)
-    c[group][name] = value
-  c.model.norm_eps = float(norm_eps)
-  # The discriminator is not released (fresh at fine-tuning); its patches follow the tokenizer's.
-  c.disc.patch_size = tuple(c.model.patch_size)
-  return c
-
-
-def _expected(model) -> dict:
-  """Our flat variable paths -> shapes, without allocating them."""
-  from larp_jax.tasks import tokenizer as task
-
-  abstract = jax.eval_shape(lambda: flax.linen.unbox(task.boxed_variables(model)))
-  flat = flax.traverse_util.flatten_dict(abstract, sep='/')
-  return {k: tuple(v.shape) for k, v in flat.items()}
-
-
-def _choose_eps(norm_eps: Optional[float]) -> tuple[float, str]:
-  if norm_eps is None:
-    return tok_map.RELEASED_NORM_EPS, (
-      'default 1e-5: the released checkpoints were trained with timm < 1.0.16, whose ViT blocks '
-      "use torch's LayerNorm eps (timm >= 1.0.16 uses 1e-6)"
-    )
-  return float(norm_eps), 'given (norm_eps)'
+def _kind_of(config):
+  task = config.get('task', 'tokenizer')
+  if task not in _BY_TASK:
+    raise errors.ConfigError(f'no official form for task {task!r}; one of {sorted(_BY_TASK)}')
+  return _BY_TASK[task]
 
 
 def convert_state_dict(
@@ -107,44 +92,39 @@ def convert_state_dict(
   """The conversion itself, on any source of tensors: (run config, flat variables, report).
 
   ``names``: the official state dict's names; ``get(name)``: one tensor (numpy, or a
-  ``jax.ShapeDtypeStruct`` for a shapes-only check that allocates nothing).
+  ``jax.ShapeDtypeStruct`` for a shapes-only check that allocates nothing). ``norm_eps``: the
+  tokenizer's ViT LayerNorm eps (None: 1e-5, the released checkpoints'); the generator's
+  RMSNorm eps is in its config.json.
   """
-  from larp_jax.tasks import tokenizer as task
-
   t0 = time.time()
   cls = official_class(official_cfg)
-  if cls != tok_map.OFFICIAL_CLASS:
-    raise errors.UserError(
-      f'config.json is an official {cls} (the AR generator); larp_jax cannot convert it yet '
-      f'(it has no AR generator module)'
-    )
-  mapper = tok_map.map_config(official_cfg)
-  eps, eps_reason = _choose_eps(norm_eps)
-  config = _run_config(mapper.settings, eps)
-  model = task.make_model(config.model)
-  expected = _expected(model)
+  kind = KINDS[cls]
+  mapper = kind.map_config(official_cfg)
+  config = kind.run_config(mapper.settings, norm_eps)
+  model = kind.make_model(config.model)
+  expected = kind.expected(model)
   mapped = table.map_tensors(
     names,
     get,
-    tok_map.RULES,
+    kind.RULES,
     expected,
-    ctx=tok_map.transform_context(model),
-    buffers=tok_map.buffers(model),
-    ignore=tok_map.IGNORED,
+    ctx=kind.transform_context(model),
+    buffers=kind.buffers(model),
+    ignore=kind.IGNORED,
     dtype=np.dtype(model.param_dtype),
   )
-  params = {k: v for k, v in expected.items() if k.startswith('params/')}
   report = dict(
     official_class=cls,
+    ours=kind.OURS,
+    task=kind.TASK,
     arguments=[list(line) for line in mapper.lines],
-    norm_eps=dict(value=eps, reason=eps_reason),
+    norm_eps=kind.norm_eps_record(config, norm_eps is not None),
     buffers=mapped.buffers,
     ignored=mapped.ignored,
     source_dtypes=mapped.dtypes,
     param_dtype=str(np.dtype(model.param_dtype)),
     tensors=len(mapped.used),
-    parameters=tok_map.count(params),
-    parameters_without_prior=tok_map.count(params) - tok_map.count(params, 'params/prior/'),
+    **kind.counts(expected),
     seconds=round(time.time() - t0, 3),
   )
   casts = {d: n for d, n in mapped.dtypes.items() if d != report['param_dtype']}
@@ -183,22 +163,22 @@ def from_official(directory: str, *, norm_eps: Optional[float] = None):
 
 
 def official_config(config) -> dict:
-  """Our run config -> the official config.json (``to_official``'s config)."""
-  return tok_map.official_config(dict(config['model']), dict(config['loss']))
+  """Our run config (a tokenizer's, or {'task': 'generator', 'model': ...}) -> the official
+  config.json (``to_official``'s config)."""
+  return _kind_of(config).official_config(config)
 
 
 def to_official(config, variables) -> dict:
   """Our variables ({'params', ['batch_stats']}) -> the official state dict {name: array},
   buffers included: the inverse of ``from_official`` (what the round-trip tests feed it).
   ``jax.ShapeDtypeStruct`` leaves give ``jax.ShapeDtypeStruct`` entries (shapes only)."""
-  from larp_jax.tasks import tokenizer as task
-
-  model = task.make_model(config['model'])
+  kind = _kind_of(config)
+  model = kind.make_model(config['model'])
   flat = flax.traverse_util.flatten_dict(dict(variables), sep='/')
-  out = table.unmap_tensors(flat, tok_map.RULES, ctx=tok_map.transform_context(model))
+  out = table.unmap_tensors(flat, kind.RULES, ctx=kind.transform_context(model))
   abstract = any(isinstance(v, jax.ShapeDtypeStruct) for v in flat.values())
-  extras = {k: f() for k, f in tok_map.buffers(model).items()}
-  extras.update(tok_map.official_extras(model))
+  extras = {k: f() for k, f in kind.buffers(model).items()}
+  extras.update(kind.official_extras(model))
   for name, value in extras.items():
     out[name] = jax.ShapeDtypeStruct(value.shape, value.dtype) if abstract else value
   if abstract:
@@ -228,11 +208,30 @@ def convert(
   variables = _to_device(variables)
   tmp = out + '.converting'
   shutil.rmtree(tmp, ignore_errors=True)
-  params_io.save(tmp, variables, config=config, step=0, task='tokenizer', source=report['source'])
+  params_io.save(
+    tmp, variables, config=config, step=0, task=report['task'], source=report['source']
+  )
   shutil.rmtree(out, ignore_errors=True)
   os.replace(tmp, out)
   report['written_to'] = out
   return report
+
+
+def load_generator(directory: str):
+  """(model, variables, config) of a converted generator's params directory, on one device.
+
+  A stand-in until the generator task brings its own loader: ``LARPAR(**config.model)`` with
+  the variables read into that model's shapes (UserError if they do not fit)."""
+  from larp_jax import api, params_io, sharding
+
+  config = api.load_config(directory)
+  if config.get('task') != ar_map.TASK:
+    raise errors.UserError(f'{directory} holds a {config.get("task")!r} model, not a generator')
+  model = ar_map.make_model(config.model)
+  abstract = ar_map.abstract_variables(model)
+  device = sharding.replicated(sharding.make_mesh({'data': 1}, jax.devices()[:1]))
+  shardings = jax.tree_util.tree_map(lambda _: device, abstract)
+  return model, params_io.load(directory, abstract, shardings), config
 
 
 def _to_device(variables):
@@ -248,7 +247,7 @@ def _to_device(variables):
 
 def format_report(report: Mapping[str, Any]) -> str:
   """The report as text: arguments, eps, buffers, ignored tensors, counts."""
-  lines = [f'official {report["official_class"]} -> larp_jax LARPTokenizer']
+  lines = [f'official {report["official_class"]} -> larp_jax {report["ours"]}']
   src = report.get('source')
   if src:
     lines.append(f'from {src["directory"]}')
@@ -257,20 +256,27 @@ def format_report(report: Mapping[str, Any]) -> str:
   for name, value, what, given in report['arguments']:
     lines.append(f'  {name} = {value!r}{"" if given else " (official default)"}: {what}')
   eps = report['norm_eps']
-  lines.append(f'LayerNorm eps of the ViT blocks: {eps["value"]:g} ({eps["reason"]})')
-  lines.append('buffers (compared, not loaded):')
+  what = 'LayerNorm eps of the ViT blocks' if report['task'] == 'tokenizer' else 'RMSNorm eps'
+  lines.append(f'{what}: {eps["value"]:g} ({eps["reason"]})')
+  lines.append('buffers (compared, not loaded):' + ('' if report['buffers'] else ' none'))
   for name, b in report['buffers'].items():
     diff = '' if b['max_abs_diff'] is None else f', max |diff| {b["max_abs_diff"]:.3g}'
     lines.append(f'  {name}: {b["status"]}{diff}')
   for name, why in report['ignored'].items():
     lines.append(f'not loaded: {name} ({why})')
+  without = report.get('parameters_without_prior')
   lines.append(
-    f'{report["tensors"]} tensors -> {report["parameters"]:,} parameters '
-    f'({report["parameters_without_prior"]:,} without the prior), {report["param_dtype"]}; '
-    f'source dtypes {report["source_dtypes"]}'
+    f'{report["tensors"]} tensors -> {report["parameters"]:,} parameters'
+    + (f' ({without:,} without the prior)' if without is not None else '')
+    + f', {report["param_dtype"]}; source dtypes {report["source_dtypes"]}'
   )
   if report.get('cast'):
     lines.append(report['cast'])
   if report.get('written_to'):
-    lines.append(f'written to {report["written_to"]} (load with larp_jax.load_tokenizer)')
+    how = (
+      'larp_jax.load_tokenizer'
+      if report['task'] == 'tokenizer'
+      else 'larp_jax.convert.load_generator'
+    )
+    lines.append(f'written to {report["written_to"]} (load with {how})')
   return '\n'.join(lines)

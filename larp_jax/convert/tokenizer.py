@@ -25,6 +25,8 @@ from larp_jax.convert.table import Rule, layer_norm, linear
 from larp_jax.models import embeddings
 
 OFFICIAL_CLASS = 'LARPTokenizer'
+OURS = 'LARPTokenizer'
+TASK = 'tokenizer'
 
 # timm's ViT block used torch's LayerNorm default (eps 1e-5) before timm 1.0.16 and eps 1e-6
 # from then on; the released checkpoints were trained with the former.
@@ -360,7 +362,7 @@ def map_config(cfg: Mapping[str, Any]) -> A.Mapper:
   return m
 
 
-def official_config(model: Mapping[str, Any], loss: Mapping[str, Any]) -> dict:
+def official_config_of(model: Mapping[str, Any], loss: Mapping[str, Any]) -> dict:
   """Our model kwargs (and loss settings) -> the official config.json (the inverse of
   ``map_config``, for the settings it maps). ConfigError for a model with no official form."""
   from larp_jax import errors
@@ -551,3 +553,58 @@ def transform_context(model) -> dict:
 
 def count(tree_shapes: Mapping[str, tuple], prefix: str = '') -> int:
   return sum(math.prod(s) for k, s in tree_shapes.items() if k.startswith(prefix))
+
+
+def counts(expected_shapes: Mapping[str, tuple]) -> dict:
+  """Parameter counts for the report (batch statistics are not parameters)."""
+  params = {k: v for k, v in expected_shapes.items() if k.startswith('params/')}
+  total = count(params)
+  return {'parameters': total, 'parameters_without_prior': total - count(params, 'params/prior/')}
+
+
+def run_config(settings: Mapping[str, Any], norm_eps):
+  """The released recipe (``configs/ucf101.py``) with the converted model and loss settings
+  and the LayerNorm eps chosen."""
+  from larp_jax.configs import ucf101
+
+  c = ucf101.get_config()
+  for key, value in settings.items():
+    group, name = key.split('.', 1)
+    c[group][name] = value
+  c.model.norm_eps = float(RELEASED_NORM_EPS if norm_eps is None else norm_eps)
+  # The discriminator is not released (fresh at fine-tuning); its patches follow the tokenizer's.
+  c.disc.patch_size = tuple(c.model.patch_size)
+  return c
+
+
+def norm_eps_record(config, given: bool) -> dict:
+  eps = float(config.model.norm_eps)
+  if not given:
+    why = (
+      'default 1e-5: the released checkpoints were trained with timm < 1.0.16, whose ViT blocks '
+      "use torch's LayerNorm eps (timm >= 1.0.16 uses 1e-6)"
+    )
+  else:
+    why = 'given (norm_eps)'
+  return dict(value=eps, reason=why)
+
+
+def make_model(model_cfg):
+  from larp_jax.tasks import tokenizer as task
+
+  return task.make_model(model_cfg)
+
+
+def expected(model) -> dict:
+  """Our flat variable paths -> shapes, without allocating them."""
+  import flax
+  import jax
+
+  from larp_jax.tasks import tokenizer as task
+
+  abstract = jax.eval_shape(lambda: flax.linen.unbox(task.boxed_variables(model)))
+  return {k: tuple(v.shape) for k, v in flax.traverse_util.flatten_dict(abstract, sep='/').items()}
+
+
+def official_config(config) -> dict:
+  return official_config_of(dict(config['model']), dict(config['loss']))
