@@ -60,6 +60,8 @@ def generator_config(
   c.tokenizer = tokenizer_cfg
   c.tokenizer_path = tokenizer  # run or params directory of the frozen tokenizer
   c.tokens_dir = tokens  # token dataset; '' = encode the videos inside the step
+  # A params or run directory to start the generator from (e.g. a converted release).
+  c.init_from = placeholder(str)
   c.data = tokenizer_cfg.data.copy_and_resolve_references()  # videos: on-the-fly tokens, gFVD reals
   tm = tokenizer_cfg.model
   # ---- the generator: exactly LARPAR's keyword arguments.

@@ -268,7 +268,15 @@ class GeneratorEvaluator:
 
   # ------------------------------------------------------------------ the whole evaluation
 
-  def evaluate(self, params, workdir: str, step: int, *, num_fvd_samples: Optional[int] = None):
+  def evaluate(
+    self,
+    params,
+    workdir: str,
+    step: int,
+    *,
+    num_fvd_samples: Optional[int] = None,
+    params_source=None,
+  ):
     """Held-out NLL, a grid of samples (``config.eval.num_videos_to_show``, classes in turn) and,
     when ``num_fvd_samples`` (default ``config.eval.fvd_samples``) > 0, gFVD. Writes
     ``eval/<step>.json`` and ``eval/<step>_samples*.{mp4,png}``; returns the metrics."""
@@ -287,6 +295,7 @@ class GeneratorEvaluator:
       record.update(self.gfvd(params, num_samples=n_fvd, settings=settings, workdir=workdir))
     record['seconds'] = time.time() - t0
     record['sampling'] = dataclasses.asdict(settings)
+    record['params_source'] = params_source
     if jax.process_index() == 0:
       _write_json(os.path.join(out_dir, f'{int(step)}.json'), record)
     logging.info('eval step %d: %s', step, format_summary(record))

@@ -132,6 +132,8 @@ def _prepare(
 ):
   """Checks everything a user can get wrong before anything compiles; returns (conditioning
   array, key, static flags, traced scalars)."""
+  cfg_scale, temperature, top_p = float(cfg_scale), float(temperature), float(top_p)
+  given = prefix if model.frame_prediction else labels
   if model.frame_prediction:
     if labels is not None:
       raise errors.DataError('a frame-prediction model takes prefix=..., not class labels')
@@ -182,7 +184,9 @@ def _prepare(
     jnp.float32(temperature),
     jnp.float32(top_p),
   )
-  return jnp.asarray(cond, jnp.int32), key, flags, scalars
+  # A jax.Array keeps its placement (a batch-sharded one stays sharded into the program).
+  cond = given.astype(jnp.int32) if isinstance(given, jax.Array) else jnp.asarray(cond, jnp.int32)
+  return cond, key, flags, scalars
 
 
 def _check_range(what, ids, size):

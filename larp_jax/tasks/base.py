@@ -92,12 +92,19 @@ class Task:
     """(abstract model variables, their NamedShardings): the tree ``export`` returns."""
     raise NotImplementedError
 
+  def with_variables(self, state, variables):
+    """``state`` with its model variables replaced by ``variables`` (the tree ``export``
+    returns): how ``config.init_from`` starts a run from saved parameters."""
+    raise NotImplementedError
+
   def state_fields(self) -> dict:
     """The train-state field that holds each top-level key of ``export``'s tree."""
     raise NotImplementedError
 
-  def evaluate_variables(self, variables, workdir: str, step: int) -> dict:
-    """``--mode=eval``: evaluates exported variables; the result has a 'summary' line."""
+  def evaluate_variables(self, variables, workdir: str, step: int, *, params_source=None) -> dict:
+    """``--mode=eval``: evaluates exported variables; the result has a 'summary' line.
+    ``params_source``: where they came from (a params directory's recorded source), for the
+    evaluation record."""
     raise NotImplementedError
 
   def sample_variables(self, variables, workdir: str, step: int) -> dict:

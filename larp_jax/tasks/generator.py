@@ -344,6 +344,11 @@ class GeneratorTask(base.Task):
   def export(self, state) -> dict:
     return {'params': state.params}
 
+  def with_variables(self, state, variables):
+    """``config.init_from``: a fresh state with the generator's parameters of a params or run
+    directory (e.g. a converted release), the AdamW state fresh."""
+    return state.replace(params=variables['params'])
+
   def state_fields(self) -> dict:
     return {'params': 'params'}
 
@@ -360,11 +365,13 @@ class GeneratorTask(base.Task):
   def evaluate(self, state, workdir: str, step: int) -> Optional[dict]:
     return self.evaluator().evaluate(state.params, workdir, int(step))
 
-  def evaluate_variables(self, variables, workdir: str, step: int) -> dict:
+  def evaluate_variables(self, variables, workdir: str, step: int, *, params_source=None) -> dict:
     from larp_jax.generation import evaluate as evaluate_lib
 
     n = int(self.config.eval.get('num_samples', 0) or 0)
-    metrics = self.evaluator().evaluate(variables['params'], workdir, int(step), num_fvd_samples=n)
+    metrics = self.evaluator().evaluate(
+      variables['params'], workdir, int(step), num_fvd_samples=n, params_source=params_source
+    )
     path = os.path.join(workdir, 'eval', f'{int(step)}.json')
     return dict(
       metrics, json=path, summary=f'{evaluate_lib.format_summary(metrics)}\nwritten to {path}'
