@@ -105,7 +105,7 @@ class RMSNorm(nn.Module):
 
 class Attention(nn.Module):
   """Causal MHA: fused bias-free ``wqkv`` laid out [q | k | v], bias-free ``wo``, residual
-  dropout. ``__call__`` runs a whole sequence; ``cached`` runs new positions against a cache."""
+  dropout. ``__call__`` runs a whole sequence; ``decode`` one new position against a KV cache."""
 
   dim: int
   num_heads: int
