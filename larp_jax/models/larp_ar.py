@@ -57,8 +57,11 @@ PRESETS = {
 
 REMAT_CHOICES = ('none', 'full', 'dots')
 
-# Logical axes of one layer's KV cache [B, cache_len, H, Dh] (``init_cache``).
-CACHE_AXES = ('batch', 'length', 'heads', 'head_dim')
+# Logical axes of one layer's KV cache [B, H, max_len, Dh] (``init_cache``). Heads before
+# positions (the official cache's order as well): the decode einsums then contract contiguous
+# rows, where [B, max_len, H, Dh] made XLA:CPU transpose the whole cache every step (a decode
+# step's attention 4.1 -> 0.9 ms per layer at B=16, 256 positions, 4 x 64 heads, one core).
+CACHE_AXES = ('batch', 'heads', 'length', 'head_dim')
 
 _normal = nn.initializers.normal(0.02)
 _zeros = nn.initializers.zeros
@@ -102,7 +105,7 @@ class RMSNorm(nn.Module):
 
 class Attention(nn.Module):
   """Causal MHA: fused bias-free ``wqkv`` laid out [q | k | v], bias-free ``wo``, residual
-  dropout. ``__call__`` runs a whole sequence; ``cached`` runs new positions against a cache."""
+  dropout. ``__call__`` runs a whole sequence; ``decode`` one new position against a KV cache."""
 
   dim: int
   num_heads: int
@@ -134,18 +137,18 @@ class Attention(nn.Module):
 
   def decode(self, x, cache, position):
     """One new position: x [B, 1, D] at ``position`` (a scalar) attends to the cached keys at
-    positions <= ``position``; returns ([B, 1, D], the cache with this position written)."""
-    q, k, v = self._qkv(x)
-    ck = jax.lax.dynamic_update_slice_in_dim(cache['k'], k.astype(cache['k'].dtype), position, 1)
-    cv = jax.lax.dynamic_update_slice_in_dim(cache['v'], v.astype(cache['v'].dtype), position, 1)
-    ck, cv = constrain(ck, CACHE_AXES), constrain(cv, CACHE_AXES)
+    positions <= ``position`` (einsum, float32 softmax); returns ([B, 1, D], the cache
+    {'k', 'v'} [B, H, max_len, Dh] with this position written)."""
+    q, k, v = (t.transpose(0, 2, 1, 3) for t in self._qkv(x))  # [B, H, 1, Dh]
+    ck = write_cache(cache['k'], k, position)
+    cv = write_cache(cache['v'], v, position)
     scale = q.shape[-1] ** -0.5
-    scores = jnp.einsum('bqhd,bkhd->bhqk', q * jnp.asarray(scale, q.dtype), ck.astype(q.dtype))
+    scores = jnp.einsum('bhqd,bhkd->bhqk', q * jnp.asarray(scale, q.dtype), ck.astype(q.dtype))
     scores = scores.astype(jnp.float32)
-    visible = jnp.arange(ck.shape[1]) <= position
+    visible = jnp.arange(ck.shape[2]) <= position
     scores = jnp.where(visible, scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1)
-    a = jnp.einsum('bhqk,bkhd->bqhd', probs.astype(q.dtype), cv.astype(q.dtype))
+    a = jnp.einsum('bhqk,bhkd->bqhd', probs.astype(q.dtype), cv.astype(q.dtype))
     return self._out(a, True), {'k': ck, 'v': cv}
 
 
@@ -418,10 +421,8 @@ class LARPAR(nn.Module):
       h, (k, v) = layer(h, True)
       c = cache[f'layers_{i}']
       new_cache[f'layers_{i}'] = {
-        name: constrain(
-          jax.lax.dynamic_update_slice_in_dim(c[name], x.astype(c[name].dtype), 0, 1), CACHE_AXES
-        )
-        for name, x in (('k', k), ('v', v))
+        'k': write_cache(c['k'], k.transpose(0, 2, 1, 3), 0),
+        'v': write_cache(c['v'], v.transpose(0, 2, 1, 3), 0),
       }
     return self._head(h[:, -1:])[:, 0], new_cache
 
@@ -458,10 +459,16 @@ def _check_ids(what, x, low, high):
     raise errors.DataError(f'{what} id {bad} is out of range {span}')
 
 
+def write_cache(cache, x, position):
+  """``cache`` [B, H, max_len, Dh] with x [B, H, S, Dh] written at positions position..+S-1."""
+  out = jax.lax.dynamic_update_slice_in_dim(cache, x.astype(cache.dtype), position, 2)
+  return constrain(out, CACHE_AXES)
+
+
 def init_cache(model: LARPAR, batch_size: int, dtype=None):
-  """Zero KV cache for ``model``: {'layers_i': {'k', 'v'}} of [batch_size, max_len, H, Dh] in
+  """Zero KV cache for ``model``: {'layers_i': {'k', 'v'}} of [batch_size, H, max_len, Dh] in
   ``dtype`` (default the model's compute dtype). Logical axes ``CACHE_AXES``."""
-  shape = (batch_size, model.max_len, model.num_heads, model.dim // model.num_heads)
+  shape = (batch_size, model.num_heads, model.max_len, model.dim // model.num_heads)
   dtype = model.dtype if dtype is None else dtype
   return {
     f'layers_{i}': {'k': jnp.zeros(shape, dtype), 'v': jnp.zeros(shape, dtype)}
