@@ -51,14 +51,15 @@ def readme_command(pattern: str) -> list:
   raise AssertionError(f'README has no command line with {pattern!r}')
 
 
-def readme_command_block(pattern: str) -> list:
-  """The `python -m larp_jax.main` command of README's code blocks that contains ``pattern``
-  (continuation lines joined), as argv."""
+def readme_command_block(*patterns: str, command: str = 'python -m larp_jax.main') -> list:
+  """The first ``command`` line of README's code blocks that contains every one of ``patterns``
+  (continuation lines joined; a trailing comment dropped), as argv."""
   text = open(README).read().replace('\\\n', ' ')
   for line in text.splitlines():
-    if pattern in line and line.strip().startswith('python -m larp_jax.main'):
+    line = line.split('  #', 1)[0]
+    if all(p in line for p in patterns) and line.strip().startswith(command):
       return line.split()
-  raise AssertionError(f'README has no larp_jax.main command with {pattern!r}')
+  raise AssertionError(f'README has no {command} command with {patterns!r}')
 
 
 def _env():
@@ -203,6 +204,70 @@ def test_readme_eval_command(demo_run):
   )
   assert out.returncode == 0, out.stderr[-3000:]
   assert 'psnr' in out.stdout and 'runs/demo/eval/3.json' in out.stdout
+
+
+def test_readme_generation_commands(demo_run):
+  """README's "Generation" block on the (shortened) demo tokenizer: tokenize, train the demo
+  generator (its end evaluation with a 2-sample gFVD through the real I3D), --mode=sample,
+  --mode=eval; each command as written plus overrides."""
+  user, r = demo_run
+  assert r.returncode == 0, r.stderr[-3000:]
+
+  def run(argv, *extra):
+    out = subprocess.run(
+      [sys.executable, *argv[1:], *extra],
+      cwd=user,
+      env=_env(),
+      capture_output=True,
+      text=True,
+      timeout=900,
+    )
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
+    return out
+
+  small_data = ['--config.data.synthetic_num_train=8', '--config.data.synthetic_num_eval=4']
+  run(
+    readme_command_block('runs/demo_tokens', command='python -m larp_jax.tokenize'),
+    '--batch_size=4',
+    *small_data,
+  )
+  manifest = json.load(open(user / 'runs' / 'demo_tokens' / 'manifest.json'))
+  assert manifest['splits']['train']['num_clips'] == 8, manifest['splits']
+  sampling = ['--config.sample.batch_size=2']
+  evals = ['--config.eval.batch_size=2', '--config.eval.nll_clips=4']
+  run(
+    readme_command_block('configs/demo_ar.py', '--workdir=runs/demo_ar'),
+    '--config.total_steps=3',
+    '--config.log_every=1',
+    '--config.batch_size=4',
+    '--config.eval.fvd_samples=2',
+    '--config.eval.num_videos_to_show=2',
+    *small_data,
+    *sampling,
+    *evals,
+  )
+  run_dir = user / 'runs' / 'demo_ar'
+  rec = json.load(open(run_dir / 'eval' / '3.json'))
+  assert rec['gfvd_samples'] == 2 and np.isfinite(rec['gfvd']), rec
+  assert np.isfinite(rec['token_nll']) and np.isfinite(rec['sample_nll'])
+  out = run(
+    readme_command_block('configs/demo_ar.py', '--mode=sample'),
+    '--config.sample.num_samples=2',
+    *small_data,
+    *sampling,
+  )
+  assert 'samples written to' in out.stdout
+  assert (run_dir / 'samples' / '3.mp4').stat().st_size > 0
+  assert json.load(open(run_dir / 'samples' / '3.json'))['num_samples'] == 2
+  out = run(
+    readme_command_block('configs/demo_ar.py', '--mode=eval'),
+    '--config.eval.num_samples=2',
+    '--config.eval.num_videos_to_show=0',
+    *small_data,
+    *sampling,
+    *evals,
+  )
+  assert 'gfvd' in out.stdout and 'runs/demo_ar/eval/3.json' in out.stdout
 
 
 # ------------------------------------------------------------------- one-line errors
