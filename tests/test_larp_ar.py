@@ -168,7 +168,7 @@ def test_cached_decoding_matches_the_full_forward(fp):
   tokens, cond = tokens_for(model), cond_kwargs(model)
   ref = model.apply(variables, tokens, **cond)
   cache = larp_ar.init_cache(model, B)
-  assert cache['layers_0']['k'].shape == (B, model.max_len, 4, 8)
+  assert cache['layers_0']['k'].shape == (B, 4, model.max_len, 8)
   logits, cache = model.apply(variables, cache, **cond, method=model.prefill)
   decode = jax.jit(functools.partial(model.apply, method=model.decode_step))
   steps = [logits]

@@ -57,8 +57,11 @@ PRESETS = {
 
 REMAT_CHOICES = ('none', 'full', 'dots')
 
-# Logical axes of one layer's KV cache [B, cache_len, H, Dh] (``init_cache``).
-CACHE_AXES = ('batch', 'length', 'heads', 'head_dim')
+# Logical axes of one layer's KV cache [B, H, max_len, Dh] (``init_cache``). Heads before
+# positions (the official cache's layout too): the decode step's two einsums then read the cache
+# as it lies, where [B, max_len, H, Dh] made XLA transpose the whole cache of every layer at
+# every token.
+CACHE_AXES = ('batch', 'heads', 'length', 'head_dim')
 
 _normal = nn.initializers.normal(0.02)
 _zeros = nn.initializers.zeros
@@ -102,7 +105,7 @@ class RMSNorm(nn.Module):
 
 class Attention(nn.Module):
   """Causal MHA: fused bias-free ``wqkv`` laid out [q | k | v], bias-free ``wo``, residual
-  dropout. ``__call__`` runs a whole sequence; ``cached`` runs new positions against a cache."""
+  dropout. ``__call__`` runs a whole sequence; ``decode`` one new position against a cache."""
 
   dim: int
   num_heads: int
@@ -136,17 +139,18 @@ class Attention(nn.Module):
     """One new position: x [B, 1, D] at ``position`` (a scalar) attends to the cached keys at
     positions <= ``position``; returns ([B, 1, D], the cache with this position written)."""
     q, k, v = self._qkv(x)
-    ck = jax.lax.dynamic_update_slice_in_dim(cache['k'], k.astype(cache['k'].dtype), position, 1)
-    cv = jax.lax.dynamic_update_slice_in_dim(cache['v'], v.astype(cache['v'].dtype), position, 1)
-    ck, cv = constrain(ck, CACHE_AXES), constrain(cv, CACHE_AXES)
+    cache = write_cache(cache, k, v, position)
+    ck, cv = cache['k'].astype(q.dtype), cache['v'].astype(q.dtype)
     scale = q.shape[-1] ** -0.5
-    scores = jnp.einsum('bqhd,bkhd->bhqk', q * jnp.asarray(scale, q.dtype), ck.astype(q.dtype))
-    scores = scores.astype(jnp.float32)
-    visible = jnp.arange(ck.shape[1]) <= position
+    # [B, 1, H, Dh] x [B, H, max_len, Dh] -> [B, H, 1, max_len], accumulated in float32.
+    scores = jnp.einsum(
+      'bqhd,bhkd->bhqk', q * jnp.asarray(scale, q.dtype), ck, preferred_element_type=jnp.float32
+    )
+    visible = jnp.arange(ck.shape[2]) <= position
     scores = jnp.where(visible, scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1)
-    a = jnp.einsum('bhqk,bkhd->bqhd', probs.astype(q.dtype), cv.astype(q.dtype))
-    return self._out(a, True), {'k': ck, 'v': cv}
+    a = jnp.einsum('bhqk,bhkd->bqhd', probs.astype(q.dtype), cv)
+    return self._out(a, True), cache
 
 
 class FeedForward(nn.Module):
@@ -416,13 +420,7 @@ class LARPAR(nn.Module):
     new_cache = {}
     for i, layer in enumerate(self.layers):
       h, (k, v) = layer(h, True)
-      c = cache[f'layers_{i}']
-      new_cache[f'layers_{i}'] = {
-        name: constrain(
-          jax.lax.dynamic_update_slice_in_dim(c[name], x.astype(c[name].dtype), 0, 1), CACHE_AXES
-        )
-        for name, x in (('k', k), ('v', v))
-      }
+      new_cache[f'layers_{i}'] = write_cache(cache[f'layers_{i}'], k, v, 0)
     return self._head(h[:, -1:])[:, 0], new_cache
 
   def decode_step(self, cache, tokens, position):
@@ -459,14 +457,27 @@ def _check_ids(what, x, low, high):
 
 
 def init_cache(model: LARPAR, batch_size: int, dtype=None):
-  """Zero KV cache for ``model``: {'layers_i': {'k', 'v'}} of [batch_size, max_len, H, Dh] in
-  ``dtype`` (default the model's compute dtype). Logical axes ``CACHE_AXES``."""
-  shape = (batch_size, model.max_len, model.num_heads, model.dim // model.num_heads)
+  """Zero KV cache for ``model``: {'layers_i': {'k', 'v'}} of [batch_size, H, max_len, Dh] in
+  ``dtype`` (default the model's compute dtype). Logical axes ``CACHE_AXES``: ``prefill`` and
+  ``decode_step`` constrain every cache they write, so inside a jitted program under a mesh and
+  logical rules the cache is sharded like the activations (batch over the data axes)."""
+  shape = (batch_size, model.num_heads, model.max_len, model.dim // model.num_heads)
   dtype = model.dtype if dtype is None else dtype
   return {
     f'layers_{i}': {'k': jnp.zeros(shape, dtype), 'v': jnp.zeros(shape, dtype)}
     for i in range(model.depth)
   }
+
+
+def write_cache(cache, k, v, position):
+  """One layer's cache with keys and values k, v [B, n, H, Dh] written at positions
+  ``position`` .. ``position + n - 1`` (``position`` may be traced)."""
+
+  def put(buf, x):
+    x = jnp.swapaxes(x, 1, 2).astype(buf.dtype)  # [B, H, n, Dh]
+    return constrain(jax.lax.dynamic_update_slice_in_dim(buf, x, position, 2), CACHE_AXES)
+
+  return {'k': put(cache['k'], k), 'v': put(cache['v'], v)}
 
 
 def token_nll(logits, tokens):
