@@ -225,3 +225,22 @@ def test_fsdp_sharded_parameters_sample_like_one_device():
   # Every kernel, both tables and abs_pe split over fsdp; only the 5 RMSNorm scales replicated.
   assert out['named'] and out['split'] == out['leaves'] - 5, out
   assert out['same'] and out['logprobs'] < 1e-5, out
+
+
+def test_conditioning_arrays_and_scalars_of_any_kind():
+  model, variables = random_head_variables()
+  labels = cond_kwargs(model)['labels']
+  kw = dict(greedy=True, cfg_scale=3.0, cfg_interval=1)
+  ref = sampling.sample(model, variables, labels, **kw)['tokens']
+  # numpy or list labels, and jnp scalars for the settings: the same program and tokens (a jnp
+  # scale once made the static flags unhashable).
+  as_list = np.asarray(labels).tolist()
+  got = sampling.sample(model, variables, as_list, **dict(kw, cfg_scale=jnp.float32(3.0)))
+  np.testing.assert_array_equal(got['tokens'], ref)
+  # A device array is range-checked where it lies (min and max only), then used as it is.
+  with pytest.raises(errors.DataError, match=r'class id 7 is out of range \[0, 4\]'):
+    sampling.sample(model, variables, labels.at[1].set(7), **kw)
+  with pytest.raises(errors.DataError, match='class ids must be integers'):
+    sampling.sample(model, variables, labels.astype(jnp.float32), **kw)
+  with pytest.raises(errors.ConfigError, match='must be numbers'):
+    sampling.sample(model, variables, labels, **dict(kw, temperature='hot'))
