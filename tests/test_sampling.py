@@ -10,7 +10,7 @@ from larp_jax import errors
 from larp_jax.generation import sampling
 from larp_jax.models import larp_ar
 from tests.conftest import run_result_script
-from tests.test_larp_ar import B, cond_kwargs, random_head_variables
+from tests.test_larp_ar import B, cond_kwargs, random_head_variables, tiny
 
 
 @pytest.mark.parametrize('fp', [False, True])
@@ -244,3 +244,16 @@ def test_conditioning_arrays_and_scalars_of_any_kind():
     sampling.sample(model, variables, labels.astype(jnp.float32), **kw)
   with pytest.raises(errors.ConfigError, match='must be numbers'):
     sampling.sample(model, variables, labels, **dict(kw, temperature='hot'))
+
+
+def test_bf16_compute_samples_like_its_training_forward():
+  # bf16 matmuls over float32 parameters: a bf16 cache, float32 log-probs that agree with the
+  # bf16 training forward to bf16 rounding (logits here are O(5): a few 1e-2 nats).
+  model, variables = random_head_variables()
+  m16, cond = tiny(dtype=jnp.bfloat16), cond_kwargs(model)
+  assert larp_ar.init_cache(m16, B)['layers_0']['k'].dtype == jnp.bfloat16
+  got = sampling.sample(m16, variables, key=jax.random.key(3), **cond)
+  assert got['tokens'].dtype == jnp.int32 and got['logprobs'].dtype == jnp.float32
+  ll = larp_ar.log_likelihood(m16, variables, got['tokens'], **cond)
+  np.testing.assert_allclose(got['logprobs'], ll, atol=0.1)
+  assert float(jnp.abs(got['logprobs'] - ll).max()) > 0  # really computed in bf16
