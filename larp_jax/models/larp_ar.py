@@ -19,7 +19,8 @@ bf16 while the residual stream, RMSNorm, softmaxes and logits stay float32 (unde
 the residual adds promote to float32 as well); parameters are stored in ``param_dtype``.
 
 Besides the training call, ``prefill`` and ``decode_step`` are the generation entry points with
-an explicit KV cache (``init_cache``); ``larp_jax.generation.sampling`` drives them.
+an explicit KV cache (``init_cache``: per layer k and v [B, H, max_len, Dh], the layout of the
+official cache); ``larp_jax.generation.sampling`` drives them.
 
 Parameter names follow the official state dict (``tok_embeddings``, ``cls_embedding/
 embedding_table``, ``abs_pe``, ``layers_{i}/attention/{wqkv,wo}``, ``layers_{i}/feed_forward/
@@ -209,7 +210,9 @@ class Block(nn.Module):
 
 class LabelEmbedder(nn.Module):
   """Class table with ``num_classes + 1`` rows; the last is the classifier-free-guidance null
-  class. Negative labels map to it, and in training each label does with prob ``drop_rate``."""
+  class. Negative labels map to it, and in training each label does with prob ``drop_rate``.
+  (The official table drops the null row when its dropout is 0; here it is always there, so a
+  converted checkpoint of such a model needs one row appended.)"""
 
   num_classes: int
   dim: int
