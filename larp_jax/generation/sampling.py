@@ -196,7 +196,7 @@ def _ids(what, ids, size):
   ids = ids if on_device else np.asarray(ids)
   if not jnp.issubdtype(ids.dtype, jnp.integer):
     raise errors.DataError(f'{what} ids must be integers, got {ids.dtype}')
-  if ids.size:
+  if ids.size and not isinstance(ids, jax.core.Tracer):  # values unknown inside a caller's jit
     lo, hi = (int(x) for x in jax.device_get((ids.min(), ids.max())))
     if lo < 0 or hi >= size:
       raise errors.DataError(f'{what} id {lo if lo < 0 else hi} is out of range [0, {size - 1}]')
