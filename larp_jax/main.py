@@ -3,6 +3,7 @@ r"""Command-line entry point.
   python -m larp_jax.main --config=configs/demo.py --workdir=runs/demo
   python -m larp_jax.main --config=configs/ucf101.py:size=L --workdir=runs/l --config.batch_size=64
   python -m larp_jax.main --config=configs/demo.py --workdir=runs/demo --mode=eval
+  python -m larp_jax.main --config=configs/demo_ar.py --workdir=runs/demo_ar --mode=sample
 
 Training resumes automatically from the latest good checkpoint in --workdir. A config, data or
 run-directory mistake fails before anything is compiled or written, with one line on stderr
@@ -33,8 +34,9 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory (checkpoints, log
 _MODE = flags.DEFINE_enum(
   'mode',
   'train',
-  ['train', 'eval'],
-  'train: train (resuming if possible); eval: evaluate the latest checkpoint in --workdir.',
+  ['train', 'eval', 'sample'],
+  'train: train (resuming if possible); eval: evaluate the latest checkpoint in --workdir; '
+  'sample: write samples of a generator (videos, per-class grids, a JSON record).',
 )
 _COORDINATOR = flags.DEFINE_string(
   'coordinator_address',
@@ -67,8 +69,10 @@ def main(argv):
     task_cls = tasks.get(tasks.name_of(config))
     if _MODE.value == 'train':
       loop.run(task_cls, config, _WORKDIR.value)
-    else:
+    elif _MODE.value == 'eval':
       print(loop.evaluate_run(task_cls, config, _WORKDIR.value)['summary'])
+    else:
+      print(loop.sample_run(task_cls, config, _WORKDIR.value)['summary'])
   except BaseException as e:  # pylint: disable=broad-except
     line = cli_env.error_line(e)  # a UserError or OSError (a full disk, a permission): one line
     if line is None:  # anything else is a bug

@@ -47,9 +47,13 @@ def save(
   config,
   step: int,
   task: str,
-  source: str = 'larp_jax training',
+  source: str | dict = 'larp_jax training',
 ) -> str:
   """Writes ``variables`` (on any mesh) as a params directory; returns its absolute path.
+
+  ``source`` says where the parameters came from ('larp_jax training', or a conversion's record
+  of its files and their sha256: ``larp_jax.convert``); ``--mode=eval`` copies it into the
+  evaluation JSON as 'params_source'.
 
   Every process calls it (Orbax writes each array's shards from the process that holds them);
   process 0 writes the JSON files. Refuses to overwrite an existing params directory.

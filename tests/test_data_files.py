@@ -125,6 +125,19 @@ def test_bad_files_are_skipped_counted_and_named(tmp_path, caplog):
   assert len(got) == 6 and ev.num_skipped == 3
 
 
+def test_folder_train_pass_masks_bad_files_instead_of_replacing_them(tmp_path):
+  make_folder(tmp_path, with_bad=True)
+  vl = video_io.list_videos(str(tmp_path))
+  it = data.get_dataset(_cfg('folder', tmp_path), 'train', SHAPE, 4, seed=1, train_pass=0)
+  batches = list(it)
+  assert len(batches) == 3 and it.num_skipped == 3  # 9 files, 3 of them bad
+  ids = np.concatenate([b['clip_id'][b['mask']] for b in batches])
+  good = [i for i, p in enumerate(vl.paths) if os.path.basename(p).startswith('v')]
+  np.testing.assert_array_equal(ids, good)  # each good video once, in list order
+  labels = np.concatenate([b['label'][b['mask']] for b in batches])
+  np.testing.assert_array_equal(labels, vl.labels[ids])
+
+
 def test_no_decodable_video_is_one_line_error(tmp_path):
   (tmp_path / 'a').mkdir()
   (tmp_path / 'a' / 'x.mp4').write_bytes(b'not a video')
@@ -197,6 +210,8 @@ def test_records_source_batches_hosts_and_resume(prepared):
     got = next(res)
     for k in want:
       np.testing.assert_array_equal(want[k], got[k])
+  one = list(data.get_dataset(cfg, 'train', SHAPE, 4, seed=2, train_pass=0))
+  assert sorted(i for b in one for i in b['clip_id'][b['mask']]) == sorted(idx)
   for pc in (2, 3):  # 3 shards: record-level split for 2 hosts, file-level for 3
     seen = [
       {

@@ -106,6 +106,32 @@ def test_start_step_is_exact_continuation(start_step):
       np.testing.assert_array_equal(x[k], y[k])
 
 
+def test_train_pass_is_one_ordered_epoch_padded_and_resumable():
+  """`train_pass=e`: every train video once, in order, with epoch e's clips and flips (what
+  `python -m larp_jax.tokenize` encodes), padded like eval; `start_step` skips batches."""
+  cfg = _cfg(synthetic_num_train=11)
+  one = list(data.get_dataset(cfg, 'train', SHAPE, 4, seed=5, train_pass=1))
+  assert len(one) == 3 and [int(b['mask'].sum()) for b in one] == [4, 4, 3]
+  ids = np.concatenate([b['clip_id'][b['mask']] for b in one])
+  np.testing.assert_array_equal(ids, np.arange(11))
+  # Epoch 1 of the training stream (elements 11..21) holds the same clips, shuffled.
+  epoch1 = next(data.get_dataset(cfg, 'train', SHAPE, 11, seed=5, start_step=1))
+  video = np.concatenate([b['video'][b['mask']] for b in one])
+  np.testing.assert_array_equal(video[epoch1['clip_id']], epoch1['video'])
+  epoch0 = next(data.get_dataset(cfg, 'train', SHAPE, 11, seed=5))
+  assert not np.array_equal(video[epoch0['clip_id']], epoch0['video'])  # other starts/flips
+  rest = data.get_dataset(cfg, 'train', SHAPE, 4, seed=5, train_pass=1, start_step=2)
+  assert rest.num_batches == 1
+  np.testing.assert_array_equal(next(rest)['video'], one[2]['video'])
+  hosts = [
+    data.get_dataset(cfg, 'train', SHAPE, 4, seed=5, train_pass=1, process_index=h, process_count=2)
+    for h in (0, 1)
+  ]
+  assert [it.num_batches for it in hosts] == [2, 2]  # ceil(max(6, 5) / 4) on both hosts
+  got = [set(np.concatenate([b['clip_id'][b['mask']] for b in it]).tolist()) for it in hosts]
+  assert not got[0] & got[1] and got[0] | got[1] == set(range(11))
+
+
 def test_two_hosts_disjoint_and_cover():
   seen = []
   for host in (0, 1):

@@ -45,6 +45,8 @@ def test_tfds_train_batches(mock_ucf):
     assert b['label'].dtype == np.int32 and ((0 <= b['label']) & (b['label'] < 101)).all()
     ids.extend(b['clip_id'].tolist())
   assert sorted(ids[:6]) == list(range(6)) and sorted(ids[6:]) == list(range(6))
+  one = list(data.get_dataset(_cfg(), 'train', SHAPE, 4, seed=0, train_pass=0))  # in file order
+  assert [b['clip_id'][b['mask']].tolist() for b in one] == [[0, 1, 2, 3], [4, 5]]
 
 
 def test_tfds_resume_and_determinism(mock_ucf):

@@ -147,7 +147,7 @@ def test_task_registry_names_the_choices():
   with pytest.raises(
     errors.ConfigError,
     match=r"config.task='nope' is not a task; choose one "
-    r"of \('tokenizer',\)",
+    r"of \('generator', 'tokenizer'\)",
   ):
     tasks.get('nope')
 

@@ -150,6 +150,10 @@ def get_config(arg=None):
     )
   )
 
+  # ---- fine-tuning: a fresh run starts from the model variables of this params directory (e.g.
+  # a converted release: python -m larp_jax.convert) or run directory; None: random init.
+  c.init_from = placeholder(str)
+
   # ---- parallelism (global batch split over data*fsdp).
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   c.sharding_rules = config_lib.DEFAULT_SHARDING_RULES

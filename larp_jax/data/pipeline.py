@@ -13,6 +13,10 @@ Stream contract (all sources):
   resume guarantee, do not depend on bad files.
 * Evaluation is one ordered pass; the last batch is padded (mask False) and every host yields the
   same number of batches (a max over hosts), so multi-host eval loops stay in step.
+* `train_pass=e` (what `python -m larp_jax.tokenize` reads) makes the train split one pass of the
+  same kind: each of the host's videos once, in stored order, with the clip start/crop/flip of
+  training epoch `e`; padded and masked like eval (a bad file is a masked row, not replaced), and
+  `start_step=s` starts it `s` batches in without decoding the skipped videos.
 * `DataIterator.close()` (or leaving `with get_dataset(...) as it:`) stops the pipeline at once:
   the Python work of the synthetic and folder sources sees the pipeline's cancel event and returns
   placeholders instead of decoding, and the tf.data iterator is destroyed then and there.
@@ -32,7 +36,13 @@ from larp_jax.data import clips
 from larp_jax.data import config as config_lib
 from larp_jax.data import synthetic
 from larp_jax.data import video_io
-from larp_jax.data.source_api import Built, parallel_calls, resumed_epochs, split_location
+from larp_jax.data.source_api import (
+  Built,
+  one_pass,
+  parallel_calls,
+  resumed_epochs,
+  split_location,
+)
 from larp_jax.errors import DataError
 
 _log = logging.getLogger(__name__)
@@ -133,11 +143,14 @@ class DataIterator:
       batch = self._spec
     n = len(batch['label'])
     pad = lambda x, fill: np.concatenate([x, np.full((b - n,) + x.shape[1:], fill, x.dtype)])
+    mask = np.arange(b) < n
+    if 'ok' in batch:  # a `train_pass` of the folder source: bad files are masked rows
+      mask[:n] &= np.asarray(batch['ok'], bool)
     out = {
       'video': pad(batch['video'], 0),
       'label': pad(batch['label'], 0),
       'clip_id': pad(batch['clip_id'], -1),
-      'mask': np.arange(b) < n,
+      'mask': mask,
     }
     self._emitted += 1
     return out
@@ -188,7 +201,7 @@ def index_train_stream(n: int, seed: int, skip: int) -> tf.data.Dataset:
 # ----------------------------------------------------------------------------- synthetic
 
 
-def _synthetic(cfg, split, video_shape, seed, skip, pi, pc) -> Built:
+def _synthetic(cfg, split, video_shape, seed, skip, pi, pc, train_pass=None) -> Built:
   t, h, w = video_shape
   stride = int(cfg.frame_stride)
   n_total = int(cfg.synthetic_num_train if split == 'train' else cfg.synthetic_num_eval)
@@ -226,10 +239,12 @@ def _synthetic(cfg, split, video_shape, seed, skip, pi, pc) -> Built:
         video = tf.cond(u[3] < 0.5, lambda: video[:, :, ::-1, :], lambda: video)
       return {'video': video, 'label': label, 'clip_id': tf.cast(index, tf.int32)}
 
-    ds = index_train_stream(len(ids), seed, skip).map(
-      train_elem, num_parallel_calls=parallel_calls(cfg, python_decode=True)
-    )
-    return Built(ds, None, video_io.SkipLog(), cancel, video_io.UpscaleLog())
+    if train_pass is None:
+      stream, n_pass = index_train_stream(len(ids), seed, skip), None
+    else:
+      stream, n_pass = one_pass(tf.data.Dataset.range(len(ids)), train_pass, skip), len(ids)
+    ds = stream.map(train_elem, num_parallel_calls=parallel_calls(cfg, python_decode=True))
+    return Built(ds, n_pass, video_io.SkipLog(), cancel, video_io.UpscaleLog())
 
   chunks = int(clips.num_chunks(length, t, stride)) if cfg.eval_chunks == 'all' else 1
 
@@ -259,7 +274,7 @@ def folder_classes(cfg) -> list | None:
   return sorted(set().union(*(video_io.folder_classes(r) for r in roots))) if roots else None
 
 
-def _folder(cfg, split, video_shape, seed, skip, pi, pc) -> Built:
+def _folder(cfg, split, video_shape, seed, skip, pi, pc, train_pass=None) -> Built:
   t, h, w = video_shape
   stride = int(cfg.frame_stride)
   loc = split_location(cfg, split)
@@ -319,6 +334,13 @@ def _folder(cfg, split, video_shape, seed, skip, pi, pc) -> Built:
         return out
     raise RuntimeError(f'no decodable video left in {loc!r}')
 
+  def py_pass(pos, u):
+    """One pass (`train_pass`): a bad file is kept as a masked placeholder, not replaced, so the
+    pass holds each video at most once and its element count does not depend on bad files."""
+    if cancel.is_set():
+      return empty
+    return load(int(pos), float(u), None) or empty
+
   def py_eval(pos, start):
     if cancel.is_set():
       return empty
@@ -351,6 +373,16 @@ def _folder(cfg, split, video_shape, seed, skip, pi, pc) -> Built:
       u = clips.clip_uniforms(clips.element_key(seed, epoch, tf.gather(ids_t, pos)))
       return decoded(py_train, [pos, u[0]], u, True)
 
+    if train_pass is not None:
+
+      def pass_elem(pos, epoch):
+        u = clips.clip_uniforms(clips.element_key(seed, epoch, tf.gather(ids_t, pos)))
+        return decoded(py_pass, [pos, u[0]], u, True)
+
+      ds = one_pass(tf.data.Dataset.range(len(paths)), train_pass, skip).map(
+        pass_elem, num_parallel_calls=parallel_calls(cfg, python_decode=True)
+      )
+      return Built(ds, len(paths), log, cancel, upscaled)  # 'ok' kept: the mask of the pass
     ds = index_train_stream(len(paths), seed, skip).map(
       train_elem, num_parallel_calls=parallel_calls(cfg, python_decode=True)
     )
@@ -396,11 +428,14 @@ def get_dataset(
   start_step: int = 0,
   process_index: int | None = None,
   process_count: int | None = None,
+  train_pass: int | None = None,
 ) -> DataIterator:
   """This host's batches: {'video': f32 [b, T, H, W, 3] in [0, 1], 'label': i32 [b], 'clip_id': i32 [b]}.
 
   split 'train': infinite, shuffled, drop_remainder; `start_step` skips exactly that many batches.
   split 'eval': one ordered pass, last batch padded, plus 'mask': bool [b] marking real clips.
+  split 'train' with `train_pass=e`: one ordered pass over the train videos with the augmentation
+  of training epoch e, padded and masked like eval; `start_step` skips that many of its batches.
   Close the iterator when done: `it.close()` or `with get_dataset(...) as it:` (see DataIterator).
   """
   config_lib.validate(cfg, split, video_shape)
@@ -410,6 +445,9 @@ def get_dataset(
     )
   pi, pc = _host(process_index, process_count)
   video_shape = tuple(int(d) for d in video_shape)
+  one = split == 'train' and train_pass is not None
+  if one and int(train_pass) < 0:
+    raise ValueError(f'data: train_pass must be >= 0, got {train_pass}')
   skip = int(start_step) * int(batch_size) if split == 'train' else 0
   if cfg.source == 'records':
     from larp_jax.data import records  # pylint: disable=g-import-not-at-top
@@ -421,21 +459,24 @@ def get_dataset(
     build = tfds_source.build
   else:
     build = {'synthetic': _synthetic, 'folder': _folder}[cfg.source]
-  built = build(cfg, split, video_shape, int(seed), skip, pi, pc)
+  args = (cfg, split, video_shape, int(seed), skip, pi, pc)
+  built = build(*args, train_pass=int(train_pass)) if one else build(*args)
   options = tf.data.Options()
   options.deterministic = True
   options.threading.private_threadpool_size = 0
   ds = built.ds.with_options(options)
-  if split == 'train':
+  if split == 'train' and not one:
     ds = ds.batch(batch_size, drop_remainder=True)
     num_batches = None
   else:
     ds = ds.batch(batch_size)
     num_batches = _global_max(-(-built.num_eval // batch_size), pc)
+    if one:  # the batches left after the skipped ones (a short host pads the rest)
+      num_batches = max(num_batches - int(start_step), 0)
   ds = ds.prefetch(int(cfg.prefetch) if int(cfg.prefetch) > 0 else 0)
   return DataIterator(
     ds,
-    train=split == 'train',
+    train=split == 'train' and not one,
     batch_size=int(batch_size),
     num_batches=num_batches,
     skip_log=built.skip_log,

@@ -70,7 +70,7 @@ def decode_frames(encoded, idx, num_frames: int):
   return tf.stack([tf.io.decode_png(picked[i], channels=3) for i in range(num_frames)])
 
 
-def build(cfg, split, video_shape, seed, skip, pi, pc) -> source_api.Built:
+def build(cfg, split, video_shape, seed, skip, pi, pc, train_pass=None) -> source_api.Built:
   t, _, _ = video_shape
   stride = int(cfg.frame_stride)
   root = source_api.split_location(cfg, split)
@@ -128,7 +128,10 @@ def build(cfg, split, video_shape, seed, skip, pi, pc) -> source_api.Built:
       ds = host_filter(ds).shuffle(buf, seed=seed * 1_000_003 + e)
       return ds.map(lambda x: (x, e))
 
-    ds = source_api.resumed_epochs(epoch, n_local, skip)
+    if train_pass is None:
+      ds = source_api.resumed_epochs(epoch, n_local, skip)
+    else:  # the files in order, unshuffled; skipped records are read but never decoded
+      ds = source_api.one_pass(host_filter(tf.data.TFRecordDataset(files)), train_pass, skip)
 
     def train_elem(serialized, e):
       ex = parse(serialized)
@@ -149,7 +152,8 @@ def build(cfg, split, video_shape, seed, skip, pi, pc) -> source_api.Built:
         'clip_id': tf.cast(ex['index'], tf.int32),
       }
 
-    return source_api.Built(ds.map(train_elem, num_parallel_calls=npc), None, log)
+    n_pass = None if train_pass is None else n_local
+    return source_api.Built(ds.map(train_elem, num_parallel_calls=npc), n_pass, log)
 
   # Eval: files in order; 'all' expands each video into its chunks (counts from the manifest).
   ds = host_filter(tf.data.TFRecordDataset(files))

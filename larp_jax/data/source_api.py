@@ -1,6 +1,7 @@
 """What every source's `build` shares: the `Built` it returns, `split_location` (where a split's
-files are), `parallel_calls` (the `num_parallel_calls` of its maps) and `resumed_epochs` (the
-endless training stream, started any number of elements in)."""
+files are), `parallel_calls` (the `num_parallel_calls` of its maps), `resumed_epochs` (the
+endless training stream, started any number of elements in) and `one_pass` (a single ordered
+pass over the training videos with one epoch's augmentation, for `python -m larp_jax.tokenize`)."""
 
 import dataclasses
 import os
@@ -17,7 +18,8 @@ AUTOTUNE = tf.data.AUTOTUNE
 @dataclasses.dataclass
 class Built:
   ds: tf.data.Dataset  # unbatched {'video', 'label', 'clip_id'}
-  num_eval: int | None  # eval: planned local element count (before bad files are dropped)
+  # eval, or a training `one_pass`: planned local element count (before bad files are dropped)
+  num_eval: int | None
   skip_log: video_io.SkipLog
   # Set only by `DataIterator.close()`; the source's Python functions then return placeholders.
   cancel: threading.Event = dataclasses.field(default_factory=threading.Event)
@@ -52,3 +54,12 @@ def resumed_epochs(epoch, epoch_size: int, skip: int) -> tf.data.Dataset:
   e0, r = divmod(int(skip), int(epoch_size))
   rest = tf.data.Dataset.range(e0 + 1, np.iinfo(np.int64).max).flat_map(epoch)
   return epoch(tf.constant(e0, tf.int64)).skip(r).concatenate(rest)
+
+
+def one_pass(ds: tf.data.Dataset, train_pass: int, skip: int) -> tf.data.Dataset:
+  """The host's training elements ``ds`` in their stored order, each with the epoch number
+  ``train_pass`` appended (what its clip's start, crop and flip are drawn from: the same clips as
+  epoch ``train_pass`` of the training stream, unshuffled), the first ``skip`` dropped before any
+  decoding."""
+  e = tf.constant(int(train_pass), tf.int64)
+  return ds.skip(int(skip)).map(lambda *x: (*x, e))

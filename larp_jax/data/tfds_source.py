@@ -52,7 +52,7 @@ def _frames(video, idx, num_frames: int):
   return tf.cast(picked, tf.uint8)
 
 
-def build(cfg, split, video_shape, seed, skip, pi, pc) -> source_api.Built:
+def build(cfg, split, video_shape, seed, skip, pi, pc, train_pass=None) -> source_api.Built:
   t = video_shape[0]
   stride = int(cfg.frame_stride)
   name = cfg.train_split if split == 'train' else cfg.eval_split
@@ -80,7 +80,10 @@ def build(cfg, split, video_shape, seed, skip, pi, pc) -> source_api.Built:
     def epoch(e):
       return base.shuffle(buf, seed=seed * 1_000_003 + e).map(lambda *x: x + (e,))
 
-    ds = source_api.resumed_epochs(epoch, n_local, skip)
+    if train_pass is None:
+      ds = source_api.resumed_epochs(epoch, n_local, skip)
+    else:  # file order, unshuffled; skipped examples stay encoded
+      ds = source_api.one_pass(base, train_pass, skip)
 
     def train_elem(cid, video, label, e):
       u = clips.clip_uniforms(clips.element_key(seed, e, cid))
@@ -95,7 +98,8 @@ def build(cfg, split, video_shape, seed, skip, pi, pc) -> source_api.Built:
       )
       return {'video': out, 'label': label, 'clip_id': cid}
 
-    return source_api.Built(ds.map(train_elem, num_parallel_calls=npc), None, video_io.SkipLog())
+    n_pass = None if train_pass is None else n_local
+    return source_api.Built(ds.map(train_elem, num_parallel_calls=npc), n_pass, video_io.SkipLog())
 
   all_mode = cfg.eval_chunks == 'all'
 

@@ -284,7 +284,9 @@ class Evaluator:
       self._extractor = fvd_lib.I3DFeatureExtractor(batch_size=8)
     return self._extractor
 
-  def evaluate(self, variables, workdir: str, step: int, *, num_clips=None) -> dict:
+  def evaluate(
+    self, variables, workdir: str, step: int, *, num_clips=None, params_source=None
+  ) -> dict:
     """Evaluates the tokenizer ``variables`` ({'params', optionally 'batch_stats'}).
 
     Args:
@@ -292,6 +294,9 @@ class Evaluator:
       workdir: run directory; results go to ``<workdir>/eval/`` (or ``config.eval.output_dir``).
       step: the training step the variables belong to (names the files).
       num_clips: number of real eval clips (default ``config.eval.num_clips``; <= 0: all).
+      params_source: where the variables came from, recorded as the JSON's 'params_source'
+        (a params directory's ``params_info.json`` 'source': e.g. a conversion's files and
+        their sha256; None: this run's training).
     Returns:
       dict of floats: 'psnr', 'ssim', 'mse', 'lpips' (if config.eval.lpips), 'fvd' (if
       config.eval.fvd and T >= 9), 'codebook_usage', 'codebook_perplexity', 'prior_top1',
@@ -333,6 +338,7 @@ class Evaluator:
     n = int(metrics['num_clips'])
     metrics.update(step=float(step), seconds=seconds, seconds_per_clip=seconds / n)
     record = self._record(metrics, protocol, st, fvd, bl, step)
+    record['params_source'] = params_source if params_source is not None else 'larp_jax training'
     if is_main:
       _write(out_dir, int(step), record, acc.shown_real, acc.shown_recon)
     logging.info('eval step %d: %s', step, format_summary(record))

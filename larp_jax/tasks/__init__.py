@@ -13,6 +13,7 @@ from larp_jax import errors
 # name -> 'module:Class', imported on demand (a task's models load only when it runs).
 _REGISTRY = {
   'tokenizer': 'larp_jax.tasks.tokenizer:TokenizerTask',
+  'generator': 'larp_jax.tasks.generator:GeneratorTask',
 }
 DEFAULT = 'tokenizer'
 

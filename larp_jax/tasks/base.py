@@ -52,6 +52,11 @@ class Task:
     weights); loaded once per run."""
     return {}
 
+  def extras_shardings(self) -> Any:
+    """The shardings of ``extras()`` (a tree of NamedShardings, or None: replicated). A stage-2
+    task passes its frozen stage-1 parameters sharded like their training (e.g. FSDP)."""
+    return None
+
   # ------------------------------------------------------------------ data and reporting
 
   def train_data(self, *, batch_size: int, start_step: int):
@@ -87,10 +92,25 @@ class Task:
     """(abstract model variables, their NamedShardings): the tree ``export`` returns."""
     raise NotImplementedError
 
+  def with_variables(self, state, variables):
+    """``state`` with its model variables replaced by ``variables`` (the tree ``export``
+    returns): how ``config.init_from`` starts a run from saved parameters."""
+    raise NotImplementedError
+
   def state_fields(self) -> dict:
     """The train-state field that holds each top-level key of ``export``'s tree."""
     raise NotImplementedError
 
-  def evaluate_variables(self, variables, workdir: str, step: int) -> dict:
-    """``--mode=eval``: evaluates exported variables; the result has a 'summary' line."""
+  def evaluate_variables(self, variables, workdir: str, step: int, *, params_source=None) -> dict:
+    """``--mode=eval``: evaluates exported variables; the result has a 'summary' line.
+    ``params_source``: where they came from (a params directory's recorded source), for the
+    evaluation record."""
     raise NotImplementedError
+
+  def sample_variables(self, variables, workdir: str, step: int) -> dict:
+    """``--mode=sample``: writes samples of exported variables (videos a person can look at and
+    a JSON record); the result has a 'summary' line. Only generative tasks have it."""
+    del variables, workdir, step
+    from larp_jax import errors
+
+    raise errors.UserError(f'--mode=sample: the {self.name} task does not sample')

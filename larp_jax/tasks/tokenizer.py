@@ -173,6 +173,26 @@ class TokenizerTask(base.Task):
     params = state.ema_params if state.ema_params is not None else state.params
     return model_variables(params, state.batch_stats)
 
+  def with_variables(self, state, variables):
+    """``state`` with the tokenizer's variables (EMA copy too) from ``variables``; the
+    optimiser moments, the discriminator and the LeCam EMAs stay as they are (fresh)."""
+    params = variables['params']
+    return state.replace(
+      params=params,
+      ema_params=params if state.ema_params is not None else None,
+      batch_stats=variables.get('batch_stats', state.batch_stats),
+    )
+
+  def params_source(self):
+    """What the evaluation record says about parameters trained here."""
+    init = self.config.get('init_from')
+    if not init:
+      return 'larp_jax training'
+    from larp_jax import params_io
+
+    info = params_io.read_info(init) if params_io.is_params_dir(init) else {}
+    return {'trained_by': 'larp_jax', 'init_from': init, 'init_source': info.get('source')}
+
   def state_fields(self) -> dict:
     """Which train-state field holds each exported collection (for reading only the model's
     variables out of a full training checkpoint)."""
@@ -193,12 +213,14 @@ class TokenizerTask(base.Task):
     return self._evaluator
 
   def evaluate(self, state, workdir: str, step: int) -> Optional[dict]:
-    return self.evaluator().evaluate(self.export(state), workdir, int(step))
+    return self.evaluator().evaluate(
+      self.export(state), workdir, int(step), params_source=self.params_source()
+    )
 
-  def evaluate_variables(self, variables, workdir: str, step: int) -> dict:
+  def evaluate_variables(self, variables, workdir: str, step: int, *, params_source=None) -> dict:
     from larp_jax.evaluation import evaluator as evaluator_lib
 
-    metrics = self.evaluator().evaluate(variables, workdir, int(step))
+    metrics = self.evaluator().evaluate(variables, workdir, int(step), params_source=params_source)
     path = os.path.join(evaluator_lib.output_dir(self.config, workdir), f'{int(step)}.json')
     return dict(
       metrics, json=path, summary=f'{evaluator_lib.format_summary(metrics)}\nwritten to {path}'

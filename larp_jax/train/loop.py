@@ -11,8 +11,12 @@
     (``task.evaluate``), and at the end the model's parameters alone (``params_io``) in
     ``<workdir>/params``.
 
-``evaluate_run(task_cls, config, workdir)`` is ``--mode=eval``: it reads only the model's
-variables of the latest checkpoint and evaluates them.
+A fresh run with ``config.init_from`` set starts from the model variables of that params or run
+directory (fine-tuning; the optimiser starts fresh).
+
+``evaluate_run(task_cls, config, workdir)`` is ``--mode=eval`` and ``sample_run`` is
+``--mode=sample``: they read only the model's variables of the latest checkpoint (or of a params
+directory) and evaluate or sample them.
 """
 
 from __future__ import annotations
@@ -54,9 +58,10 @@ def make_train_step(task, state_shardings):
   """The jitted, sharded, state-donating step: (state, batch, key, extras) -> (state, metrics)."""
   rep = sharding.replicated(task.mesh)
   batch = {k: sharding.batch_sharding(task.mesh) for k in task.batch_keys}
+  extras = task.extras_shardings()
   return jax.jit(
     task.train_step(),
-    in_shardings=(state_shardings, batch, rep, rep),
+    in_shardings=(state_shardings, batch, rep, rep if extras is None else extras),
     out_shardings=(state_shardings, rep),
     donate_argnums=0,
   )
@@ -73,7 +78,20 @@ def init_or_restore(task, mngr):
     with sharding.logical_context(task.mesh, task.rules):
       state = init()
     step = 0
+    if task.config.get('init_from'):
+      state = init_from(task, state, task.config.init_from)
   return int(step), state, shardings
+
+
+def init_from(task, state, path: str):
+  """A fresh ``state`` whose model variables are those of ``path`` (``config.init_from``: a
+  params directory, e.g. a converted release, or a run directory's latest checkpoint); the
+  optimiser state and whatever the export does not hold (the discriminator) stay fresh.
+  UserError if ``path`` holds another model (shapes differ)."""
+  abstract, shardings = task.variable_shardings()
+  variables, step, kind = params_io.load_variables(path, abstract, shardings, task.state_fields())
+  logging.info('Model variables initialised from %s (%s, step %d).', path, kind, step)
+  return task.with_variables(state, variables)
 
 
 def _fmt_eta(seconds: float) -> str:
@@ -362,6 +380,21 @@ def evaluate_run(task_cls, config, workdir: str) -> dict:
   Returns the metrics plus 'summary' (text to print). Raises ``UserError`` if ``workdir`` holds
   no checkpoint, only damaged ones, or a run of another model than ``config`` describes.
   """
+  task, variables, step, workdir, source = load_for_inference(task_cls, config, workdir)
+  return task.evaluate_variables(variables, workdir, step, params_source=source)
+
+
+def sample_run(task_cls, config, workdir: str) -> dict:
+  """--mode=sample: samples from the model variables of ``workdir`` (as ``evaluate_run`` reads
+  them) with ``task.sample_variables``; returns its record plus 'summary'."""
+  task, variables, step, workdir, _ = load_for_inference(task_cls, config, workdir)
+  return task.sample_variables(variables, workdir, step)
+
+
+def load_for_inference(task_cls, config, workdir: str):
+  """(task, the model's variables, their step, absolute workdir, the params directory's recorded
+  source or None) from a run directory's latest
+  restorable checkpoint (model fields only) or from a params directory."""
   workdir = os.path.abspath(workdir)
   if not params_io.is_params_dir(workdir):
     if not os.path.isdir(os.path.join(workdir, 'checkpoints')):
@@ -372,5 +405,10 @@ def evaluate_run(task_cls, config, workdir: str) -> dict:
     workdir_lib.check_config(workdir, config)
   task = make_task(task_cls, config)
   abstract, shardings = task.variable_shardings()
-  variables, step, _ = params_io.load_variables(workdir, abstract, shardings, task.state_fields())
-  return task.evaluate_variables(variables, workdir, step)
+  variables, step, kind = params_io.load_variables(
+    workdir, abstract, shardings, task.state_fields()
+  )
+  # A params directory says where its parameters came from (training, or a conversion of
+  # released weights with the sha256 of its files); the evaluation record keeps that.
+  source = params_io.read_info(workdir).get('source') if kind == 'params' else None
+  return task, variables, step, workdir, source

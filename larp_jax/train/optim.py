@@ -1,4 +1,4 @@
-"""Optimisers and learning-rate schedule of the tokenizer.
+"""Optimisers and learning-rate schedules: the tokenizer's two Adams, the generator's AdamW.
 
 As in the official `trainers/base_trainer.py` and `cfgs/larp_tokenizer.yaml`.
 """
@@ -77,3 +77,34 @@ def discriminator_optimizer(optim_cfg, total_steps: int) -> optax.GradientTransf
   return optax.chain(
     optax.scale_by_adam(optim_cfg.disc_b1, optim_cfg.disc_b2, optim_cfg.eps), optax.scale(-1.0)
   )
+
+
+# ------------------------------------------------------------------ the AR generator
+
+
+def decay_mask(params):
+  """True for the weight matrices of Dense layers (a ``kernel`` leaf), False for everything
+  else: embeddings, the class table, the absolute PE, norms, biases. The official AR trainer
+  decays only ``nn.Linear`` weights (`trainers/larp_ar_trainer.py`)."""
+
+  def is_kernel(path, _):
+    keys = [getattr(k, 'key', None) for k in path]  # DictKeys; a box's '.value' has none
+    names = [k for k in keys if isinstance(k, str)]
+    return bool(names) and names[-1] == 'kernel'
+
+  return jax.tree_util.tree_map_with_path(is_kernel, params)
+
+
+def adamw_optimizer(optim_cfg, total_steps: int) -> optax.GradientTransformation:
+  """AdamW(b1, b2, eps) with decoupled weight decay on Dense kernels only (``decay_mask``), the
+  official warm-up + cosine multiplier (floor ``min_lr_mult``), optional global-norm clipping.
+  The decay is scaled by the scheduled learning rate, as torch's AdamW does."""
+  parts = []
+  if optim_cfg.get('grad_clip_norm', 0.0) and optim_cfg.grad_clip_norm > 0:
+    parts.append(optax.clip_by_global_norm(optim_cfg.grad_clip_norm))
+  parts += [
+    optax.scale_by_adam(optim_cfg.b1, optim_cfg.b2, optim_cfg.eps),
+    optax.add_decayed_weights(float(optim_cfg.weight_decay), mask=decay_mask),
+    optax.scale_by_learning_rate(schedule(optim_cfg.lr, optim_cfg, total_steps)),
+  ]
+  return optax.chain(*parts)

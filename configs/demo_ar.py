@@ -1,0 +1,4 @@
+"""``--config=configs/demo_ar.py[:args]``: the config is ``larp_jax/configs/demo_ar.py`` (its docstring lists
+the arguments); this file lets the path work from a checkout."""
+
+from larp_jax.configs.demo_ar import get_config  # noqa: F401  pylint: disable=unused-import
