@@ -29,12 +29,14 @@ TOKENIZER_PRESETS = {
 PRIOR_GPTC_S = dict(prior_depth=12, prior_width=384, prior_heads=6)
 
 # Logical-axis -> mesh-axis rules. Names not listed are replicated; the small
-# codebook ('vocab', 'code') therefore stays replicated.
+# codebook ('vocab', 'code') therefore stays replicated. 'heads' names only the generator's KV
+# cache (``models/larp_ar.py``): split over 'tensor' like the qkv projection that fills it.
 DEFAULT_SHARDING_RULES = (
   ('batch', ('data', 'fsdp')),
   ('embed', 'fsdp'),
   ('mlp', 'tensor'),
   ('qkv', 'tensor'),
+  ('heads', 'tensor'),
 )
 
 

@@ -9,7 +9,8 @@ import pytest
 from larp_jax import errors
 from larp_jax.generation import sampling
 from larp_jax.models import larp_ar
-from tests.test_larp_ar import B, cond_kwargs, random_head_variables
+from tests.conftest import run_result_script
+from tests.test_larp_ar import B, cond_kwargs, random_head_variables, tiny
 
 
 @pytest.mark.parametrize('fp', [False, True])
@@ -177,3 +178,82 @@ def test_user_errors_are_raised_before_compiling(monkeypatch):
         fn(m, v, key=key, **kw)
   with pytest.raises(errors.ConfigError, match='needs a PRNG key'):
     sampling.sample(model, variables, labels)
+
+
+_FSDP_SAMPLE = r"""
+import json
+import jax, jax.numpy as jnp, numpy as np
+from larp_jax import config_lib, sharding
+from larp_jax.generation import sampling
+from larp_jax.models import larp_ar
+assert jax.device_count() == 8
+model = larp_ar.LARPAR(vocab_size=32, num_classes=5, dim=32, depth=2, num_heads=4, seq_len=8,
+                       attention_impl='xla')
+labels = jnp.arange(8, dtype=jnp.int32) % 5
+init = lambda: model.init(jax.random.key(0), jnp.zeros((8, 8), jnp.int32), labels)
+mesh = sharding.make_mesh({'data': 2, 'fsdp': 4, 'tensor': 1})
+rules = config_lib.DEFAULT_SHARDING_RULES
+_, shardings = sharding.state_shardings(init, mesh, rules)
+with sharding.logical_context(mesh, rules):
+  variables = jax.jit(lambda: sharding.strip_boxes(init()), out_shardings=shardings)()
+p = variables['params']
+p['output']['kernel'] = jax.device_put(
+  jax.random.normal(jax.random.key(9), (32, 32)), p['output']['kernel'].sharding)
+leaves = jax.tree_util.tree_leaves(p)
+named = all(isinstance(s, jax.sharding.NamedSharding) for s in jax.tree_util.tree_leaves(shardings))
+split = sum(x.sharding.shard_shape(x.shape) != x.shape for x in leaves)
+with sharding.logical_context(mesh, rules):
+  got = sampling.sample(model, variables, labels, jax.random.key(3), cfg_scale=1.5)
+one = jax.tree_util.tree_map(lambda x: jax.device_put(np.asarray(x), jax.devices()[0]), variables)
+ref = sampling.sample(model, one, labels, jax.random.key(3), cfg_scale=1.5)
+print('RESULT' + json.dumps(dict(named=named, split=int(split), leaves=len(leaves),
+  same=bool(np.array_equal(got['tokens'], ref['tokens'])),
+  logprobs=float(np.abs(np.asarray(got['logprobs']) - np.asarray(ref['logprobs'])).max()))))
+"""
+
+
+def test_fsdp_sharded_parameters_sample_like_one_device():
+  """8 simulated devices, data=2 x fsdp=4: ``state_shardings`` gives every parameter a
+  NamedSharding and splits the large ones; the cached sampler (CFG: a doubled batch and its
+  cache, constrained to the mesh) draws the same tokens as on one device."""
+  out = run_result_script(
+    _FSDP_SAMPLE,
+    timeout=300,
+    XLA_FLAGS='--xla_force_host_platform_device_count=8',
+    JAX_DISABLE_MOST_OPTIMIZATIONS='1',
+  )
+  # Every kernel, both tables and abs_pe split over fsdp; only the 5 RMSNorm scales replicated.
+  assert out['named'] and out['split'] == out['leaves'] - 5, out
+  assert out['same'] and out['logprobs'] < 1e-5, out
+
+
+def test_conditioning_arrays_and_scalars_of_any_kind():
+  model, variables = random_head_variables()
+  labels = cond_kwargs(model)['labels']
+  kw = dict(greedy=True, cfg_scale=3.0, cfg_interval=1)
+  ref = sampling.sample(model, variables, labels, **kw)['tokens']
+  # numpy or list labels, and jnp scalars for the settings: the same program and tokens (a jnp
+  # scale once made the static flags unhashable).
+  as_list = np.asarray(labels).tolist()
+  got = sampling.sample(model, variables, as_list, **dict(kw, cfg_scale=jnp.float32(3.0)))
+  np.testing.assert_array_equal(got['tokens'], ref)
+  # A device array is range-checked where it lies (min and max only), then used as it is.
+  with pytest.raises(errors.DataError, match=r'class id 7 is out of range \[0, 4\]'):
+    sampling.sample(model, variables, labels.at[1].set(7), **kw)
+  with pytest.raises(errors.DataError, match='class ids must be integers'):
+    sampling.sample(model, variables, labels.astype(jnp.float32), **kw)
+  with pytest.raises(errors.ConfigError, match='must be numbers'):
+    sampling.sample(model, variables, labels, **dict(kw, temperature='hot'))
+
+
+def test_bf16_compute_samples_like_its_training_forward():
+  # bf16 matmuls over float32 parameters: a bf16 cache, float32 log-probs that agree with the
+  # bf16 training forward to bf16 rounding (logits here are O(5): a few 1e-2 nats).
+  model, variables = random_head_variables()
+  m16, cond = tiny(dtype=jnp.bfloat16), cond_kwargs(model)
+  assert larp_ar.init_cache(m16, B)['layers_0']['k'].dtype == jnp.bfloat16
+  got = sampling.sample(m16, variables, key=jax.random.key(3), **cond)
+  assert got['tokens'].dtype == jnp.int32 and got['logprobs'].dtype == jnp.float32
+  ll = larp_ar.log_likelihood(m16, variables, got['tokens'], **cond)
+  np.testing.assert_allclose(got['logprobs'], ll, atol=0.1)
+  assert float(jnp.abs(got['logprobs'] - ll).max()) > 0  # really computed in bf16

@@ -132,19 +132,20 @@ def _prepare(
 ):
   """Checks everything a user can get wrong before anything compiles; returns (conditioning
   array, key, static flags, traced scalars)."""
-  cfg_scale, temperature, top_p = float(cfg_scale), float(temperature), float(top_p)
-  given = prefix if model.frame_prediction else labels
+  try:  # Python numbers from here on (a jnp scalar would not hash into the program cache).
+    cfg_scale, temperature, top_p = float(cfg_scale), float(temperature), float(top_p)
+  except (TypeError, ValueError) as e:
+    raise errors.ConfigError(f'cfg_scale, temperature and top_p must be numbers: {e}') from None
   if model.frame_prediction:
     if labels is not None:
       raise errors.DataError('a frame-prediction model takes prefix=..., not class labels')
     if prefix is None:
       raise errors.DataError(f'a frame-prediction model needs prefix [batch, {model.seq_len}]')
-    cond = np.asarray(prefix)
+    cond = _ids('prefix token', prefix, model.vocab_size)
     if cond.ndim != 2 or cond.shape[1] != model.seq_len:
       raise errors.DataError(
-        f'prefix must be [batch, seq_len={model.seq_len}], got shape {cond.shape}'
+        f'prefix must be [batch, seq_len={model.seq_len}], got shape {tuple(cond.shape)}'
       )
-    _check_range('prefix token', cond, model.vocab_size)
     if cfg_scale != 1.0:
       raise errors.ConfigError(
         f'cfg_scale={cfg_scale}: a frame-prediction model has no null class (use 1.0)'
@@ -154,10 +155,9 @@ def _prepare(
       raise errors.DataError('a class-conditional model takes labels, not prefix=...')
     if labels is None:
       raise errors.DataError('a class-conditional model needs labels [batch]')
-    cond = np.asarray(labels)
+    cond = _ids('class', labels, model.num_classes)
     if cond.ndim != 1:
-      raise errors.DataError(f'labels must be [batch], got shape {cond.shape}')
-    _check_range('class', cond, model.num_classes)
+      raise errors.DataError(f'labels must be [batch], got shape {tuple(cond.shape)}')
     if cfg_scale != 1.0 and model.class_dropout <= 0.0:
       raise errors.ConfigError(
         f'cfg_scale={cfg_scale} needs a model trained with class dropout (class_dropout=0: '
@@ -184,17 +184,23 @@ def _prepare(
     jnp.float32(temperature),
     jnp.float32(top_p),
   )
-  # A jax.Array keeps its placement (a batch-sharded one stays sharded into the program).
-  cond = given.astype(jnp.int32) if isinstance(given, jax.Array) else jnp.asarray(cond, jnp.int32)
   return cond, key, flags, scalars
 
 
-def _check_range(what, ids, size):
-  if not np.issubdtype(ids.dtype, np.integer):
+def _ids(what, ids, size):
+  """``ids`` as an int32 array after checking they are integers in [0, size). A ``jax.Array``
+  stays where it is (a batch-sharded global array, also one spanning hosts, goes into the
+  program as it lies; only its min and max come to the host); anything else goes through
+  numpy."""
+  on_device = isinstance(ids, jax.Array)
+  ids = ids if on_device else np.asarray(ids)
+  if not jnp.issubdtype(ids.dtype, jnp.integer):
     raise errors.DataError(f'{what} ids must be integers, got {ids.dtype}')
-  if ids.size and (ids.min() < 0 or ids.max() >= size):
-    bad = ids.min() if ids.min() < 0 else ids.max()
-    raise errors.DataError(f'{what} id {int(bad)} is out of range [0, {size - 1}]')
+  if ids.size and not isinstance(ids, jax.core.Tracer):  # values unknown inside a caller's jit
+    lo, hi = (int(x) for x in jax.device_get((ids.min(), ids.max())))
+    if lo < 0 or hi >= size:
+      raise errors.DataError(f'{what} id {lo if lo < 0 else hi} is out of range [0, {size - 1}]')
+  return ids.astype(jnp.int32) if on_device else jnp.asarray(ids, jnp.int32)
 
 
 @functools.lru_cache(maxsize=32)

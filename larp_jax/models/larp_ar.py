@@ -19,7 +19,8 @@ bf16 while the residual stream, RMSNorm, softmaxes and logits stay float32 (unde
 the residual adds promote to float32 as well); parameters are stored in ``param_dtype``.
 
 Besides the training call, ``prefill`` and ``decode_step`` are the generation entry points with
-an explicit KV cache (``init_cache``); ``larp_jax.generation.sampling`` drives them.
+an explicit KV cache (``init_cache``: per layer k and v [B, H, max_len, Dh], the order of the
+official cache); ``larp_jax.generation.sampling`` drives them.
 
 Parameter names follow the official state dict (``tok_embeddings``, ``cls_embedding/
 embedding_table``, ``abs_pe``, ``layers_{i}/attention/{wqkv,wo}``, ``layers_{i}/feed_forward/
@@ -208,7 +209,9 @@ class Block(nn.Module):
 
 class LabelEmbedder(nn.Module):
   """Class table with ``num_classes + 1`` rows; the last is the classifier-free-guidance null
-  class. Negative labels map to it, and in training each label does with prob ``drop_rate``."""
+  class. Negative labels map to it, and in training each label does with prob ``drop_rate``.
+  (The official table has no null row when its dropout is 0; ``larp_jax.convert`` refuses
+  such checkpoints.)"""
 
   num_classes: int
   dim: int
@@ -467,7 +470,9 @@ def write_cache(cache, x, position):
 
 def init_cache(model: LARPAR, batch_size: int, dtype=None):
   """Zero KV cache for ``model``: {'layers_i': {'k', 'v'}} of [batch_size, H, max_len, Dh] in
-  ``dtype`` (default the model's compute dtype). Logical axes ``CACHE_AXES``."""
+  ``dtype`` (default the model's compute dtype). Logical axes ``CACHE_AXES``: ``prefill`` and
+  ``decode_step`` constrain every cache they write (``write_cache``), so inside a jitted program
+  under a mesh and logical rules the cache is sharded like the activations."""
   shape = (batch_size, model.num_heads, model.max_len, model.dim // model.num_heads)
   dtype = model.dtype if dtype is None else dtype
   return {
