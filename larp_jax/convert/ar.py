@@ -124,13 +124,10 @@ def run_config(settings: Mapping[str, Any], norm_eps=None):
 
 
 def make_model(model_cfg):
-  from larp_jax.models import larp_ar
-  from larp_jax.tasks import tokenizer as task
+  """``LARPAR(**config.model)`` (the generator task's constructor, ConfigError on a bad one)."""
+  from larp_jax.tasks import generator
 
-  try:
-    return larp_ar.LARPAR(**task.model_kwargs(model_cfg))
-  except TypeError as e:
-    raise errors.ConfigError(f'config.model: {e}') from None
+  return generator.make_model(model_cfg)
 
 
 def abstract_variables(model) -> dict:

@@ -62,7 +62,9 @@ def write_samples(
   visualize.write_mp4(paths['mp4'], tile(videos, columns), upscale=up)
   for k in np.unique(labels):
     rows = videos[labels == k][:max_per_class]
-    grid = np.concatenate([visualize.frame_grid(v, gap=4) for v in rows[:, :, :, :, :]], axis=0)
+    strips = [visualize.frame_grid(v, gap=4) for v in rows]
+    white = np.full((4,) + strips[0].shape[1:], 255, np.uint8)
+    grid = np.concatenate([p for strip in strips for p in (white, strip)][1:], axis=0)
     text = [f'{class_name(k, class_names)}: {len(rows)} samples'] + ([header] if header else [])
     path = os.path.join(out_dir, f'{prefix}_class{int(k)}.png')
     visualize.write_png(path, grid, upscale=up, header=text)

@@ -35,20 +35,12 @@ from larp_jax.tasks import tokenizer as tokenizer_task
 from larp_jax.train import generator_step, optim
 
 
-def model_kwargs(model_cfg) -> dict:
-  kw = config_lib.as_kwargs(model_cfg)
-  for k in ('dtype', 'param_dtype'):
-    if isinstance(kw.get(k), str):
-      kw[k] = jnp.dtype(kw[k])
-  return kw
-
-
 def make_model(model_cfg):
   """``LARPAR(**config.model)``; ConfigError naming a wrong or missing argument."""
   from larp_jax.models.larp_ar import LARPAR
 
   try:
-    return LARPAR(**model_kwargs(model_cfg))
+    return LARPAR(**tokenizer_task.model_kwargs(model_cfg))
   except TypeError as e:
     raise errors.ConfigError(
       f'config.model has an unknown or missing generator argument: {e}'
