@@ -115,9 +115,9 @@ def test_eta_leaves_out_the_first_step():
 
 def test_fvd_cache_goes_to_the_user_cache_when_the_workdir_is_read_only(tmp_path, monkeypatch):
   monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path / 'cache'))
-  assert evaluator._default_cache_dir(str(tmp_path)) == str(tmp_path / 'fvd_cache')
+  assert evaluator.default_cache_dir(str(tmp_path)) == str(tmp_path / 'fvd_cache')
   monkeypatch.setattr(workdir_lib, 'is_writable', lambda path: False)
-  assert evaluator._default_cache_dir(str(tmp_path)) == str(
+  assert evaluator.default_cache_dir(str(tmp_path)) == str(
     tmp_path / 'cache' / 'larp_jax' / 'fvd_cache'
   )
 

@@ -128,7 +128,7 @@ class _CacheMiss(Exception):
   pass
 
 
-def _cached_real_stats(key: dict, cache_dir: str) -> Optional[fvd_lib.FeatureStats]:
+def cached_real_stats(key: dict, cache_dir: str) -> Optional[fvd_lib.FeatureStats]:
   """The cached real statistics for ``key``, or None (on every process, if any one misses)."""
 
   def miss():
@@ -168,14 +168,14 @@ def output_dir(config, workdir: str) -> str:
   return out
 
 
-def _default_cache_dir(workdir: str) -> str:
+def default_cache_dir(workdir: str) -> str:
   """``<workdir>/fvd_cache`` if the run directory can be written, else the user's cache."""
   if workdir_lib.is_writable(workdir):
     return os.path.join(workdir, 'fvd_cache')
   return workdir_lib.user_cache_dir('fvd_cache')
 
 
-def _round_up(n: int, m: int) -> int:
+def round_up(n: int, m: int) -> int:
   return -(-n // m) * m
 
 
@@ -230,7 +230,7 @@ class _Fvd:
 
   def __init__(self, protocol: dict, cache_dir: str, extractor):
     self.protocol, self.cache_dir, self.extractor = protocol, cache_dir, extractor
-    self.real = _cached_real_stats(protocol, cache_dir)
+    self.real = cached_real_stats(protocol, cache_dir)
     self.stream_real = self.real is None
     if self.stream_real:
       self.real = fvd_lib.FeatureStats()
@@ -331,7 +331,7 @@ class Evaluator:
       data=_data_key(self.config),
     )
     if st.want_fvd and t >= fvd_lib.MIN_FRAMES:
-      fvd = _Fvd(protocol, st.fvd_cache_dir or _default_cache_dir(workdir), self.extractor())
+      fvd = _Fvd(protocol, st.fvd_cache_dir or default_cache_dir(workdir), self.extractor())
     acc = self._stream(variables, st, fvd)
     metrics, bl = self._reduce(acc, st, fvd)
     seconds = time.time() - t_start
@@ -354,7 +354,7 @@ class Evaluator:
       )
     dp = mesh.shape['data'] * mesh.shape['fsdp']
     # Each process feeds its share of the data-parallel devices; pad its rows to a multiple.
-    host_padded = _round_up(host_bs, max(1, dp // nproc))
+    host_padded = round_up(host_bs, max(1, dp // nproc))
     acc = _Sums(self.model.codebook_size)
     is_main = jax.process_index() == 0
     key = jax.random.key(st.seed)

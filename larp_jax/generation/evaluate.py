@@ -33,6 +33,7 @@ import numpy as np
 
 from larp_jax import data as data_lib
 from larp_jax import errors, sharding
+from larp_jax.evaluation import evaluator
 from larp_jax.evaluation import fvd as fvd_lib
 from larp_jax.evaluation import multihost
 from larp_jax.generation import outputs
@@ -74,10 +75,6 @@ class SampleSettings:
     )
 
 
-def _round_up(n: int, m: int) -> int:
-  return -(-n // m) * m
-
-
 def resize_videos(videos, size) -> jnp.ndarray:
   """[N, T, H, W, 3] -> [N, T, size, size, 3], bilinear with antialiasing, frame by frame (the
   frame-prediction protocol's 64x64)."""
@@ -111,7 +108,7 @@ class GeneratorEvaluator:
     nproc = jax.process_count()
     host = max(1, int(batch_size) // nproc)
     dp = self.mesh.shape['data'] * self.mesh.shape['fsdp']
-    return host, _round_up(host, max(1, dp // nproc))
+    return host, evaluator.round_up(host, max(1, dp // nproc))
 
   def _global(self, arrays: dict) -> dict:
     return data_lib.make_global_batch(arrays, self.mesh, sharding.batch_sharding(self.mesh))
@@ -205,8 +202,8 @@ class GeneratorEvaluator:
       selection='shuffled train stream, centre crop, no flip' if split == 'train' else 'eval pass',
       generator='frame prediction' if fp else 'class-conditional',
     )
-    cache_dir = cfg.eval.get('fvd_cache_dir') or os.path.join(workdir, 'fvd_cache')
-    real = _cached(protocol, cache_dir)
+    cache_dir = cfg.eval.get('fvd_cache_dir') or evaluator.default_cache_dir(workdir)
+    real = evaluator.cached_real_stats(protocol, cache_dir)
     stream_real = real is None
     real = real if real is not None else fvd_lib.FeatureStats()
     fake = fvd_lib.FeatureStats()
@@ -297,7 +294,7 @@ class GeneratorEvaluator:
     record['sampling'] = dataclasses.asdict(settings)
     record['params_source'] = params_source
     if jax.process_index() == 0:
-      _write_json(os.path.join(out_dir, f'{int(step)}.json'), record)
+      write_json(os.path.join(out_dir, f'{int(step)}.json'), record)
     logging.info('eval step %d: %s', step, format_summary(record))
     return {k: v for k, v in record.items() if isinstance(v, (int, float)) and v is not None}
 
@@ -337,23 +334,7 @@ class GeneratorEvaluator:
     return files
 
 
-def _cached(protocol: dict, cache_dir: str):
-  class _Miss(Exception):
-    pass
-
-  def miss():
-    raise _Miss()
-
-  try:
-    stats = fvd_lib.cached_stats(protocol, miss, cache_dir)
-  except _Miss:
-    stats = None
-  if jax.process_count() > 1 and multihost.any_true(stats is None):
-    stats = None
-  return stats
-
-
-def _write_json(path: str, record: dict) -> None:
+def write_json(path: str, record: dict) -> None:
   os.makedirs(os.path.dirname(path), exist_ok=True)
   tmp = path + '.tmp'
   with open(tmp, 'w') as f:

@@ -17,6 +17,7 @@ the codebook size, the number of tokens and the clip shape.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
@@ -326,7 +327,6 @@ class GeneratorTask(base.Task):
         lambda p, b: generator_step.nll_sums(
           p,
           b,
-          None,
           apply_fn=lambda pp, t, lab, pre: self.apply_eval(pp, t, lab, pre),
           mask=b['mask'],
         )
@@ -378,9 +378,14 @@ class GeneratorTask(base.Task):
     files = self.evaluator().write_samples(
       variables['params'], out_dir, f'{int(step)}', n, settings
     )
-    record = {'step': int(step), 'num_samples': n, 'sampling': vars(settings), 'files': files}
+    record = {
+      'step': int(step),
+      'num_samples': n,
+      'sampling': dataclasses.asdict(settings),
+      'files': files,
+    }
     if jax.process_index() == 0:
-      evaluate_lib._write_json(os.path.join(out_dir, f'{int(step)}.json'), record)
+      evaluate_lib.write_json(os.path.join(out_dir, f'{int(step)}.json'), record)
     return dict(record, summary=f'{n} samples written to {out_dir}')
 
 

@@ -116,9 +116,8 @@ def generator_train_step(
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
-def nll_sums(params, batch, key, *, apply_fn, mask: Optional[jnp.ndarray] = None) -> dict:
+def nll_sums(params, batch, *, apply_fn, mask: Optional[jnp.ndarray] = None) -> dict:
   """Summed token NLL and top-1 hits of a held-out batch (deterministic model), for eval."""
-  del key
   tokens = batch['tokens'].astype(jnp.int32)
   logits = apply_fn(params, tokens, batch['label'].astype(jnp.int32), batch.get('cond_tokens'))
   ce, hits = token_losses(logits, tokens)
