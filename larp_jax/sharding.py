@@ -111,13 +111,21 @@ def logical_context(mesh: Mesh, logical_rules):
     yield
 
 
-def state_shardings(boxed_init: Callable[[], Any], mesh: Mesh, logical_rules):
-  """(abstract unboxed state, NamedSharding tree) for a state built by ``boxed_init``, whose
-  parameters are ``nn.Partitioned`` boxes carrying logical axis names."""
+def state_layout(boxed_init: Callable[[], Any], mesh: Mesh, logical_rules):
+  """(abstract unboxed state, logical PartitionSpec tree, NamedSharding tree) for a state built
+  by ``boxed_init``, whose parameters are ``nn.Partitioned`` boxes carrying logical axis names
+  (a leaf without a box has the logical spec ``P()``: replicated)."""
   abstract = jax.eval_shape(boxed_init)
   specs = nn.get_partition_spec(abstract)
   shardings = nn.logical_to_mesh_sharding(specs, mesh, logical_rules)
-  return strip_boxes(abstract), shardings
+  return strip_boxes(abstract), specs, shardings
+
+
+def state_shardings(boxed_init: Callable[[], Any], mesh: Mesh, logical_rules):
+  """(abstract unboxed state, NamedSharding tree) for a state built by ``boxed_init``, whose
+  parameters are ``nn.Partitioned`` boxes carrying logical axis names."""
+  abstract, _, shardings = state_layout(boxed_init, mesh, logical_rules)
+  return abstract, shardings
 
 
 def strip_boxes(tree):

@@ -12,6 +12,8 @@ from __future__ import annotations
 import functools
 from typing import Any, Callable, Optional
 
+import jax
+
 from larp_jax import sharding
 
 
@@ -24,11 +26,20 @@ class Task:
 
   name = 'task'
   batch_keys: tuple = ('video',)  # the fields of each input batch the step receives
+  # What each top-level field of the train state holds, for ``--mode=plan``'s memory lines
+  # (``train/plan.py``): 'params', 'optimizer', 'discriminator', 'ema'; unlisted: 'other'.
+  state_roles: dict = {'params': 'params', 'opt_state': 'optimizer'}
 
   def __init__(self, config, mesh):
     self.config = config
     self.mesh = mesh
     self.rules = sharding.rules(config)
+
+  @classmethod
+  def for_plan(cls, config, mesh):
+    """The task as ``--mode=plan`` builds it: only shapes are needed, so a task may skip what
+    only training reads (files, datasets). Default: the task itself."""
+    return cls(config, mesh)
 
   # ------------------------------------------------------------------ state and step
 
@@ -36,9 +47,20 @@ class Task:
     """A fresh train state (a pytree) whose parameters are ``nn.Partitioned`` boxes."""
     raise NotImplementedError
 
+  def state_layout(self):
+    """(abstract unboxed state, its logical PartitionSpecs, its NamedShardings), allocating
+    nothing."""
+    return sharding.state_layout(functools.partial(self.boxed_init, 0), self.mesh, self.rules)
+
   def abstract_state(self):
     """(abstract unboxed state, its NamedShardings), allocating nothing."""
-    return sharding.state_shardings(functools.partial(self.boxed_init, 0), self.mesh, self.rules)
+    abstract, _, shardings = self.state_layout()
+    return abstract, shardings
+
+  def abstract_batch(self, batch_size: int) -> dict:
+    """{key: jax.ShapeDtypeStruct} of one global batch of ``batch_size`` rows, the fields of
+    ``batch_keys`` as ``train_data`` yields them (``--mode=plan`` compiles the step on these)."""
+    raise NotImplementedError
 
   def train_step(self) -> Callable:
     """The pure step ``(state, batch, key, extras) -> (state, metrics)``; metrics are scalars.
@@ -56,6 +78,11 @@ class Task:
     """The shardings of ``extras()`` (a tree of NamedShardings, or None: replicated). A stage-2
     task passes its frozen stage-1 parameters sharded like their training (e.g. FSDP)."""
     return None
+
+  def abstract_extras(self) -> Any:
+    """``extras()`` as ``jax.ShapeDtypeStruct``s, reading and allocating nothing that
+    ``jax.eval_shape`` would not (``--mode=plan``). Override where ``extras`` reads files."""
+    return jax.eval_shape(self.extras)
 
   # ------------------------------------------------------------------ data and reporting
 

@@ -50,9 +50,10 @@ def make_model(model_cfg):
     raise errors.ConfigError(f'config.model: {e}') from None
 
 
-def tokenizer_config(config):
+def tokenizer_config(config, notes: Optional[list] = None):
   """The tokenizer's config: its directory's ``config.json`` when ``config.tokenizer_path`` is
-  set, else the embedded ``config.tokenizer``."""
+  set, else the embedded ``config.tokenizer``. With ``notes`` (a plan), an unreadable path falls
+  back to the embedded config and says so in ``notes``."""
   path = config.get('tokenizer_path') or ''
   if not path:
     return config.tokenizer
@@ -61,7 +62,10 @@ def tokenizer_config(config):
   try:
     return api.load_config(path)
   except errors.UserError as e:
-    raise errors.ConfigError(f'config.tokenizer_path={path!r}: {e}') from None
+    if notes is None:
+      raise errors.ConfigError(f'config.tokenizer_path={path!r}: {e}') from None
+    notes.append(f'config.tokenizer_path={path!r} not readable here: planned with config.tokenizer')
+    return config.tokenizer
 
 
 def check_tokenizer_matches(model, tok_model, where: str) -> None:
@@ -87,10 +91,13 @@ class GeneratorTask(base.Task):
 
   name = 'generator'
 
-  def __init__(self, config, mesh):
+  def __init__(self, config, mesh, *, plan: bool = False):
+    """``plan``: built for ``--mode=plan`` (``for_plan``): neither a token dataset nor a
+    tokenizer directory is needed; what the plan assumed instead is in ``plan_notes``."""
     super().__init__(config, mesh)
+    self.plan_notes = [] if plan else None
     self.model = make_model(config.model)
-    self.tokenizer_cfg = tokenizer_config(config)
+    self.tokenizer_cfg = tokenizer_config(config, self.plan_notes)
     self.tokenizer = tokenizer_task.make_model(self.tokenizer_cfg.model)
     where = config.get('tokenizer_path') or 'config.tokenizer'
     check_tokenizer_matches(self.model, self.tokenizer, where)
@@ -99,23 +106,21 @@ class GeneratorTask(base.Task):
     self.tokens_dir = config.get('tokens_dir') or ''
     self.manifest = None
     if self.tokens_dir:
-      from larp_jax.data import tokens as tokens_lib
-
-      self.manifest = tokens_lib.read_manifest(self.tokens_dir)
-      tokens_lib.check_compatible(
-        self.manifest,
-        vocab_size=int(self.model.vocab_size),
-        num_classes=self.num_classes,
-        num_tokens=int(self.model.seq_len),
-      )
+      self.manifest = self._read_manifest()
       if self.frame_prediction:
         raise errors.ConfigError(
           'frame prediction trains on videos (its conditioning tokens come from each clip): '
           'leave config.tokens_dir empty'
         )
       self.batch_keys = ('tokens', 'label')
+    elif plan and not self.frame_prediction and not config.get('tokenizer_path'):
+      self.plan_notes.append(
+        'config.tokens_dir and config.tokenizer_path unset: planned for token batches '
+        '(set config.tokenizer_path to plan encoding the videos in the step)'
+      )
+      self.batch_keys = ('tokens', 'label')
     else:
-      if not config.get('tokenizer_path'):
+      if not config.get('tokenizer_path') and not plan:
         raise errors.ConfigError(
           'the generator needs its tokens: set config.tokens_dir (python -m larp_jax.tokenize) '
           'or config.tokenizer_path (encode the videos on the fly)'
@@ -134,7 +139,33 @@ class GeneratorTask(base.Task):
     self._evaluator = None
     self._nll = None
     self._encode = None
-    self.class_names = self._class_names()
+    self.class_names = None if plan else self._class_names()
+
+  @classmethod
+  def for_plan(cls, config, mesh):
+    return cls(config, mesh, plan=True)
+
+  def _read_manifest(self) -> Optional[dict]:
+    """The token dataset's manifest, checked against the generator; a plan goes on without it
+    (noted) when the directory is not readable here."""
+    from larp_jax.data import tokens as tokens_lib
+
+    try:
+      manifest = tokens_lib.read_manifest(self.tokens_dir)
+    except errors.UserError:
+      if self.plan_notes is None:
+        raise
+      self.plan_notes.append(
+        f'config.tokens_dir={self.tokens_dir!r} not readable here: planned from the config'
+      )
+      return None
+    tokens_lib.check_compatible(
+      manifest,
+      vocab_size=int(self.model.vocab_size),
+      num_classes=self.num_classes,
+      num_tokens=int(self.model.seq_len),
+    )
+    return manifest
 
   # ------------------------------------------------------------------ model calls
 
@@ -185,6 +216,16 @@ class GeneratorTask(base.Task):
       apply_fn=self.apply_train,
     )
 
+  def abstract_batch(self, batch_size: int) -> dict:
+    label = jax.ShapeDtypeStruct((batch_size,), jnp.int32)
+    if 'tokens' in self.batch_keys:
+      return {
+        'tokens': jax.ShapeDtypeStruct((batch_size, int(self.model.seq_len)), jnp.int32),
+        'label': label,
+      }
+    video = (batch_size, *self.tokenizer.video_shape, 3)
+    return {'video': jax.ShapeDtypeStruct(video, jnp.float32), 'label': label}
+
   def extras(self):
     if self.tokens_dir:
       if self.config.get('tokenizer_path'):
@@ -193,9 +234,15 @@ class GeneratorTask(base.Task):
     return {'tokenizer': self.tokenizer_variables()}
 
   def extras_shardings(self):
-    if self.tokens_dir:
+    if 'tokens' in self.batch_keys:
       return {}
     return {'tokenizer': self._tokenizer_shardings()[1]}
+
+  def abstract_extras(self):
+    """The frozen tokenizer's variables as shapes (encoding in the step), read from nowhere."""
+    if 'tokens' in self.batch_keys:
+      return {}
+    return {'tokenizer': self._tokenizer_shardings()[0]}
 
   # ------------------------------------------------------------------ the frozen tokenizer
 

@@ -85,6 +85,13 @@ class TokenizerTask(base.Task):
 
   name = 'tokenizer'
   batch_keys = ('video',)
+  state_roles = {
+    'params': 'params',
+    'opt_state': 'optimizer',
+    'disc_params': 'discriminator',
+    'disc_opt_state': 'discriminator',
+    'ema_params': 'ema',
+  }
 
   def __init__(self, config, mesh):
     super().__init__(config, mesh)
@@ -140,6 +147,9 @@ class TokenizerTask(base.Task):
       optim_cfg=cfg.optim,
       total_steps=int(cfg.total_steps),
     )
+
+  def abstract_batch(self, batch_size: int) -> dict:
+    return {'video': jax.ShapeDtypeStruct((batch_size, *self.model.video_shape, 3), jnp.float32)}
 
   def extras(self):
     return load_lpips(self)

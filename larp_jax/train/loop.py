@@ -47,22 +47,30 @@ class NonFiniteLossError(errors.UserError):
   """A loss or metric became NaN/Inf (the last good checkpoint is kept)."""
 
 
-def make_task(task_cls, config, devices=None):
-  """Validates the run settings of ``config``, builds the mesh over ``devices`` and the task."""
+def make_task(task_cls, config, devices=None, *, plan: bool = False):
+  """Validates the run settings of ``config``, builds the mesh over ``devices`` and the task
+  (``plan``: as ``--mode=plan`` builds it, ``Task.for_plan``)."""
   devices = jax.devices() if devices is None else devices
   config_lib.validate(config, num_devices=len(devices))
-  return task_cls(config, sharding.make_mesh(config.mesh, devices))
+  mesh = sharding.make_mesh(config.mesh, devices)
+  return task_cls.for_plan(config, mesh) if plan else task_cls(config, mesh)
+
+
+def step_in_shardings(task, state_shardings) -> tuple:
+  """The shardings of the step's (state, batch, key, extras): the batch split over data x fsdp,
+  the key replicated, the extras as the task says (default replicated)."""
+  rep = sharding.replicated(task.mesh)
+  batch = {k: sharding.batch_sharding(task.mesh) for k in task.batch_keys}
+  extras = task.extras_shardings()
+  return state_shardings, batch, rep, rep if extras is None else extras
 
 
 def make_train_step(task, state_shardings):
   """The jitted, sharded, state-donating step: (state, batch, key, extras) -> (state, metrics)."""
-  rep = sharding.replicated(task.mesh)
-  batch = {k: sharding.batch_sharding(task.mesh) for k in task.batch_keys}
-  extras = task.extras_shardings()
   return jax.jit(
     task.train_step(),
-    in_shardings=(state_shardings, batch, rep, rep if extras is None else extras),
-    out_shardings=(state_shardings, rep),
+    in_shardings=step_in_shardings(task, state_shardings),
+    out_shardings=(state_shardings, sharding.replicated(task.mesh)),
     donate_argnums=0,
   )
 
