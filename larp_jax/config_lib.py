@@ -40,6 +40,14 @@ DEFAULT_SHARDING_RULES = (
 )
 
 
+def add_plan_fields(c: ml_collections.ConfigDict) -> None:
+  """The ``--mode=plan`` settings (``larp_jax/train/plan.py``) every run config carries:
+  ``plan_device_memory_gb`` (GiB per device the plan checks against; None: no check) and
+  ``plan_compile`` (compile the train step for XLA's memory analysis; False: shapes only)."""
+  c.plan_device_memory_gb = ml_collections.config_dict.placeholder(float)
+  c.plan_compile = True
+
+
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
   """Parses ``'k1=v1,k2=v2'`` (the part after ``:`` in ``--config=file.py:args``).
 

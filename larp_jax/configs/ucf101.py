@@ -173,6 +173,7 @@ def get_config(arg=None):
   c.eval.fvd_cache_dir = placeholder(str)
   # Trivial codes scored on the same clips (larp_jax/evaluation/baselines.py); 0 turns them off.
   c.eval.baseline_max_clips = 512
+  config_lib.add_plan_fields(c)  # --mode=plan: memory limit per device, compile or not
   if arg.tiny:
     common.apply_tiny(c)
   return c

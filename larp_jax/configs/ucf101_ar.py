@@ -130,6 +130,7 @@ def generator_config(
     )
   )
   c.eval.fvd_cache_dir = placeholder(str)
+  config_lib.add_plan_fields(c)  # --mode=plan: memory limit per device, compile or not
   if tiny:
     c.batch_size = 2
     c.total_steps = 4
