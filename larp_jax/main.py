@@ -4,6 +4,7 @@ r"""Command-line entry point.
   python -m larp_jax.main --config=configs/ucf101.py:size=L --workdir=runs/l --config.batch_size=64
   python -m larp_jax.main --config=configs/demo.py --workdir=runs/demo --mode=eval
   python -m larp_jax.main --config=configs/demo_ar.py --workdir=runs/demo_ar --mode=sample
+  python -m larp_jax.main --config=configs/ucf101.py --workdir=runs/l --mode=plan
 
 Training resumes automatically from the latest good checkpoint in --workdir. A config, data or
 run-directory mistake fails before anything is compiled or written, with one line on stderr
@@ -34,9 +35,10 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory (checkpoints, log
 _MODE = flags.DEFINE_enum(
   'mode',
   'train',
-  ['train', 'eval', 'sample'],
+  ['train', 'eval', 'sample', 'plan'],
   'train: train (resuming if possible); eval: evaluate the latest checkpoint in --workdir; '
-  'sample: write samples of a generator (videos, per-class grids, a JSON record).',
+  'sample: write samples of a generator (videos, per-class grids, a JSON record); '
+  'plan: mesh, shardings and memory per device, nothing run (<workdir>/plan.json).',
 )
 _COORDINATOR = flags.DEFINE_string(
   'coordinator_address',
@@ -69,6 +71,10 @@ def main(argv):
     task_cls = tasks.get(tasks.name_of(config))
     if _MODE.value == 'train':
       loop.run(task_cls, config, _WORKDIR.value)
+    elif _MODE.value == 'plan':
+      from larp_jax.train import plan
+
+      print(plan.run(task_cls, config, _WORKDIR.value)['summary'])
     elif _MODE.value == 'eval':
       print(loop.evaluate_run(task_cls, config, _WORKDIR.value)['summary'])
     else:
