@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import pytest
 
 from larp_jax import config_lib, errors, tasks
@@ -186,9 +187,13 @@ def test_one_device_holds_everything_and_unwritable_workdir_prints_only(tmp_path
   with c.unlocked():
     c.plan_compile = False
     c.plan_device_memory_gb = 100.0
+  assert c.loss.lpips_weight > 0  # the LPIPS weights are extras: read as shapes only
   blocker = tmp_path / 'file'
   blocker.write_text('')
+  before = {id(a) for a in jax.live_arrays()}
   r = plan.run(tasks.get('tokenizer'), c, str(blocker / 'run'))
+  assert not [a for a in jax.live_arrays() if id(a) not in before]  # nothing on a device
+  assert r['device_bytes']['extras'] > 0
   assert all(leaf['device_bytes'] == leaf['bytes'] for leaf in r['leaves'])
   assert r['fits'] is True and r['warnings'] == []
   assert 'plan.json not written' in r['summary'] and 'printed only' in r['summary']
