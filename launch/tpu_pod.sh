@@ -37,7 +37,7 @@ Options:
   --project=PROJECT         passed to every gcloud command (default: gcloud's configured project)
   --spot | --preemptible    create a Spot (or legacy preemptible) slice; recreate it if preempted
   --extra='ARGS'            more arguments for larp_jax.main, split on spaces (repeatable), e.g.
-                            --extra='--config.model.dtype=bfloat16 --config.model.remat=full'
+                            --extra='--config.model.dtype=bfloat16 --config.model.attention_impl=chunked'
   -- ARGS...                everything after -- goes to larp_jax.main as it is (values with spaces)
   --mount-bucket=BUCKET     also mount gs://BUCKET at /gcs/BUCKET on every worker (data; repeatable)
   --repo=URL [--ref=REF]    clone URL at REF (default main) on the workers instead of copying a
@@ -57,7 +57,7 @@ Example (LARP-L tokenizer, global batch 128 over 16 v4 chips):
   launch/tpu_pod.sh --name=larp-v4 --zone=us-central2-b --accelerator-type=v4-32 --spot \
     --config=configs/ucf101.py:source=records --workdir=gs://my-bucket/runs/larp_l \
     --mount-bucket=my-data --extra='--config.data.path=/gcs/my-data/ucf101_records' \
-    --extra='--config.model.dtype=bfloat16 --config.model.remat=full'
+    --extra='--config.model.dtype=bfloat16 --config.model.attention_impl=chunked'
 EOF
 }
 
