@@ -40,6 +40,16 @@ def _env(**extra):
   return env
 
 
+@pytest.fixture(autouse=True)
+def _no_real_tools(tmp_path, monkeypatch):
+  """Every test's scripts find fake gcloud / git / srun / pip-running pythons first on PATH, so a
+  dry run that wrongly runs a command records it instead of installing or creating anything."""
+  env, log = fake_bin(tmp_path / 'guard', 'gcloud', 'git', 'srun', 'sbatch', 'python', 'python3')
+  monkeypatch.setenv('PATH', env['PATH'])
+  yield
+  assert calls(log) == [], 'a command ran that the test did not fake on purpose'
+
+
 def launch(script, *args, env=None, cwd=None):
   """Runs launch/<script> with bash; returns (exit code, commands printed as argv lists,
   stdout, stderr)."""
@@ -74,7 +84,7 @@ def main_argv(line: str) -> list:
 def fake_bin(tmp_path, *names, describe='NONE'):
   """Executables that append their argv to calls.log; a fake gcloud answers `describe`."""
   bin_dir = tmp_path / 'bin'
-  bin_dir.mkdir(exist_ok=True)
+  bin_dir.mkdir(parents=True, exist_ok=True)
   log = tmp_path / 'calls.log'
   script = f"""#!/usr/bin/env bash
 {{ printf %s "${{0##*/}}"; printf '\\x1f%s' "$@"; echo; }} >>{shlex.quote(str(log))}
