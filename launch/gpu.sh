@@ -34,7 +34,7 @@ Options:
 Example (LARP-L tokenizer on 8 GPUs, global batch 128 = 16 per GPU):
   launch/gpu.sh --install --config=configs/ucf101.py:source=records --workdir=runs/larp_l \
     --extra='--config.data.path=/data/ucf101_records --config.model.dtype=bfloat16' \
-    --extra='--config.model.attention_impl=dot_product_attention --config.model.remat=dots'
+    --extra='--config.model.attention_impl=dot_product_attention --config.model.remat=full'
 EOF
 }
 
