@@ -42,7 +42,7 @@ def test_the_curve_reads_records_in_step_order_with_the_newest_baselines(tmp_pat
   _write_run(
     root,
     {1000: _record(18.5, 0.5, patch_mean=19.3), 500: _record(16.8, 0.3)},
-    metrics=[{'step': 25, 'l1': 0.2, 'loss': 1.0}, {'step': 50, 'l1': 0.1}, {'step': 60}],
+    metrics=[{'step': 25, 'l1_loss': 0.2, 'loss': 1.0}, {'step': 50, 'l1_loss': 0.1}, {'step': 60}],
   )
   c = curve_lib.load_curve(root)
   assert c['step'] == [500, 1000]
@@ -55,7 +55,9 @@ def test_the_curve_reads_records_in_step_order_with_the_newest_baselines(tmp_pat
 
 def test_the_command_writes_a_png_and_prints_the_table(tmp_path):
   root = str(tmp_path / 'run')
-  _write_run(root, {500: _record(16.8, 0.3), 1000: _record(19.5, 0.6)}, [{'step': 5, 'l1': 0.3}])
+  _write_run(
+    root, {500: _record(16.8, 0.3), 1000: _record(19.5, 0.6)}, [{'step': 5, 'l1_loss': 0.3}]
+  )
   out = str(tmp_path / 'figs' / 'c.png')
   r = subprocess.run(
     [sys.executable, '-m', 'larp_jax.plot', root, f'--out={out}'],

@@ -64,9 +64,10 @@ def load_curve(run_dir: str, eval_dir: Optional[str] = None) -> dict:
           row = json.loads(line)
         except json.JSONDecodeError:  # a line cut by a crash
           continue
-        if 'l1' in row and 'step' in row:
+        l1 = row.get('l1_loss', row.get('l1'))
+        if l1 is not None and 'step' in row:
           curve['train_step'].append(int(row['step']))
-          curve['train_l1'].append(float(row['l1']))
+          curve['train_l1'].append(float(l1))
   return curve
 
 
@@ -78,11 +79,15 @@ def plot_curve(curve: dict, path: str, title: str = '') -> str:
   from matplotlib import pyplot as plt
 
   panels = 3 if curve['train_l1'] else 2
-  fig, axes = plt.subplots(1, panels, figsize=(5.2 * panels, 3.8), dpi=110)
+  fig, axes = plt.subplots(
+    1, panels, figsize=(5.4 * panels, 4.6), dpi=110, gridspec_kw=dict(wspace=0.3)
+  )
   ax = axes[0]
   ax.plot(curve['step'], curve['psnr'], 'o-', color='black', label='tokenizer', zorder=3)
   lo, hi = min(curve['psnr']), max(curve['psnr'])
-  styles = dict(dataset_mean=':', clip_mean='-.', patch_mean='--')
+  styles = dict(
+    dataset_mean=':', clip_mean='-.', patch_mean='--', pca1=(0, (1, 3)), pca4=(0, (5, 3))
+  )
   for name, psnr in curve['baselines'].items():
     if name in TRIVIAL or psnr <= hi + 3.0:  # an oracle far above would flatten the curve
       ax.axhline(
@@ -96,7 +101,7 @@ def plot_curve(curve: dict, path: str, title: str = '') -> str:
   ax.set_ylim(lo - 0.5, hi + 0.5)
   ax.set_xlabel('step')
   ax.set_ylabel('eval PSNR (dB)')
-  ax.legend(fontsize=7, loc='lower right')
+  ax.legend(fontsize=7, loc='upper left', bbox_to_anchor=(0.0, -0.16), ncol=2, frameon=False)
   ax.grid(alpha=0.3)
   ax = axes[1]
   usage = [(s, u) for s, u in zip(curve['step'], curve['codebook_usage']) if u is not None]
@@ -114,7 +119,7 @@ def plot_curve(curve: dict, path: str, title: str = '') -> str:
     ax.grid(alpha=0.3)
   if title:
     fig.suptitle(title, fontsize=10)
-  fig.tight_layout()
+  fig.subplots_adjust(left=0.07, right=0.98, bottom=0.33, top=0.88)
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   fig.savefig(path)
   plt.close(fig)
