@@ -83,3 +83,37 @@ def test_a_run_without_evaluations_is_one_error_line(tmp_path):
   assert r.returncode == 2
   lines = r.stderr.strip().splitlines()
   assert len(lines) == 1 and lines[0].startswith('error: no evaluation records'), r.stderr
+
+
+def test_readme_long_run_and_its_curve(tmp_path):
+  """README's `configs/demo.py:long` command and the plot command after it, as written, shortened
+  by --config overrides (the test-size networks, 4 steps, an evaluation every 2)."""
+  from tests.test_cli import TINY, _env, _user_dir, readme_command_block
+
+  user = _user_dir(tmp_path)
+  train = readme_command_block('configs/demo.py:long')
+  r = subprocess.run(
+    [
+      sys.executable,
+      *train[1:],
+      *TINY,
+      '--config.total_steps=4',
+      '--config.eval_every=2',
+      '--config.eval.num_clips=2',
+      '--config.eval.batch_size=2',
+      '--config.eval.num_videos_to_show=1',
+    ],
+    cwd=user,
+    env=_env(),
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
+  assert r.returncode == 0, r.stderr[-3000:]
+  plot = readme_command_block('larp_jax.plot', command='python -m larp_jax.plot')
+  r = subprocess.run(
+    [sys.executable, *plot[1:]], cwd=user, env=_env(), capture_output=True, text=True, timeout=120
+  )
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert r.stdout.splitlines()[1].startswith('2 ') and r.stdout.splitlines()[2].startswith('4 ')
+  assert (user / 'runs' / 'demo_long' / 'curve.png').stat().st_size > 0
