@@ -69,7 +69,7 @@ def test_flag_mistakes_are_one_line(tmp_path):
   _one_error_line(
     _main(['--config=configs/demo.py:bogus=1', f'--workdir={wd}']),
     "unknown config argument 'bogus'",
-    "accepted: ['batch', 'lpips'",
+    "accepted: ['batch', 'long', 'lpips'",
   )
   _one_error_line(
     _main(['--config=configs/demo.py', f'--wrokdir={wd}']),

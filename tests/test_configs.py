@@ -14,6 +14,7 @@ from tests.conftest import ROOT
   [
     ('ucf101', 'size=B,source=folder'),
     ('demo', 'steps=50'),
+    ('demo', 'long'),
     ('bench', 'micro'),
     ('demo', 'tiny'),
     ('ucf101', 'tiny'),
@@ -39,3 +40,27 @@ def test_stage_configs_embed_others_by_calling_get_config():
   assert demo.get_config().data.source == 'synthetic'
   assert demo.get_config().task == ucf101.get_config().task == 'tokenizer'
   assert bench.get_config('larp_l').model.width == ucf101.get_config().model.width
+
+
+def test_the_demo_recipe_and_its_long_run():
+  """The switches that make the demo learn (issue #19) are on; the UCF101 recipe keeps the
+  released values; ``long`` is the learning-curve run and ``steps`` still overrides either."""
+  c = demo.get_config()
+  assert (c.total_steps, c.model.num_latent_tokens, c.eval_every) == (1500, 128, 1500)
+  assert c.model.bottleneck_norm == 'bn_b' and c.model.vq_entropy_weight == 0.01
+  assert (c.model.codebook_size, c.loss.lpips_weight) == (2048, 0.3)
+  assert c.model.query_patch_skip and c.model.latent_patch_skip
+  assert c.eval.fvd and c.loss.lpips_weight > 0 and c.loss.gan_weight > 0 and c.model.use_prior
+  long = demo.get_config('long')
+  assert (long.total_steps, long.model.num_latent_tokens, long.eval_every) == (6000, 256, 500)
+  assert not long.eval.fvd
+  assert (long.model.codebook_size, long.loss.lpips_weight) == (1024, 1.0)  # as README's curve
+  assert demo.get_config('long,steps=700').total_steps == 700
+  assert demo.get_config('steps=50').optim.warmup_steps == 2
+  u = ucf101.get_config().model
+  assert (u.bottleneck_norm, u.vq_entropy_weight, u.query_patch_skip, u.latent_patch_skip) == (
+    'none',
+    0.0,
+    False,
+    False,
+  )

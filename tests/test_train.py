@@ -306,3 +306,29 @@ def test_a_batch_norm_bottleneck_trains_evaluates_and_loads_with_its_running_sta
   assert json.load(open(os.path.join(wd, 'eval', '2.json')))['psnr'] is not None
   video = jax.random.uniform(jax.random.key(0), (2, 4, 32, 32, 3))
   assert tok.decode(tok.encode(video)).shape == (2, 4, 32, 32, 3)
+
+
+def test_the_discriminator_waits_for_disc_start():
+  """Before ``loss.disc_start`` the discriminator is not updated (the official disc_factor is 0
+  there: its loss and the generator's GAN term both vanish); from it on, every disc_every steps."""
+  from flax import linen as nn
+
+  from larp_jax.tasks import tokenizer as tok_task
+
+  c = tiny_config()
+  c.loss.lpips_weight = 0.0
+  c.loss.update(disc_start=2, disc_every=1)
+  task = tok_task.build(c, jax.devices()[:1])
+  state = nn.unbox(task.boxed_init(0))
+  step = jax.jit(task.train_step())
+  video = jax.random.uniform(jax.random.key(1), (2, *task.model.video_shape, 3))
+  changed = []
+  for _ in range(3):
+    new, metrics = step(state, {'video': video}, jax.random.key(2), {})
+    moved = jax.tree_util.tree_map(
+      lambda a, b: bool(np.any(np.asarray(a) != np.asarray(b))), state.disc_params, new.disc_params
+    )
+    changed.append(any(jax.tree_util.tree_leaves(moved)))
+    assert np.isfinite(float(metrics['loss']))
+    state = new
+  assert changed == [False, False, True]

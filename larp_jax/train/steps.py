@@ -154,7 +154,9 @@ def tokenizer_train_step(
 
   use_gan = loss_cfg.gan_weight > 0
   if use_gan:
-    disc_on = (state.step % loss_cfg.disc_every) == 0
+    # As the official disc_factor (models/loss.py): before disc_start the discriminator neither
+    # trains nor shapes the generator.
+    disc_on = ((state.step % loss_cfg.disc_every) == 0) & (state.step >= loss_cfg.disc_start)
     d_args = dict(
       disc=disc, disc_tx=disc_tx, loss_cfg=loss_cfg, optim_cfg=optim_cfg, total_steps=total_steps
     )
