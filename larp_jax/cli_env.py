@@ -37,6 +37,43 @@ def quiet_tensorflow() -> None:
   os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
 
 
+def init_distributed(
+  *,
+  multihost: bool = False,
+  coordinator_address: Optional[str] = None,
+  num_processes: Optional[int] = None,
+  process_id: Optional[int] = None,
+) -> bool:
+  """Joins a multi-host job (``jax.distributed.initialize``) when any argument asks for one;
+  returns whether it did. Call it before anything touches a device.
+
+  On TPU VMs, SLURM and Open MPI jobs jax finds every value itself (``--multihost`` alone).
+  Elsewhere (several processes started by hand, e.g. on one machine) pass all three of
+  ``coordinator_address`` (host:port of process 0), ``num_processes`` and ``process_id``.
+  CPU processes exchange their collectives through gloo (jax's default on CPU). UserError for
+  an incomplete or inconsistent set.
+  """
+  if not (multihost or coordinator_address or num_processes is not None or process_id is not None):
+    return False
+  if (num_processes is None) != (process_id is None):
+    raise errors.UserError('--num_processes and --process_id go together: give both or neither')
+  if num_processes is not None:
+    if not 0 <= process_id < num_processes:
+      raise errors.UserError(
+        f'--process_id={process_id} is not in [0, --num_processes={num_processes})'
+      )
+    if not (coordinator_address or os.environ.get('JAX_COORDINATOR_ADDRESS')):
+      raise errors.UserError(
+        '--num_processes/--process_id need --coordinator_address=HOST:PORT (process 0)'
+      )
+  import jax
+
+  jax.distributed.initialize(
+    coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id
+  )
+  return True
+
+
 def error_line(e: BaseException) -> Optional[str]:
   """``'error: ...'`` (one line) when ``e`` is a user's mistake; None when it is a bug.
 

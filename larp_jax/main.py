@@ -11,6 +11,11 @@ run-directory mistake fails before anything is compiled or written, with one lin
 (``error: ...``) and exit code 2: a flag or config file that cannot be parsed, or any
 ``errors.UserError`` (or ``OSError``) raised by the run. Any other exception is a bug and shows its
 traceback (exit 1). SIGTERM or Ctrl-C saves a checkpoint and exits 0; a second Ctrl-C exits at once.
+
+Multi-host: start the same command on every host with ``--multihost`` (TPU pods, SLURM: jax
+detects the rest), or, where nothing can be detected (e.g. two processes on one machine), with
+``--coordinator_address=HOST:PORT --num_processes=N --process_id=I`` on process I. A signal to
+any one process stops the whole job at the same step, with a checkpoint.
 """
 
 from __future__ import annotations
@@ -46,7 +51,18 @@ _COORDINATOR = flags.DEFINE_string(
   'host:port of process 0 for multi-host runs '
   '(jax.distributed); on TPU pods and SLURM leave unset.',
 )
-_MULTIHOST = flags.DEFINE_bool('multihost', False, 'Call jax.distributed.initialize().')
+_MULTIHOST = flags.DEFINE_bool(
+  'multihost',
+  False,
+  'Join a multi-host job (jax.distributed.initialize()); on TPU pods and SLURM jax finds '
+  'the coordinator, the process count and this process id itself.',
+)
+_NUM_PROCESSES = flags.DEFINE_integer(
+  'num_processes', None, 'Processes in the job, where jax cannot detect it (with --process_id).'
+)
+_PROCESS_ID = flags.DEFINE_integer(
+  'process_id', None, 'This process in [0, --num_processes) (0 runs the coordinator).'
+)
 
 
 class _QuietOrbax(py_logging.Filter):
@@ -59,15 +75,17 @@ class _QuietOrbax(py_logging.Filter):
 def main(argv):
   del argv  # parse_flags has refused positional arguments
   logging.get_absl_handler().addFilter(_QuietOrbax())
-  import jax
-
-  if _MULTIHOST.value or _COORDINATOR.value:
-    jax.distributed.initialize(coordinator_address=_COORDINATOR.value)
-  from larp_jax import tasks
-  from larp_jax.train import loop
-
   config = _CONFIG.value
   try:
+    cli_env.init_distributed(  # before anything touches a device
+      multihost=_MULTIHOST.value,
+      coordinator_address=_COORDINATOR.value,
+      num_processes=_NUM_PROCESSES.value,
+      process_id=_PROCESS_ID.value,
+    )
+    from larp_jax import tasks
+    from larp_jax.train import loop
+
     task_cls = tasks.get(tasks.name_of(config))
     if _MODE.value == 'train':
       loop.run(task_cls, config, _WORKDIR.value)
@@ -94,11 +112,17 @@ def _exit(code: int, message: str | None = None):
   """Ends the process once everything is saved and flushed. ``loop.run`` has closed the input
   iterators, checkpoints and writers by now; ``os._exit`` skips the interpreter teardown of
   whatever native threads the libraries still hold (TensorFlow's, XLA's), which adds nothing
-  and can take many seconds."""
+  and can take many seconds. A multi-host process that succeeded leaves the job first (a
+  barrier: the coordinator, process 0, stays up until every process is done with it); after a
+  failure it does not wait for the others."""
   if message:
     print(message, file=sys.stderr)
   sys.stdout.flush()
   sys.stderr.flush()
+  if code == 0 and 'jax' in sys.modules:
+    import jax
+
+    jax.distributed.shutdown()  # nothing when this process never joined a job
   py_logging.shutdown()
   os._exit(code)
 

@@ -642,6 +642,10 @@ def _command(args: list) -> None:
   flags.DEFINE_string(
     'coordinator_address', None, 'host:port of process 0 for multi-host runs.', flag_values=fv
   )
+  flags.DEFINE_integer(
+    'num_processes', None, 'Processes in the job, where jax cannot detect it.', flag_values=fv
+  )
+  flags.DEFINE_integer('process_id', None, 'This process in [0, --num_processes).', flag_values=fv)
   config_flags.DEFINE_config_dict(
     'config',
     config,
@@ -656,10 +660,14 @@ def _command(args: list) -> None:
   # Our progress lines at INFO; the libraries' (Orbax logs every restore) at WARNING.
   logging.basicConfig(level=logging.WARNING, format='%(message)s')
   logging.getLogger('larp_jax').setLevel(logging.INFO)
+  cli_env.init_distributed(
+    multihost=fv.multihost,
+    coordinator_address=fv.coordinator_address,
+    num_processes=fv.num_processes,
+    process_id=fv.process_id,
+  )
   import jax
 
-  if fv.multihost or fv.coordinator_address:
-    jax.distributed.initialize(coordinator_address=fv.coordinator_address)
   m = tokenize(
     fv.tokenizer,
     fv.config,
@@ -689,4 +697,8 @@ if __name__ == '__main__':
   code = main()
   sys.stdout.flush()
   sys.stderr.flush()
+  if code == 0 and 'jax' in sys.modules:  # a multi-host process leaves the job (main.py)
+    import jax
+
+    jax.distributed.shutdown()
   os._exit(code)  # skip the teardown of TensorFlow's threads (see larp_jax/main.py)

@@ -6,7 +6,9 @@
 
   * the task's pure step, jitted with in/out shardings and a donated state;
   * the host reads metrics only on log steps (no sync otherwise) and stops on NaN/Inf;
-  * Orbax checkpoints every ``checkpoint_every`` steps, at the end, and on SIGTERM (preemption);
+  * Orbax checkpoints every ``checkpoint_every`` steps, at the end, and on SIGTERM (preemption;
+    multi-host: a signal to any process stops every process at the same step, agreed by a
+    one-integer all-gather per step);
   * clu writers (TensorBoard + log), ``metrics.jsonl``, progress with ETA, periodic evaluation
     (``task.evaluate``), and at the end the model's parameters alone (``params_io``) in
     ``<workdir>/params``.
@@ -39,6 +41,7 @@ from clu import metric_writers, periodic_actions
 from larp_jax import checkpoint, config_lib, errors, params_io, sharding
 from larp_jax import data as data_lib
 from larp_jax import workdir as workdir_lib
+from larp_jax.evaluation import multihost
 
 PARAMS_SUBDIR = 'params'  # <workdir>/params: the final model variables, params only
 
@@ -344,8 +347,10 @@ def _steps(
     is_last = step == total
     # Read the signal flag once per step: a SIGTERM that lands after this line (the handler
     # runs whenever the main thread waits, e.g. on the metrics below) stops the *next*
-    # step, so the run never exits between deciding to checkpoint and saving.
-    preempted = preemption.requested
+    # step, so the run never exits between deciding to checkpoint and saving. With several
+    # processes the flag is OR-ed over all of them (a signal to any one stops the whole job at
+    # the same step; each would otherwise wait forever in the other's collectives).
+    preempted = multihost.any_true(preemption.requested)
     stop_now = preempted or (stop_at is not None and step >= stop_at)
     first = step == start_step + 1
     log_now = step % int(config.log_every) == 0 or is_last or first or stop_now
