@@ -19,7 +19,9 @@ and the switches that make a tokenizer this small learn in minutes (README, "The
 Arguments after ':' (comma separated): steps (default 1500; 0 = the default), batch (default 8),
 lpips (default true; the demo uses LPIPS-AlexNet, the paper VGG16, which costs ~7 s a step here),
 long (N=256 tokens, 6000 steps, an evaluation every 500 steps without FVD: the learning curve of
-README, about an hour; it keeps the 1024 codes and LPIPS weight 1.0 it was measured with), tiny (the test-size model and a 4-step run, ``larp_jax/configs/common.py``).
+README, about an hour; it keeps the 1024 codes and LPIPS weight 1.0 it was measured with),
+tiny (the test-size model and a 4-step run, ``larp_jax/configs/common.py``, with the released
+bottleneck and quantizer switches).
 """
 
 from larp_jax import config_lib
@@ -70,4 +72,13 @@ def get_config(arg=None):
     c.loss.lpips_weight = 1.0 if arg.lpips else 0.0
   if arg.tiny:
     common.apply_tiny(c)
+    # The tests of every other feature build on `tiny`: it keeps the released bottleneck and
+    # quantizer (the demo's switches are tested with the demo's own shapes in test_cli and by name
+    # in test_configs, test_bottleneck, test_tokenizer).
+    c.model.update(
+      bottleneck_norm='none',
+      vq_entropy_weight=0.0,
+      query_patch_skip=False,
+      latent_patch_skip=False,
+    )
   return c
