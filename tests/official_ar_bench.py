@@ -27,7 +27,13 @@ import types
 
 def _import_official(official_dir: str):
   """(LARP_AR, ModelArgs, ar) without running ``models/__init__.py`` (the tokenizer's imports)."""
-  for name in ('huggingface_hub', 'timm', 'timm.models', 'timm.models.vision_transformer', 'einops'):
+  for name in (
+    'huggingface_hub',
+    'timm',
+    'timm.models',
+    'timm.models.vision_transformer',
+    'einops',
+  ):
     try:
       __import__(name)
     except ImportError:
@@ -40,7 +46,7 @@ def _import_official(official_dir: str):
   pkg = types.ModuleType('models')
   pkg.__path__ = [os.path.join(root, 'models')]
   pkg.models = {}
-  pkg.register = lambda name: (lambda cls: cls)
+  pkg.register = lambda name: lambda cls: cls
   sys.modules['models'] = pkg
   import ar
   from models.larp_ar import LARP_AR, ModelArgs

@@ -81,7 +81,9 @@ def train_step_fn(config, model):
 
   def apply_fn(params, tokens, labels, prefix, key):
     labels = None if model.frame_prediction else labels
-    return model.apply({'params': params}, tokens, labels, prefix, train=True, rngs={'dropout': key})
+    return model.apply(
+      {'params': params}, tokens, labels, prefix, train=True, rngs={'dropout': key}
+    )
 
   step = functools.partial(
     generator_step.generator_train_step, model=model, tx=tx, lr_fn=lr_fn, apply_fn=apply_fn

@@ -344,9 +344,7 @@ def run(
   results = {}
   fn_whats = [w for w in what if w in ('encode', 'decode', 'forward')]
   if is_generator:
-    results = generator_bench.run_measurements(
-      config, what, batch=batch, runs=runs, warmup=warmup
-    )
+    results = generator_bench.run_measurements(config, what, batch=batch, runs=runs, warmup=warmup)
     for d in peak_dtypes:
       rechecks[d].append(measure_peak(d, size, runs=3, warmup=1)['flops_per_s'])
     what = list(results)

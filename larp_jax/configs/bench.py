@@ -53,7 +53,9 @@ def get_config(arg=None):
     micro=False,
     gen_tiny=False,
     gen_b=False,
-    dtype='float32', batch=0, source='synthetic'
+    dtype='float32',
+    batch=0,
+    source='synthetic',
   )
   chosen = [p for p in PRESETS if arg[p]]
   if len(chosen) > 1:
