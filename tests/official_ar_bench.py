@@ -105,6 +105,7 @@ def main(argv=None):
     cond = torch.randint(0, a.classes, (batch,), generator=g)
     with torch.inference_mode(), model.sampling():
       seq = ar.generate(model, cond, a.seq_len, cfg_scale=1.0, sample_logits=True)
+    model.reset_caches()  # generate leaves them set up; a cached model cannot train
     assert seq.shape == (batch, a.seq_len)
 
   print(json.dumps({'ready': True, 'torch': torch.__version__, 'threads': torch.get_num_threads()}))

@@ -75,7 +75,7 @@ def compare(args) -> dict:
   from larp_jax.configs import bench as bench_cfg
   from larp_jax.generation import sampling
 
-  config = bench_cfg.get_config('gen_b')
+  config = bench_cfg.get_config(args.preset)
   with config.unlocked():
     config.model.seq_len = int(args.seq_len)
   model = gbench.make_model(config.model)
@@ -184,6 +184,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument('--torch_python', required=True)
   p.add_argument('--official_dir', required=True)
+  p.add_argument('--preset', default='gen_b', choices=['gen_b', 'gen_tiny'])
   p.add_argument('--seq_len', type=int, default=1024)
   p.add_argument('--batch', type=int, default=1)
   p.add_argument('--sample_batches', type=int, nargs='+', default=[1, 16])
