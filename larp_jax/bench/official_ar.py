@@ -85,8 +85,8 @@ def compare(args) -> dict:
   proc, ready = _official(args, model, batch)
   # Ours: compile everything before the rounds.
   step, init_state = gbench.train_step_fn(config, model)
-  params = gbench.init_params(model, seed)
-  holder = {'state': init_state(params)}
+  holder = {'state': init_state(gbench.init_params(model, seed))}  # donated by each step
+  params = gbench.init_params(model, seed)  # the samplers' own copy
   data = gbench.random_batch(model, batch, seed)
   key = jax.random.key(seed)
   log('ours: compiling the train step and the samplers')
