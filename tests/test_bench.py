@@ -182,3 +182,54 @@ def test_bench_main_on_micro(tmp_path):
 def test_bad_measurement_name():
   with pytest.raises(ValueError, match='unknown measurement'):
     runners.run(_bench_config('micro'), what=['fwd'])
+
+
+def test_generator_presets():
+  b = _bench_config('gen_b')
+  assert b.task == 'generator' and b.batch_size == 1
+  assert (b.model.dim, b.model.depth, b.model.num_heads) == (768, 12, 12)
+  assert (b.model.seq_len, b.model.vocab_size, b.model.num_classes) == (1024, 8192, 101)
+  assert b.model.dtype == 'float32' and not b.model.frame_prediction
+  assert tuple(b.bench.sample_batches) == (1, 16) and not b.bench.recompute_full
+  assert _bench_config('gen_tiny').bench.recompute_full
+
+
+def test_generator_flops_by_hand():
+  class M:  # dim 4, SwiGLU hidden 256 (int(2*4*4/3) = 10 rounded up to 256), 1 layer
+    dim, depth, ffn_multiple, vocab_size, seq_len, prefix_len = 4, 1, 256, 10, 3, 1
+
+  per_pos = 2 * (4 * 16 + 3 * 4 * 256)  # qkv + wo + w1, w3, w2
+  assert flops.larp_ar_layer_flops(M, 1, 1, 5) == per_pos + 4 * 5 * 4
+  # Forward: 3 positions (class + 2 tokens), attention over all 3; the head on 3 positions.
+  assert flops.larp_ar_forward_flops(M, 2) == 2 * (3 * per_pos + 4 * 9 * 4) + 2 * 2 * 3 * 4 * 10
+  # Sampling: the prefix (1 position), then positions 1 and 2 attending to 2 and 3 positions.
+  assert flops.larp_ar_sample_flops(M, 1) == 3 * per_pos + 4 * 4 * (1 + 2 + 3) + 2 * 3 * 4 * 10
+
+
+def test_bench_generator_rows(tmp_path):
+  out = tmp_path / 'gen.json'
+  runners.main(
+    [
+      'bench',
+      f'--config={ROOT}/configs/bench.py:gen_tiny',
+      '--config.model.depth=1',
+      '--config.model.seq_len=16',
+      '--config.bench.sample_batches=(1,2)',
+      '--runs=1',
+      '--warmup=0',
+      '--peak_size=128',
+      f'--out={out}',
+    ]
+  )
+  rec = json.loads(out.read_text())
+  assert rec['task'] == 'generator'
+  assert list(rec['measurements']) == ['train', 'sample_b1', 'sample_b2', 'recompute_b1']
+  for name, r in rec['measurements'].items():
+    assert r['tokens_per_s']['median'] > 0 and r['clips_per_s']['median'] > 0, name
+    assert r['tokens_per_run'] == r['batch'] * 16 and r['analytic_flops_per_s'] > 0, name
+    assert r['mfu_analytic'] > 0, name
+  train = rec['measurements']['train']
+  assert train['flops_per_step']['xla'] > 0 and train['mfu'] > 0 and train['final_loss'] > 0
+  assert 0.5 < train['xla_over_analytic'] < 3.0
+  assert not rec['measurements']['recompute_b1']['extrapolated']
+  assert rec['cached_over_recompute']['batch'] == 1 and rec['cached_over_recompute']['ratio'] > 0

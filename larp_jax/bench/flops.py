@@ -208,3 +208,34 @@ TWIN_NOTE = (
 def needs_cost_twin(model) -> bool:
   """True if XLA's FLOP count of ``model``'s programs would miss work (loops, custom calls)."""
   return bool(model.scan_layers) or attention.resolve_attention_impl(model.attention_impl) != 'xla'
+
+
+def larp_ar_layer_flops(model, batch: int, queries: int, keys: int) -> int:
+  """Forward matmul FLOPs of one ``LARPAR`` block for ``queries`` new positions attending to
+  ``keys`` positions: fused qkv (3d^2) + wo (d^2) + SwiGLU (3 d*hidden) per position, scores
+  and values 4*q*k*d (causal attention counted in full, as for the ViT blocks)."""
+  from larp_jax.models.larp_ar import ffn_hidden
+
+  d = int(model.dim)
+  h = ffn_hidden(d, int(model.ffn_multiple))
+  return 2 * batch * queries * (4 * d * d + 3 * d * h) + 4 * batch * queries * keys * d
+
+
+def larp_ar_forward_flops(model, batch: int) -> int:
+  """Forward matmul FLOPs of ``LARPAR`` over a whole sequence (prefix + seq_len - 1 inputs, the
+  head on the seq_len predicting positions); embeddings are gathers (0)."""
+  length = int(model.prefix_len) + int(model.seq_len) - 1
+  head = 2 * batch * int(model.seq_len) * int(model.dim) * int(model.vocab_size)
+  return int(model.depth) * larp_ar_layer_flops(model, batch, length, length) + head
+
+
+def larp_ar_sample_flops(model, batch: int) -> int:
+  """Matmul FLOPs of drawing one batch of ``seq_len`` tokens with the KV cache: the prefix, then
+  one position per token attending to the positions written so far (the program attends over
+  the whole cache with a mask; the model FLOPs count the visible positions only), the head
+  once per token. Guidance (batch doubling) is the caller's factor."""
+  p, n, d = int(model.prefix_len), int(model.seq_len), int(model.dim)
+  layers = larp_ar_layer_flops(model, batch, p, p)  # prefill (causal, counted in full)
+  for pos in range(p, p + n - 1):
+    layers += larp_ar_layer_flops(model, batch, 1, pos + 1)
+  return int(model.depth) * layers + 2 * batch * n * d * int(model.vocab_size)

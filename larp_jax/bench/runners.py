@@ -293,7 +293,7 @@ def bench_input(config, batch: int, steps: int) -> dict:
 def run(
   config,
   *,
-  what: Sequence[str] = MEASUREMENTS,
+  what: Optional[Sequence[str]] = None,
   batch: Optional[int] = None,
   runs: Optional[int] = None,
   warmup: Optional[int] = None,
@@ -301,11 +301,16 @@ def run(
   peak_size: Optional[int] = None,
   config_spec: str = '',
 ) -> dict:
-  """Runs the benchmark of ``config``; returns the JSON-able record (see BENCHMARKS.md)."""
-  what = list(dict.fromkeys(w.strip() for w in what if w.strip()))
-  unknown = [w for w in what if w not in MEASUREMENTS]
+  """Runs the benchmark of ``config``; returns the JSON-able record (see BENCHMARKS.md).
+  A generator config (``task = 'generator'``) has the measurements of ``bench.generator``."""
+  from larp_jax.bench import generator as generator_bench
+
+  is_generator = config.get('task', 'tokenizer') == 'generator'
+  choices = generator_bench.MEASUREMENTS if is_generator else MEASUREMENTS
+  what = list(dict.fromkeys(w.strip() for w in (what or choices) if w.strip()))
+  unknown = [w for w in what if w not in choices]
   if unknown or not what:
-    raise ValueError(f'--what: unknown measurement(s) {unknown}; choose from {MEASUREMENTS}')
+    raise ValueError(f'--what: unknown measurement(s) {unknown}; choose from {choices}')
   bench_cfg = config.get('bench', None) or {}
   runs = int(runs or bench_cfg.get('runs', 5))
   warmup = int(bench_cfg.get('warmup', 2) if warmup is None else warmup)
@@ -321,7 +326,8 @@ def run(
   dev = devices[0]
   from larp_jax import config_lib
 
-  config_lib.validate(config, num_devices=len(devices))
+  if not is_generator:
+    config_lib.validate(config, num_devices=len(devices))
   n_dev = len(devices)
 
   # Peak matmul rate of one device, same run, same device.
@@ -337,7 +343,12 @@ def run(
 
   results = {}
   fn_whats = [w for w in what if w in ('encode', 'decode', 'forward')]
-  for w in what:
+  if is_generator:
+    results = generator_bench.run_measurements(config, what, batch=batch, runs=runs, warmup=warmup)
+    for d in peak_dtypes:
+      rechecks[d].append(measure_peak(d, size, runs=3, warmup=1)['flops_per_s'])
+    what = list(results)
+  for w in [] if is_generator else what:
     try:
       if w in ('train', 'gen'):
         results[w] = bench_step(config, w, batch=batch, runs=runs, warmup=warmup, seed=seed)
@@ -363,7 +374,7 @@ def run(
     add_mfu(r, peak, datasheet, n_dev)
   results = {w: results[w] for w in what}
 
-  if measure_input:
+  if measure_input and not is_generator:
     log(f'input pipeline ({config.data.source})')
   record = {
     'config': config_spec,
@@ -371,7 +382,7 @@ def run(
     'batch': batch,
     'dtype': model_dtype,
     'param_dtype': jnp.dtype(config.model.param_dtype).name,
-    'video_shape': list(config.model.video_shape),
+    'video_shape': None if is_generator else list(config.model.video_shape),
     'seed': seed,
     'runs': runs,
     'warmup': warmup,
@@ -406,10 +417,14 @@ def run(
     },
     'measurements': results,
     'input': bench_input(config, batch, int(bench_cfg.get('input_steps', 10)))
-    if measure_input
+    if measure_input and not is_generator
     else None,
     'time': time.strftime('%Y-%m-%dT%H:%M:%S%z'),
   }
+  if is_generator:
+    record['task'] = 'generator'
+    record['model'] = dict(config.model)
+    record['cached_over_recompute'] = generator_bench.cached_over_recompute(results)
   return record
 
 
@@ -434,7 +449,11 @@ def _flags(argv):
     sys_argv=list(argv),
   )
   flags.DEFINE_list(
-    'what', list(MEASUREMENTS), f'Measurements, any of {MEASUREMENTS}.', flag_values=fv
+    'what',
+    None,
+    f'Measurements, any of {MEASUREMENTS} (a generator config: train, sample, recompute); '
+    'default all.',
+    flag_values=fv,
   )
   flags.DEFINE_integer('batch', None, 'Global batch (default: config.batch_size).', flag_values=fv)
   flags.DEFINE_integer(
@@ -491,5 +510,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
   )
   path = write_record(record, fv.out, fv.out_dir)
   print(format_table(record))
+  if record.get('task') == 'generator':
+    from larp_jax.bench import generator as generator_bench
+
+    print('\n'.join(generator_bench.table_lines(record)))
   print(f'wrote {path}')
   return record

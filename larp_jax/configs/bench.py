@@ -12,6 +12,12 @@ Arguments after ':' (comma separated): one preset word
           heads, 4x8x8 patches); LPIPS-VGG; batch 4.
   larp_l  configs/ucf101.py as released (size L, N=1024, 16x128x128), batch 1.
   micro   the tests' tiny model (``larp_jax/configs/common.py``) on 8x32x32 clips.
+  gen_tiny  the AR generator (``LARPAR``) at test size: dim 64, 2 layers, 2 heads, 64 tokens
+          from 256 codes, 10 classes; batch 2; cached sampling at batch 1 and 2, recompute
+          at batch 1 (all tokens).
+  gen_b   the AR generator's B preset (dim 768, 12 layers, 12 heads), 1024 tokens from 8192
+          codes, 101 classes, class-conditional, float32; batch 1; cached sampling at batch 1
+          and 16; recompute at batch 1 timed as one loop step x 1024 (BENCHMARKS.md).
 and
   dtype   float32 (default) | bfloat16: the compute dtype of the tokenizer and discriminator
           (parameters stay float32; LPIPS always runs in float32).
@@ -31,7 +37,8 @@ from larp_jax import config_lib
 from larp_jax.configs import common, ucf101
 import ml_collections
 
-PRESETS = ('tiny', 'larp_l', 'micro')
+PRESETS = ('tiny', 'larp_l', 'micro', 'gen_tiny', 'gen_b')
+GENERATOR_PRESETS = ('gen_tiny', 'gen_b')
 
 
 def _ucf101(batch, source):
@@ -40,7 +47,15 @@ def _ucf101(batch, source):
 
 def get_config(arg=None):
   arg = config_lib.parse_arg(
-    arg, tiny=False, larp_l=False, micro=False, dtype='float32', batch=0, source='synthetic'
+    arg,
+    tiny=False,
+    larp_l=False,
+    micro=False,
+    gen_tiny=False,
+    gen_b=False,
+    dtype='float32',
+    batch=0,
+    source='synthetic',
   )
   chosen = [p for p in PRESETS if arg[p]]
   if len(chosen) > 1:
@@ -48,6 +63,8 @@ def get_config(arg=None):
   preset = chosen[0] if chosen else 'tiny'
   if arg.dtype not in ('float32', 'bfloat16'):
     raise config_lib.ConfigError(f'config argument dtype={arg.dtype!r} must be float32 or bfloat16')
+  if preset in GENERATOR_PRESETS:
+    return _generator(preset, arg.dtype, arg.batch)
   batch = arg.batch or {'tiny': 4, 'larp_l': 1, 'micro': 2}[preset]
   c = _ucf101(batch, arg.source)
 
@@ -88,6 +105,50 @@ def get_config(arg=None):
       gen_overrides=dict(gan_weight=0.0, lpips_weight=0.0),
       peak_size=0,  # matmul size of the peak measurement; 0 = 2048 CPU, 8192 GPU/TPU
       input_steps=10,  # batches timed for the input-pipeline clips/s
+    )
+  )
+  return c
+
+
+def _generator(preset: str, dtype: str, batch: int):
+  """A generator bench config: the model (LARPAR kwargs), its optimiser, the bench settings."""
+  from larp_jax.configs import ucf101_ar
+  from larp_jax.models import larp_ar
+
+  c = ml_collections.ConfigDict()
+  c.task = 'generator'
+  tiny = preset == 'gen_tiny'
+  size = dict(dim=64, depth=2, num_heads=2) if tiny else larp_ar.preset_kwargs('B')
+  c.model = dict(
+    vocab_size=256 if tiny else 8192,
+    num_classes=10 if tiny else 101,
+    seq_len=64 if tiny else 1024,
+    frame_prediction=False,
+    **size,
+    class_dropout=0.1,
+    token_dropout=0.1,
+    resid_dropout=0.1,
+    ffn_dropout=0.1,
+    norm_eps=1e-5,
+    attention_impl='auto',
+    dtype=dtype,
+    param_dtype='float32',
+  )
+  c.batch_size = batch or (2 if tiny else 1)
+  c.seed = 0
+  c.total_steps = 1000
+  ref = ucf101_ar.get_config('tiny')  # the generator recipe's optimiser (AdamW, b2 0.95)
+  c.optim = ref.optim.copy_and_resolve_references()
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  c.bench = ml_collections.ConfigDict(
+    dict(
+      warmup=1 if tiny else 1,
+      runs=3 if tiny else 2,
+      sample_batches=(1, 2) if tiny else (1, 16),
+      recompute_batch=1,
+      recompute_full=tiny,  # B: one loop step (a full forward) x seq_len
+      recompute_runs=2 if tiny else 3,
+      peak_size=0,
     )
   )
   return c
