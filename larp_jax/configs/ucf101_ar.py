@@ -30,6 +30,10 @@ AR_PRESETS = {
   'LP': dict(dim=1280, depth=30, num_heads=20),
 }
 TINY_AR = dict(dim=32, depth=1, num_heads=2)
+# The released generator's regularisation and norm (official LARP-L-Long-AR config).
+AR_DROPOUT_AND_NORM = dict(
+  class_dropout=0.1, token_dropout=0.1, resid_dropout=0.1, ffn_dropout=0.1, norm_eps=1e-5
+)
 
 
 def ar_preset(name: str) -> dict:
@@ -71,11 +75,7 @@ def generator_config(
     seq_len=tm.num_latent_tokens,
     frame_prediction=frame_prediction,
     **(TINY_AR if tiny else ar_preset(preset)),
-    class_dropout=0.1,
-    token_dropout=0.1,
-    resid_dropout=0.1,
-    ffn_dropout=0.1,
-    norm_eps=1e-5,
+    **AR_DROPOUT_AND_NORM,
     attention_impl='auto',
     dtype='bfloat16',  # bf16 compute, float32 master weights (the released run: bf16 AMP)
     param_dtype='float32',
