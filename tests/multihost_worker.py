@@ -2,9 +2,9 @@
 
 python tests/multihost_worker.py reference HOSTS MAIN_FLAGS...
     ``python -m larp_jax.main MAIN_FLAGS...`` in this one process, except that the training
-    stream is read as a job of HOSTS processes reads it: host p's batches (``get_dataset``
-    with ``process_index=p, process_count=HOSTS``, each host's share of the global batch),
-    concatenated in process order. A HOSTS-process job shuffles each host's part of the data
+    stream is read as a job of HOSTS processes reads it: host p's batches (``get_dataset``, or
+    the generator's ``get_token_dataset``, with ``process_index=p, process_count=HOSTS``, each
+    host's share of the global batch), concatenated in process order. A HOSTS-process job shuffles each host's part of the data
     on its own, so this is the single-process run whose losses it must match.
 python tests/multihost_worker.py data PORT PROCESS_ID NUM_PROCESSES OUT_JSON
     joins a job on localhost:PORT and writes the clip ids this process's training batches
@@ -75,7 +75,24 @@ def reference(hosts: int, argv: list) -> None:
       ]
     )
 
+  from larp_jax.data import tokens as tokens_lib
+
+  get_token_dataset_ = tokens_lib.get_token_dataset
+
+  def get_token_dataset(directory, split, batch_size, **kw):
+    if split != 'train':
+      return get_token_dataset_(directory, split, batch_size, **kw)
+    return _Hosts(
+      [
+        get_token_dataset_(
+          directory, split, batch_size // hosts, process_index=p, process_count=hosts, **kw
+        )
+        for p in range(hosts)
+      ]
+    )
+
   data_lib.get_dataset = get_dataset  # what the tasks call (``data_lib.get_dataset``)
+  tokens_lib.get_token_dataset = get_token_dataset  # the generator's token directory
   sys.argv = ['larp_jax.main', *argv]
   main._run()
 

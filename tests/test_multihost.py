@@ -5,7 +5,9 @@ The single-process reference (``tests/multihost_worker.py reference``) is the sa
 without the multi-host flags whose training batches are the two hosts' batches concatenated in
 process order: a two-process job shuffles each host's part of the data on its own, so that is
 the stream its global batches hold. Each job's processes run with different umasks (process 0:
-0o022, process 1: 0o077), so a file's mode says which process created it.
+0o022, process 1: 0o077), so a file's mode says which process created it. The generator's
+test runs the same commands with the generator's config on tokens a two-process ``tokenize``
+wrote, and SIGKILLs both processes after a checkpoint.
 """
 
 import json
@@ -316,3 +318,149 @@ def test_each_host_reads_its_own_part_of_the_data(user):
   assert len(hosts[0]['eval']) == len(hosts[1]['eval']) == 2
   got = sorted(c for h in hosts for b in h['eval'] for c in b if c >= 0)
   assert got == sorted(c for b in one['eval'] for c in b if c >= 0) == list(range(5))
+
+
+# ---------------------------------------------------------------- the generator
+# The tiny generator (configs/demo_ar.py:tiny) over the reference run's tokenizer, from a token
+# directory the two-process `tokenize` wrote. GEN_TOTAL steps of a global batch of 8, a
+# checkpoint every GEN_CKPT steps; the evaluation at the end: the held-out NLL of every eval clip
+# and 4 samples (classes in turn over the global batch), no gFVD. Float32 compute: the config's
+# bf16 rounds the two meshes' reductions apart (measured: grad_norm 3e-4 relative by step 22).
+GEN_TOTAL, GEN_CKPT = 120, 20
+DATA = ['--config.data.synthetic_num_train=16', '--config.data.synthetic_num_eval=4']
+GEN = [
+  *DATA,
+  '--config.model.dtype=float32',
+  f'--config.total_steps={GEN_TOTAL}',
+  f'--config.checkpoint_every={GEN_CKPT}',
+  '--config.log_every=1',
+  '--config.batch_size=8',
+  f'--config.eval_every={GEN_TOTAL}',
+  '--config.eval.batch_size=4',
+  '--config.eval.nll_clips=0',
+  '--config.eval.fvd_samples=0',
+  '--config.eval.num_videos_to_show=4',
+  '--config.sample.batch_size=4',
+]
+
+
+def _tokenize_argv(tokenizer, out, port, process_id):
+  return [
+    '-m',
+    'larp_jax.tokenize',
+    f'--tokenizer={tokenizer}',
+    '--config=configs/demo.py:tiny',
+    *DATA,
+    f'--out={out}',
+    '--batch_size=8',
+    '--shard_size=4',
+    f'--coordinator_address=localhost:{port}',
+    '--num_processes=2',
+    f'--process_id={process_id}',
+  ]
+
+
+def _split_tokens(directory, split, batches):
+  from larp_jax.data import tokens as tokens_lib
+
+  with tokens_lib.get_token_dataset(directory, split, batch_size=4, seed=0) as it:
+    out = [next(it) for _ in range(batches)]
+  return {k: np.concatenate([b[k] for b in out]) for k in ('tokens', 'label', 'clip_id')}
+
+
+@pytest.fixture(scope='module')
+def gen_tokens(user, reference):
+  """The token directory a two-process `tokenize` of the reference tokenizer wrote, checked
+  against the same command in this one process (the tokens of every clip, whatever host count
+  wrote them)."""
+  from larp_jax import tokenize
+  from larp_jax.configs import demo
+
+  out = str(user / 'tokens')
+  port = _free_port()
+  argvs = [_tokenize_argv(reference, out, port, i) for i in range(2)]
+  logs = [str(user / f'tokenize.{i}.log') for i in range(2)]
+  with _Job(argvs, user, logs, _readme_env()) as job:
+    assert job.wait() == [0, 0], job.tails()
+  manifest = json.load(open(os.path.join(out, 'manifest.json')))
+  assert manifest['splits']['train']['num_clips'] == 16, manifest['splits']
+  assert manifest['splits']['eval']['num_clips'] == 4, manifest['splits']
+
+  one = str(user / 'tokens_one')
+  c = demo.get_config('tiny')
+  c.data.update(synthetic_num_train=16, synthetic_num_eval=4)
+  tokenize.tokenize(reference, c, one, batch_size=8, shard_size=4)
+  for split, batches in (('train', 8), ('eval', 1)):
+    got, want = _split_tokens(out, split, batches), _split_tokens(one, split, batches)
+    for k in want:
+      np.testing.assert_array_equal(got[k], want[k], err_msg=f'{split} {k}')
+  return out
+
+
+def _gen_argv_fn(reference, tokens):
+  spec = f'--config=configs/demo_ar.py:tiny,tokenizer={reference},tokens={tokens}'
+
+  def argv_fn(workdir, port, process_id):
+    argv = _readme_argv(workdir, port, process_id)
+    return [spec if a.startswith('--config=') else a for a in argv]
+
+  return argv_fn
+
+
+def _checkpoint_steps(run) -> list:
+  d = os.path.join(run, 'checkpoints')
+  return sorted(int(n) for n in os.listdir(d) if n.isdigit()) if os.path.isdir(d) else []
+
+
+def test_generator_two_processes_sigkill_restart_matches_one_process(user, reference, gen_tokens):
+  """The generator in a two-process job on the token directory both hosts wrote: SIGKILL to
+  both processes once a checkpoint is on disk, the same command again restores it on both and
+  finishes. Every step's losses, the final parameters, the held-out NLL (reduced over the
+  hosts) and the samples (process 0 writes all of them, both hosts' rows) are those of one
+  process on 4 devices fed the same batches."""
+  argv_fn = _gen_argv_fn(reference, gen_tokens)
+  ref_argv = [
+    a for a in argv_fn('runs/gen_reference', 0, 0)[2:] if not a.startswith(MULTIHOST_FLAGS)
+  ]
+  env = dict(_env(), XLA_FLAGS='--xla_force_host_platform_device_count=4')
+  log = str(user / 'gen_reference.log')
+  with _Job([[WORKER, 'reference', '2', *ref_argv, *GEN]], user, [log], env, (0o022,)) as job:
+    assert job.wait() == [0], job.tails()
+  ref = str(user / 'runs' / 'gen_reference')
+
+  run = str(user / 'runs' / 'gen_job')
+  with _two_processes(user, 'runs/gen_job', GEN, 'gen_kill', argv_fn=argv_fn) as job:
+    deadline = time.time() + TIMEOUT
+    while not _checkpoint_steps(run):
+      assert all(p.poll() is None for p in job.procs), job.tails()
+      assert time.time() < deadline, job.tails()
+      time.sleep(0.05)
+    for p in job.procs:
+      p.send_signal(signal.SIGKILL)
+    assert job.wait() == [-signal.SIGKILL] * 2, job.tails()
+  killed_at = _checkpoint_steps(run)[-1]
+  assert killed_at < GEN_TOTAL and not os.path.exists(os.path.join(run, 'params'))
+
+  with _two_processes(user, 'runs/gen_job', GEN, 'gen_resume', argv_fn=argv_fn) as job:
+    assert job.wait() == [0, 0], job.tails()
+    logs = [job.log(0), job.log(1)]
+  for log in logs:
+    assert f'starting at step {killed_at}' in log, log[-3000:]
+
+  _assert_same_losses(_metrics(run), _metrics(ref))
+  _assert_same_params(run, ref)
+  got = json.load(open(os.path.join(run, 'eval', f'{GEN_TOTAL}.json')))
+  want = json.load(open(os.path.join(ref, 'eval', f'{GEN_TOTAL}.json')))
+  assert got['nll_clips'] == want['nll_clips'] == 4  # every eval clip
+  for k in ('token_nll', 'token_top1'):
+    np.testing.assert_allclose(got[k], want[k], rtol=1e-4, atol=1e-6, err_msg=k)
+  samples = [
+    np.load(os.path.join(r, 'eval', f'{GEN_TOTAL}_samples_tokens.npz')) for r in (run, ref)
+  ]
+  assert samples[0]['labels'].tolist() == samples[1]['labels'].tolist() == [0, 1, 2, 3]
+  np.testing.assert_array_equal(samples[0]['tokens'], samples[1]['tokens'])
+  np.testing.assert_allclose(samples[0]['logprobs'], samples[1]['logprobs'], rtol=1e-4, atol=1e-5)
+  shared = ('checkpoints', 'params')
+  mine = [f for f in _files(run) if not f.startswith(shared)]
+  assert 'metrics.jsonl' in mine and any(f.endswith('.png') for f in mine), mine
+  assert [f for f in mine if _created_by(os.path.join(run, f)) != 0] == []

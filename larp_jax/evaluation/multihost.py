@@ -18,6 +18,17 @@ def host_local(x, mesh) -> np.ndarray:
   return np.asarray(multihost_utils.global_array_to_host_local_array(x, mesh, P(('data', 'fsdp'))))
 
 
+def gather_rows(tree):
+  """Every process's numpy rows (the same count on each), concatenated in process order, on
+  every process (identity with one process)."""
+  if jax.process_count() == 1:
+    return tree
+  from jax.experimental import multihost_utils
+
+  gathered = multihost_utils.process_allgather(tree, tiled=True)
+  return jax.tree_util.tree_map(np.asarray, gathered)
+
+
 def all_sum(tree):
   """Sums numpy leaves over processes (identity with one process)."""
   if jax.process_count() == 1:

@@ -303,10 +303,16 @@ class GeneratorEvaluator:
     the first held-out clips); writes the mp4 and the per-class PNGs; returns their paths and
     the tokens file."""
     task = self.task
-    host, _ = self._host_rows(num)
+    host = -(-int(num) // jax.process_count())  # this host's rows; the last rows are dropped
+    valid = np.ones((host,), bool)
     if task.frame_prediction:
       video = task.first_eval_videos(host)
-      labels = np.zeros((len(video),), np.int32)
+      valid[len(video) :] = False  # a host with fewer eval clips repeats its last one
+      if len(video):
+        video = video[np.minimum(np.arange(host), len(video) - 1)]
+      else:
+        video = np.zeros((host,) + video.shape[1:], video.dtype)
+      labels = np.zeros((host,), np.int32)
       prefix_tokens = task.prefix_tokens(video)
     else:
       start = jax.process_index() * host
@@ -315,6 +321,10 @@ class GeneratorEvaluator:
     videos, tokens, logp = self.generate(
       params, labels, jax.random.key(settings.seed), settings, prefix_tokens
     )
+    # Process 0 writes every host's samples (each host holds ``host`` rows; classes in turn
+    # over the global batch).
+    *gathered, valid = multihost.gather_rows((videos, tokens, logp, labels, valid))
+    videos, tokens, logp, labels = (np.asarray(x)[valid][:num] for x in gathered)
     files = {}
     if jax.process_index() == 0:
       header = (
