@@ -289,6 +289,23 @@ def test_sigterm_to_one_process_stops_the_job_restart_matches_one_process(user, 
   assert [f for f in mine if _created_by(os.path.join(run, f)) != 0] == []
 
 
+def test_a_run_directory_process_0_cannot_claim_stops_both_processes(user):
+  """Another trainer holds the run directory: process 0 refuses it in one line, and process 1,
+  which never touches the directory, stops with it (exit 2 both) instead of waiting for process
+  0 at the first collective."""
+  from larp_jax import workdir as workdir_lib
+
+  run = user / 'runs' / 'taken'
+  run.mkdir(parents=True)
+  with workdir_lib.Lock(str(run)):
+    with _two_processes(user, 'runs/taken', SHORT, 'taken') as job:
+      assert job.wait(timeout=300) == [2, 2], job.tails()
+      logs = [job.log(0), job.log(1)]
+  assert 'is in use by another trainer' in logs[0], logs[0][-2000:]
+  assert 'process 0 could not claim the run directory' in logs[1], logs[1][-2000:]
+  assert sorted(os.listdir(run)) == ['lock']  # nothing written
+
+
 def test_each_host_reads_its_own_part_of_the_data(user):
   """The pipeline in a real two-process job: no clip is in both hosts' batches of a step, the
   hosts' clips of an epoch are the epoch of one process (each video once), and the evaluation

@@ -170,17 +170,28 @@ class _Eta:
 def prepare_workdir(config, workdir: str):
   """Checks and claims the run directory before anything in it is written.
 
-  Returns (lock or None, allowed config differences). Process 0 alone writes and locks.
+  Returns (lock or None, allowed config differences). Process 0 alone writes and locks; the
+  other processes of a multi-host job learn whether it could (one collective), so a refused run
+  directory stops every process with an error instead of leaving them waiting for process 0.
   """
   if jax.process_index() != 0:
+    if multihost.any_true(False):
+      raise errors.UserError(
+        f'process 0 could not claim the run directory {workdir} (its log says why); '
+        'this process stops too'
+      )
     return None, {}
-  workdir_lib.writable_or_raise(workdir)
-  lock = workdir_lib.Lock(workdir).acquire()
+  lock = None
   try:
+    workdir_lib.writable_or_raise(workdir)
+    lock = workdir_lib.Lock(workdir).acquire()
     diff = workdir_lib.check_config(workdir, config)
   except BaseException:
-    lock.release()
+    if lock is not None:
+      lock.release()
+    multihost.any_true(True)
     raise
+  multihost.any_true(False)
   return lock, diff
 
 
