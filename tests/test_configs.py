@@ -54,7 +54,7 @@ def test_the_demo_recipe_and_its_long_run():
   long = demo.get_config('long')
   assert (long.total_steps, long.model.num_latent_tokens, long.eval_every) == (6000, 256, 500)
   assert not long.eval.fvd
-  assert (long.model.codebook_size, long.loss.lpips_weight) == (1024, 1.0)  # as README's curve
+  assert (long.model.codebook_size, long.loss.lpips_weight) == (2048, 0.3)  # the demo's
   assert demo.get_config('long,steps=700').total_steps == 700
   assert demo.get_config('steps=50').optim.warmup_steps == 2
   u = ucf101.get_config().model

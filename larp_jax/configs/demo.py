@@ -19,7 +19,7 @@ and the switches that make a tokenizer this small learn in minutes (README, "The
 Arguments after ':' (comma separated): steps (default 1500; 0 = the default), batch (default 8),
 lpips (default true; the demo uses LPIPS-AlexNet, the paper VGG16, which costs ~7 s a step here),
 long (N=256 tokens, 6000 steps, an evaluation every 500 steps without FVD: the learning curve of
-README, about an hour; it keeps the 1024 codes and LPIPS weight 1.0 it was measured with),
+README, about an hour; otherwise the demo's settings),
 tiny (the test-size model and a 4-step run, ``larp_jax/configs/common.py``, with the released
 bottleneck and quantizer switches).
 """
@@ -68,8 +68,6 @@ def get_config(arg=None):
   if arg.long:  # the learning curve: PSNR and usage every 500 steps (python -m larp_jax.plot)
     c.eval_every = 500
     c.eval.update(fvd=False, lpips=False)
-    c.model.codebook_size = 1024  # README's curve was measured with these two
-    c.loss.lpips_weight = 1.0 if arg.lpips else 0.0
   if arg.tiny:
     common.apply_tiny(c)
     # The tests of every other feature build on `tiny`: it keeps the released bottleneck and
