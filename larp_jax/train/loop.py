@@ -174,24 +174,23 @@ def prepare_workdir(config, workdir: str):
   other processes of a multi-host job learn whether it could (one collective), so a refused run
   directory stops every process with an error instead of leaving them waiting for process 0.
   """
-  if jax.process_index() != 0:
-    if multihost.any_true(False):
-      raise errors.UserError(
-        f'process 0 could not claim the run directory {workdir} (its log says why); '
-        'this process stops too'
-      )
-    return None, {}
-  lock = None
-  try:
-    workdir_lib.writable_or_raise(workdir)
-    lock = workdir_lib.Lock(workdir).acquire()
-    diff = workdir_lib.check_config(workdir, config)
-  except BaseException:
-    if lock is not None:
-      lock.release()
-    multihost.any_true(True)
-    raise
-  multihost.any_true(False)
+  lock, diff, error = None, {}, None
+  if jax.process_index() == 0:
+    try:
+      workdir_lib.writable_or_raise(workdir)
+      lock = workdir_lib.Lock(workdir).acquire()
+      diff = workdir_lib.check_config(workdir, config)
+    except BaseException as e:
+      if lock is not None:
+        lock.release()
+      error = e
+  if multihost.any_true(error is not None):  # every process, once
+    if error is not None:
+      raise error
+    raise errors.UserError(
+      f'process 0 could not claim the run directory {workdir} (its log says why); '
+      'this process stops too'
+    )
   return lock, diff
 
 
