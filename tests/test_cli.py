@@ -232,7 +232,13 @@ def test_readme_generation_commands(demo_run):
   manifest = json.load(open(user / 'runs' / 'demo_tokens' / 'manifest.json'))
   assert manifest['splits']['train']['num_clips'] == 8, manifest['splits']
   sampling = ['--config.sample.batch_size=2']
-  evals = ['--config.eval.batch_size=2', '--config.eval.nll_clips=4']
+  evals = [
+    '--config.eval.batch_size=2',
+    '--config.eval.nll_clips=4',
+    '--config.eval.class_accuracy_clips=2',
+    '--config.eval.class_probe.steps=2',
+    '--config.eval.class_probe.batch_size=2',
+  ]
   run(
     readme_command_block('configs/demo_ar.py', '--workdir=runs/demo_ar'),
     '--config.total_steps=3',
@@ -248,6 +254,9 @@ def test_readme_generation_commands(demo_run):
   rec = json.load(open(run_dir / 'eval' / '3.json'))
   assert rec['gfvd_samples'] == 2 and np.isfinite(rec['gfvd']), rec
   assert np.isfinite(rec['token_nll']) and np.isfinite(rec['sample_nll'])
+  assert rec['class_accuracy_clips'] == 2 and rec['class_accuracy_chance'] == 0.1, rec
+  for name in ('real', 'recon', 'samples'):
+    assert 0 <= rec[f'class_accuracy_{name}'] <= 1, rec
   out = run(
     readme_command_block('configs/demo_ar.py', '--mode=sample'),
     '--config.sample.num_samples=2',

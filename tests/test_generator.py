@@ -14,6 +14,7 @@ import pytest
 
 from larp_jax import errors, params_io, tokenize
 from larp_jax.configs import demo, ucf101_ar
+from larp_jax.evaluation import class_probe
 from larp_jax.evaluation import fvd as fvd_lib
 from larp_jax.generation import evaluate as evaluate_lib
 from larp_jax.tasks import generator as gen_task
@@ -136,6 +137,52 @@ def test_gfvd_pairs_each_sample_with_a_real_clip_and_caches_the_reals(
   assert again['gfvd'] == pytest.approx(out['gfvd'], rel=1e-6)
 
 
+def test_class_accuracy_scores_eval_clips_their_reconstructions_and_samples_of_their_labels(
+  tokenizer_dir, tmp_path, monkeypatch
+):
+  """The class-accuracy pass: the first eval clips, the tokenizer's reconstructions of exactly
+  those clips and samples conditioned on their labels go to the probe; the accuracies are the
+  probe's hand-counted hits; the probe is trained once and then read from the cache."""
+  from larp_jax import data as data_lib
+
+  c = gen_config(tokenizer_dir)
+  c.eval.class_probe.update(steps=2, batch_size=4)
+  task = gen_task.build(c)
+  ev = evaluate_lib.GeneratorEvaluator(task)
+  params = jax.jit(lambda: nn.unbox(task.boxed_params(0)))()
+  seen = {}
+  add = class_probe.ProbeCounter.add
+
+  def spy(self, name, videos, labels):
+    seen.setdefault(name, []).append((np.asarray(videos), np.asarray(labels)))
+    add(self, name, videos, labels)
+
+  monkeypatch.setattr(class_probe.ProbeCounter, 'add', spy)
+  st = evaluate_lib.SampleSettings(batch_size=2, seed=3)
+  out = ev.class_accuracy(params, num_clips=5, settings=st, workdir=str(tmp_path))
+  cat = lambda name, i: np.concatenate([x[i] for x in seen[name]])
+  shape = task.tokenizer.video_shape
+  with data_lib.get_dataset(c.data, 'eval', shape, batch_size=5, seed=0) as it:
+    first = next(iter(it))
+  np.testing.assert_allclose(cat('real', 0), first['video'], atol=1e-6)
+  for name in ('real', 'recon', 'samples'):
+    np.testing.assert_array_equal(cat(name, 1), first['label'])
+  np.testing.assert_allclose(cat('recon', 0), ev.reconstruct(first['video']), atol=1e-5)
+  assert cat('samples', 0).shape == first['video'].shape
+  assert out['class_accuracy_clips'] == 5
+  assert out['class_accuracy_chance'] == pytest.approx(1 / task.num_classes)
+  model, variables = class_probe.cached_probe(
+    c.data, shape, class_probe.ProbeSettings(steps=2, batch_size=4), str(tmp_path / 'fvd_cache')
+  )
+  counter = class_probe.ProbeCounter(model, variables)
+  for name in ('real', 'recon', 'samples'):
+    hits = (counter.predict(cat(name, 0)) == first['label']).sum()
+    assert out[f'class_accuracy_{name}'] == pytest.approx(hits / 5)
+  monkeypatch.setattr(class_probe, 'train_probe', lambda *a, **k: 1 / 0)
+  again = ev.class_accuracy(params, num_clips=5, settings=st, workdir=str(tmp_path))
+  assert again['class_accuracy_samples'] == out['class_accuracy_samples']
+
+
 def test_adamw_decays_dense_kernels_only():
   params = {
     'layers_0': {'attention': {'wqkv': {'kernel': jnp.ones((2, 6))}}},
@@ -172,6 +219,14 @@ def test_config_mistakes_are_caught_before_compiling(tokenizer_dir):
     gen_task.build(gen_config('', **{'tokenizer_path': ''}))
   with pytest.raises(errors.ConfigError, match='no_such_arg'):
     gen_task.build(gen_config(tokenizer_dir, **{'model.no_such_arg': 1}))
+  with pytest.raises(errors.ConfigError, match='needs the synthetic data source'):
+    gen_task.build(
+      gen_config(tokenizer_dir, **{'eval.class_accuracy_clips': 4, 'data.source': 'folder'})
+    )
+  with pytest.raises(errors.ConfigError, match='class-conditional generators'):
+    gen_task.build(
+      gen_config(tokenizer_dir, **{'eval.class_accuracy_clips': 4, 'model.frame_prediction': True})
+    )
 
 
 def test_a_token_dataset_of_another_tokenizer_is_refused_before_training(tokenizer_dir, tmp_path):

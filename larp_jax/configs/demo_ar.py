@@ -6,6 +6,11 @@ Run (after the demo tokenizer, ``configs/demo.py``, has trained in runs/demo):
   python -m larp_jax.main --config=configs/demo_ar.py --workdir=runs/demo_ar
   python -m larp_jax.main --config=configs/demo_ar.py --workdir=runs/demo_ar --mode=sample
 
+Its evaluation reports, besides the held-out token NLL and gFVD, the class accuracy of a small
+classifier of the synthetic classes on 256 eval clips, on the tokenizer's reconstructions of
+them and on samples of their labels (``config.eval.class_accuracy_clips``;
+``larp_jax/evaluation/class_probe.py``).
+
 Arguments after ':' (comma separated): tokenizer (default runs/demo), tokens (default
 runs/demo_tokens; empty: encode the videos on the fly), steps (default 1500), batch (default 32),
 tiny (the test-size generator over the tiny tokenizer, a 4-step run).
@@ -41,7 +46,12 @@ def get_config(arg=None):
     c.checkpoint_every = 500
     c.eval_every = arg.steps
     c.eval.update(
-      batch_size=32, nll_clips=256, num_videos_to_show=20, fvd_samples=32, num_samples=256
+      batch_size=32,
+      nll_clips=256,
+      num_videos_to_show=20,
+      fvd_samples=32,
+      num_samples=256,
+      class_accuracy_clips=256,
     )
     c.sample.update(batch_size=32, num_samples=40, cfg_scale=1.5)
   return c

@@ -127,6 +127,11 @@ def generator_config(
       num_samples=50_000 if frame_prediction else 10_000,  # gFVD of --mode=eval
       fvd_seed=42,
       fvd_resize=64 if frame_prediction else 0,
+      # Synthetic data only: accuracy of a small classifier of the synthetic classes on this
+      # many eval clips, their reconstructions and samples of their labels (0: off;
+      # larp_jax/evaluation/class_probe.py). class_probe: how that classifier is trained.
+      class_accuracy_clips=0,
+      class_probe=dict(steps=1500, batch_size=32, lr=2e-3, seed=0),
     )
   )
   c.eval.fvd_cache_dir = placeholder(str)

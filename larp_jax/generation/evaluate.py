@@ -33,7 +33,7 @@ import numpy as np
 
 from larp_jax import data as data_lib
 from larp_jax import errors, sharding
-from larp_jax.evaluation import evaluator
+from larp_jax.evaluation import class_probe, evaluator
 from larp_jax.evaluation import fvd as fvd_lib
 from larp_jax.evaluation import multihost
 from larp_jax.generation import outputs
@@ -263,6 +263,65 @@ class GeneratorEvaluator:
       'gfvd_protocol': dict(protocol, sampling=dataclasses.asdict(settings)),
     }
 
+  # ------------------------------------------------------------------ class accuracy
+
+  def reconstruct(self, video: np.ndarray) -> np.ndarray:
+    """The frozen tokenizer's reconstructions of this host's clips (host-local numpy)."""
+    tokens = self.task.encode_host(np.asarray(video, np.float32)).astype(np.int32)
+    n = len(tokens)
+    _, padded = self._host_rows(n * jax.process_count())
+    tokens = np.concatenate([tokens, np.zeros((padded - n,) + tokens.shape[1:], np.int32)])
+    with sharding.logical_context(self.mesh, self.task.rules):
+      videos = self.decode(self._global({'tokens': tokens})['tokens'])
+    return multihost.host_local(videos, self.mesh)[:n]
+
+  def class_accuracy(self, params, *, num_clips: int, settings: SampleSettings, workdir: str):
+    """Accuracy of the synthetic-class probe (``evaluation/class_probe.py``) on ``num_clips``
+    eval clips, on the tokenizer's reconstructions of them and on as many samples conditioned
+    on their labels; chance is 1 / num_classes. Class-conditional generators on the synthetic
+    source only."""
+    cfg = self.config
+    task = self.task
+    video_shape = tuple(int(s) for s in task.tokenizer.video_shape)
+    probe_settings = class_probe.ProbeSettings.from_config(cfg.eval.get('class_probe'))
+    cache_dir = cfg.eval.get('fvd_cache_dir') or evaluator.default_cache_dir(workdir)
+    model, variables = class_probe.cached_probe(cfg.data, video_shape, probe_settings, cache_dir)
+    counter = class_probe.ProbeCounter(model, variables)
+    host, _ = self._host_rows(settings.batch_size)
+    per_host = -(-int(num_clips) // jax.process_count())
+    key = jax.random.fold_in(jax.random.key(settings.seed), 1)
+    seen = 0
+    it = data_lib.get_dataset(cfg.data, 'eval', video_shape=video_shape, batch_size=host, seed=0)
+    with it:
+      for b, batch in enumerate(it):
+        if seen >= per_host:
+          break
+        video = np.asarray(batch['video'], np.float32)
+        labels = np.asarray(batch['label'], np.int32)
+        keep = np.asarray(batch['mask'], bool) & (seen + np.arange(len(labels)) < per_host)
+        seen += len(labels)
+        recon = self.reconstruct(video)
+        fake, _, _ = self.generate(params, labels, jax.random.fold_in(key, b), settings)
+        for name, videos in (('real', video), ('recon', recon), ('samples', fake)):
+          counter.add(name, np.asarray(videos)[keep], labels[keep])
+    correct, total = multihost.all_sum(
+      (
+        {k: np.int64(v) for k, v in counter.correct.items()},
+        {k: np.int64(v) for k, v in counter.total.items()},
+      )
+    )
+    acc = counter.accuracies(correct, total)
+    return {
+      'class_accuracy_real': acc.get('real'),
+      'class_accuracy_recon': acc.get('recon'),
+      'class_accuracy_samples': acc.get('samples'),
+      'class_accuracy_chance': 1.0 / task.num_classes,
+      'class_accuracy_clips': int(total.get('real', 0)),
+      'class_probe': dict(
+        class_probe.probe_key(cfg.data, video_shape, probe_settings), model='ClassProbe'
+      ),
+    }
+
   # ------------------------------------------------------------------ the whole evaluation
 
   def evaluate(
@@ -290,6 +349,11 @@ class GeneratorEvaluator:
     n_fvd = int(cfg.eval.get('fvd_samples', 0) if num_fvd_samples is None else num_fvd_samples)
     if n_fvd > 0:
       record.update(self.gfvd(params, num_samples=n_fvd, settings=settings, workdir=workdir))
+    n_acc = int(cfg.eval.get('class_accuracy_clips', 0) or 0)
+    if n_acc > 0 and not self.task.frame_prediction:
+      record.update(
+        self.class_accuracy(params, num_clips=n_acc, settings=settings, workdir=workdir)
+      )
     record['seconds'] = time.time() - t0
     record['sampling'] = dataclasses.asdict(settings)
     record['params_source'] = params_source
@@ -359,6 +423,9 @@ def format_summary(record: dict) -> str:
     ('token_top1', '.3f'),
     ('gfvd', '.1f'),
     ('sample_nll', '.4f'),
+    ('class_accuracy_real', '.3f'),
+    ('class_accuracy_recon', '.3f'),
+    ('class_accuracy_samples', '.3f'),
   ):
     v = record.get(key)
     if v is not None:

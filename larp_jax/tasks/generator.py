@@ -103,6 +103,15 @@ class GeneratorTask(base.Task):
     check_tokenizer_matches(self.model, self.tokenizer, where)
     self.frame_prediction = bool(getattr(self.model, 'frame_prediction', False))
     self.num_classes = int(self.model.num_classes)
+    if int(config.eval.get('class_accuracy_clips', 0) or 0) > 0:
+      if self.frame_prediction:
+        raise errors.ConfigError(
+          'config.eval.class_accuracy_clips is for class-conditional generators (frame '
+          'prediction samples are scored by gFVD); set it to 0'
+        )
+      from larp_jax.evaluation import class_probe
+
+      class_probe.check_supported(config.data)
     self.tokens_dir = config.get('tokens_dir') or ''
     self.manifest = None
     if self.tokens_dir:
