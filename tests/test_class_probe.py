@@ -35,7 +35,7 @@ def test_counts_equal_hand_counted_predictions():
   counter.add('a', videos[:1], np.array([0]))  # 4 of 6
   counter.add('b', videos[:0], np.zeros((0,), np.int32))
   assert counter.correct == {'a': 4, 'b': 0} and counter.total == {'a': 6, 'b': 0}
-  assert counter.accuracies(counter.correct, counter.total) == {'a': 4 / 6, 'b': 0.0}
+  assert class_probe.accuracies(counter.correct, counter.total) == {'a': 4 / 6, 'b': 0.0}
 
 
 def test_the_probe_learns_the_motion_classes():
@@ -52,7 +52,7 @@ def test_the_probe_learns_the_motion_classes():
   with data_lib.get_dataset(cfg, 'eval', shape, batch_size=64, seed=0) as it:
     batch = next(iter(it))
   counter.add('eval', batch['video'], batch['label'])
-  acc = counter.accuracies(counter.correct, counter.total)['eval']
+  acc = class_probe.accuracies(counter.correct, counter.total)['eval']
   assert acc >= 0.75, (acc, train_acc)  # chance 0.5; 64 clips
 
 

@@ -2,7 +2,7 @@
 generator evaluated on the built-in synthetic data.
 
 The synthetic source's classes differ by the motion of one "hero" object
-(``larp_jax/data/synthetic.py``). ``ClassProbe``, a three-layer 3D convolutional network, is
+(``larp_jax/data/synthetic.py``). ``ClassProbe``, a small block-merging network (below), is
 trained on clips of the same source (same style, size, classes and content seed) and then
 classifies three sets of clips of a generator evaluation:
 
@@ -19,7 +19,6 @@ holds the same probe. It is a diagnostic of this repository, not part of LARP.
 """
 
 import dataclasses
-import hashlib
 import json
 import os
 import time
@@ -34,17 +33,20 @@ import optax
 
 from larp_jax import errors
 from larp_jax.data import pipeline as data_lib
+from larp_jax.evaluation import fvd as fvd_lib
+from larp_jax.models import patches
 
 VERSION = 1  # bump when the network or its training changes: old cached probes are not reused
 
 
 def _merge_patches(x, patch):
-  """[B, T, H, W, C] -> [B, T/pt, H/ph, W/pw, pt*ph*pw*C] (non-overlapping blocks)."""
-  b, t, h, w, c = x.shape
+  """[B, T, H, W, C] -> [B, T/pt, H/ph, W/pw, pt*ph*pw*C]: ``models/patches.patchify`` kept on
+  its grid (each patch side capped at the clip's, a remainder cropped)."""
+  b, t, h, w, _ = x.shape
   pt, ph, pw = (min(p, d) for p, d in zip(patch, (t, h, w), strict=True))
-  x = x[:, : t // pt * pt, : h // ph * ph, : w // pw * pw]
-  x = x.reshape(b, t // pt, pt, h // ph, ph, w // pw, pw, c)
-  return x.transpose(0, 1, 3, 5, 2, 4, 6, 7).reshape(b, t // pt, h // ph, w // pw, -1)
+  grid = (t // pt, h // ph, w // pw)
+  x = x[:, : grid[0] * pt, : grid[1] * ph, : grid[2] * pw]
+  return patches.patchify(x, (pt, ph, pw)).reshape(b, *grid, -1)
 
 
 class ClassProbe(nn.Module):
@@ -119,10 +121,6 @@ def probe_key(data_cfg, video_shape, settings: ProbeSettings) -> dict:
   )
 
 
-def _hash(key: dict) -> str:
-  return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-
-
 def check_supported(data_cfg) -> None:
   if data_cfg.get('source') != 'synthetic':
     raise errors.ConfigError(
@@ -191,7 +189,7 @@ def cached_probe(data_cfg, video_shape, settings: ProbeSettings, cache_dir: str)
   saved (by process 0)."""
   check_supported(data_cfg)
   key = probe_key(data_cfg, video_shape, settings)
-  path = os.path.join(cache_dir, f'probe_{_hash(key)}.msgpack')
+  path = os.path.join(cache_dir, f'probe_{fvd_lib.protocol_hash(key)}.msgpack')
   model = ClassProbe(num_classes=int(data_cfg.synthetic_num_classes))
   if os.path.exists(path):
     with open(path, 'rb') as f:
@@ -235,5 +233,7 @@ class ProbeCounter:
     self.correct[name] = self.correct.get(name, 0) + hits
     self.total[name] = self.total.get(name, 0) + len(labels)
 
-  def accuracies(self, correct: dict, total: dict) -> dict:
-    return {name: correct[name] / max(total[name], 1) for name in sorted(total)}
+
+def accuracies(correct: dict, total: dict) -> dict:
+  """{set name: correct / total} (``ProbeCounter`` counts, summed over processes)."""
+  return {name: correct[name] / max(total[name], 1) for name in sorted(total)}

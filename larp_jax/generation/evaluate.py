@@ -310,7 +310,7 @@ class GeneratorEvaluator:
         {k: np.int64(v) for k, v in counter.total.items()},
       )
     )
-    acc = counter.accuracies(correct, total)
+    acc = class_probe.accuracies(correct, total)
     return {
       'class_accuracy_real': acc.get('real'),
       'class_accuracy_recon': acc.get('recon'),
