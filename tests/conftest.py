@@ -54,10 +54,24 @@ def tiny_kwargs():
   return tiny_tokenizer_kwargs()
 
 
+_OWN_CACHE = []  # the compilation cache directory this process made (the controller's)
+
+
 def pytest_configure(config):
+  # One persistent XLA compilation cache per suite run, made by the controller and inherited by
+  # the xdist workers and every subprocess a test starts (through os.environ): many tests compile
+  # the same programs (a restart compiles its first run's train step again, the multi-host
+  # reference and its jobs share the evaluation), and a cache hit costs milliseconds. It starts
+  # empty, so every program still compiles once per run; programs under a second are not kept.
+  import tempfile
+
+  if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
+    os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(prefix='larp_jax_tests_xla_')
+    _OWN_CACHE.append(os.environ['JAX_COMPILATION_CACHE_DIR'])
   # Tiny models: XLA's optimisation passes cost more than they save.
   import jax
 
+  jax.config.update('jax_compilation_cache_dir', os.environ['JAX_COMPILATION_CACHE_DIR'])
   jax.config.update('jax_disable_most_optimizations', True)
 
 
@@ -72,8 +86,11 @@ def pytest_unconfigure(config):
   # After pytest has printed its summary: leave without interpreter teardown. Destroying a tf.data
   # iterator whose prefetch thread is inside a numpy_function can deadlock on the GIL (see
   # larp_jax/main.py), which would hang CI after all tests passed.
+  import shutil
   import sys
 
+  for d in _OWN_CACHE:
+    shutil.rmtree(d, ignore_errors=True)
   sys.stdout.flush()
   sys.stderr.flush()
   os._exit(_EXIT_STATUS[0])
