@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from larp_jax import LARPTokenizer
+from larp_jax import LARPTokenizer, errors
 from larp_jax.models import embeddings, prior
 from larp_jax.models.tokenizer import count_params
 from tests.conftest import tiny_tokenizer_kwargs
@@ -376,6 +376,70 @@ def test_query_patch_skip_gives_query_i_patch_i():
     {'params': params}, video, method=lambda m, v: m.patch_embed(m.patchify(v)) + m._patch_pe()
   )
   q = params['latent_queries'][None] + jnp.tile(x, (1, 2, 1))
+  expected = model.apply({'params': params}, q, method=lambda m, h: m.in_linear(m.encoder(h)))
+  np.testing.assert_allclose(z, expected, atol=1e-5)
+
+
+def _skip_kwargs(n, proj, **kw):
+  return tiny_tokenizer_kwargs(
+    num_latent_tokens=n, query_patch_skip=True, latent_patch_skip=True, patch_skip_proj=proj, **kw
+  )
+
+
+def test_patch_skip_proj_adds_one_projection_per_skip_and_checks_its_settings():
+  """k = N / num_patches copies per patch: [width, k x width] into the queries, [k x width,
+  width] out of the latents, no bias; nothing without the skips or with N not k x P."""
+  base, _ = init(LARPTokenizer(**_skip_kwargs(16, False)))
+  params, _ = init(LARPTokenizer(**_skip_kwargs(16, True)))
+  assert set(params) - set(base) == {'query_skip_proj', 'latent_skip_proj'}
+  assert params['query_skip_proj']['kernel'].shape == (32, 64)  # tiny: width 32, 8 patches
+  assert params['latent_skip_proj']['kernel'].shape == (64, 32)
+  assert set(params['query_skip_proj']) == {'kernel'}
+  with pytest.raises(errors.ConfigError, match='multiple of the number of patches'):
+    LARPTokenizer(**_skip_kwargs(12, True))
+  with pytest.raises(errors.ConfigError, match='both are off'):
+    LARPTokenizer(**tiny_tokenizer_kwargs(num_latent_tokens=16, patch_skip_proj=True))
+
+
+@pytest.mark.parametrize('proj', [False, True])
+def test_patch_skip_proj_gives_the_copies_of_a_patch_their_own_gradient(proj):
+  """Identity decoder blocks (only the skip reaches the patches): with the plain skip the two
+  tokens of a patch (j and j + P) get the very same gradient, so they cannot learn different
+  codes; with a projection per copy they do. Routing stays local either way: token k moves
+  patch k % P alone."""
+  model = LARPTokenizer(**_skip_kwargs(16, proj))
+  params, _ = init(model)
+  params = _identity_blocks(params, 'decoder')
+  params['final_linear']['kernel'] = jax.random.normal(
+    jax.random.key(3), params['final_linear']['kernel'].shape
+  )
+  z = jax.random.normal(jax.random.key(4), (1, 16, model.code_dim))
+  target = jax.random.normal(jax.random.key(5), (1, 8, model.patch_dim))
+  decode = lambda z: model.apply(
+    {'params': params}, z, method=lambda m, z: m.patchify(m.decode_latents(z))
+  )
+  g = jax.grad(lambda z: jnp.sum(decode(z) * target))(z)
+  diff = float(jnp.abs(g[:, :8] - g[:, 8:]).max())
+  assert diff > 1e-3 if proj else diff == 0.0, diff
+  base = decode(z)
+  for k in (0, 5, 13):
+    moved = decode(z.at[0, k].add(1.0))
+    changed = np.flatnonzero(np.abs(np.asarray(moved - base)).max(-1)[0] > 1e-6)
+    np.testing.assert_array_equal(changed, [k % 8])
+
+
+def test_patch_skip_proj_adds_its_projection_of_patch_j_to_copy_c():
+  """Identity encoder blocks: latent c x P + j is in_linear(query + (x_j W)[c-th width slice])."""
+  model = LARPTokenizer(**_skip_kwargs(16, True))
+  params, video = init(model)
+  params = _identity_blocks(params, 'encoder')
+  z = model.apply({'params': params}, video, method=model.encode_latents)
+  x = model.apply(
+    {'params': params}, video, method=lambda m, v: m.patch_embed(m.patchify(v)) + m._patch_pe()
+  )
+  w = params['query_skip_proj']['kernel']
+  skip = jnp.concatenate([x @ w[:, :32], x @ w[:, 32:]], axis=1)  # copy 0 (tokens 0-7), copy 1
+  q = params['latent_queries'][None] + skip
   expected = model.apply({'params': params}, q, method=lambda m, h: m.in_linear(m.encoder(h)))
   np.testing.assert_allclose(z, expected, atol=1e-5)
 

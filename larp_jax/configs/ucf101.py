@@ -68,6 +68,7 @@ def get_config(arg=None):
     query_init='normal',  # 'normal' (released) | 'sincos'
     query_patch_skip=False,  # not LARP: query i also gets patch token i (locality bias)
     latent_patch_skip=False,  # not LARP: decoder patch query j also gets latent j
+    patch_skip_proj=False,  # not LARP: a learned projection per copy on those skips (N = k x P)
     vq_bypass=False,  # diagnostic only: continuous latents reach the decoder
     use_prior=True,
     **config_lib.PRIOR_GPTC_S,

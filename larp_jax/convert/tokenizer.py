@@ -376,7 +376,7 @@ def official_config_of(model: Mapping[str, Any], loss: Mapping[str, Any]) -> dic
   need(h == w and ph == pw, f'a non-square video or patch ({(t, h, w)}, {(pt, ph, pw)})')
   need(pt > 1, 'per-frame patches')
   need(float(model.get('pe_base', 10000.0)) == 10000.0, 'pe_base != 10000')
-  for key in ('query_patch_skip', 'latent_patch_skip', 'vq_bypass'):
+  for key in ('query_patch_skip', 'latent_patch_skip', 'patch_skip_proj', 'vq_bypass'):
     need(not model.get(key, False), f'{key}=True')
   need(float(model.get('mlp_ratio', 4.0)) == 4.0, 'mlp_ratio != 4')
   norm = model.get('bottleneck_norm', 'none')

@@ -166,6 +166,14 @@ class LARPTokenizer(nn.Module):
   # with num_patches = k x N, token j % N; with N >= num_patches, the sum of tokens j + i x
   # num_patches), the mirror image of query_patch_skip.
   latent_patch_skip: bool = False
+  # Not in LARP, with either skip above and N = k x num_patches (k >= 1): each of the k tokens
+  # of a patch gets its own learned projection on the skip paths (encoder: query c x P + j also
+  # receives W_c x_j; decoder: patch query j receives sum_c V_c z_{c x P + j}), parameters
+  # 'query_skip_proj' [width, k x width] and 'latent_skip_proj' [k x width, width], no bias.
+  # With the plain skips (False) the k copies enter and leave through the same path: they get
+  # the same gradient and end up writing the same code (issue #19: 1.2 distinct codes among the
+  # 4 tokens of a patch at N = 4 x num_patches), so k copies carry no more than one.
+  patch_skip_proj: bool = False
   codebook_size: int = 8192
   code_dim: int = 16
   vq_type: str = 'svq'
@@ -223,6 +231,19 @@ class LARPTokenizer(nn.Module):
       vq_entropy_weight=self.vq_entropy_weight,
       vq_entropy_temperature=self.vq_entropy_temperature,
     )
+    if self.patch_skip_proj:
+      p = math.prod(s // k for s, k in zip(self.video_shape, self.patch_size))
+      if not (self.query_patch_skip or self.latent_patch_skip):
+        raise errors.ConfigError(
+          'model.patch_skip_proj=True projects the patch skips, but both are off: set '
+          'model.query_patch_skip and/or model.latent_patch_skip, or patch_skip_proj=False'
+        )
+      if self.num_latent_tokens % p:
+        raise errors.ConfigError(
+          f'model.patch_skip_proj=True needs num_latent_tokens ({self.num_latent_tokens}) to be '
+          f'a multiple of the number of patches ({p}): choose N = k x {p}, or '
+          'patch_skip_proj=False'
+        )
     super().__post_init__()
 
   # ---------------------------------------------------------------- geometry
@@ -238,6 +259,10 @@ class LARPTokenizer(nn.Module):
   @property
   def patch_dim(self) -> int:
     return math.prod(self.patch_size) * 3
+
+  @property
+  def _copies_per_patch(self) -> int:
+    return max(self.num_latent_tokens // self.num_patches, 1)
 
   @property
   def uses_batch_stats(self) -> bool:
@@ -272,6 +297,16 @@ class LARPTokenizer(nn.Module):
       (self.num_latent_tokens, self.width),
       self.param_dtype,
     )
+    if self.patch_skip_proj:
+      k, w = self._copies_per_patch, self.width
+      if self.query_patch_skip:
+        self.query_skip_proj = layers.dense(
+          k * w, ('embed', 'mlp'), use_bias=False, name='query_skip_proj', **kw
+        )
+      if self.latent_patch_skip:
+        self.latent_skip_proj = layers.dense(
+          w, ('mlp', 'embed'), use_bias=False, name='latent_skip_proj', **kw
+        )
     self.in_linear = layers.dense(self.code_dim, ('embed', 'code'), name='in_linear', **kw)
     if self.bottleneck_norm != 'none':
       self.norm_layer = BottleneckNorm(
@@ -356,7 +391,11 @@ class LARPTokenizer(nn.Module):
     queries = jnp.broadcast_to(
       self.latent_queries.astype(x.dtype)[None], (b, self.num_latent_tokens, self.width)
     )
-    if self.query_patch_skip:
+    if self.query_patch_skip and self.patch_skip_proj:  # copy c of patch j: W_c x_j
+      k, p = self._copies_per_patch, self.num_patches
+      proj = self.query_skip_proj(x).reshape(b, p, k, self.width)
+      queries = queries + proj.transpose(0, 2, 1, 3).reshape(b, k * p, self.width)
+    elif self.query_patch_skip:
       reps = -(-self.num_latent_tokens // self.num_patches)
       queries = queries + jnp.tile(x, (1, reps, 1))[:, : self.num_latent_tokens]
     # Only the query outputs are kept: the last block computes just those rows.
@@ -386,7 +425,11 @@ class LARPTokenizer(nn.Module):
     queries = jnp.broadcast_to(queries.astype(z.dtype), (b, self.num_patches, self.width))
     if self.latent_patch_skip:
       n, p = self.num_latent_tokens, self.num_patches
-      if n >= p:  # latents j, j + p, ... all feed patch query j (the remainder is dropped)
+      if self.patch_skip_proj:  # sum_c V_c z_{c p + j}: one projection per copy
+        k = n // p
+        skip = skip.reshape(b, k, p, self.width).transpose(0, 2, 1, 3)
+        skip = self.latent_skip_proj(skip.reshape(b, p, k * self.width))
+      elif n >= p:  # latents j, j + p, ... all feed patch query j (the remainder is dropped)
         skip = skip[:, : (n // p) * p].reshape(b, n // p, p, self.width).sum(1)
       else:
         skip = jnp.tile(skip, (1, -(-p // n), 1))[:, :p]
