@@ -18,8 +18,8 @@ and the switches that make a tokenizer this small learn in minutes (README, "The
   * SVQ temperature 0.01 (released 0.03), LPIPS weight 0.3 (released 1.0).
 Arguments after ':' (comma separated): steps (default 1500; 0 = the default), batch (default 8),
 lpips (default true; the demo uses LPIPS-AlexNet, the paper VGG16, which costs ~7 s a step here),
-long (N=256 tokens, 6000 steps, an evaluation every 500 steps without FVD: the learning curve of
-README, about an hour; otherwise the demo's settings),
+long (N=256 tokens with model.patch_skip_proj, 4000 steps, an evaluation every 500 steps without
+FVD: the learning curve of README, about 40 minutes; otherwise the demo's settings),
 tiny (the test-size model and a 4-step run, ``larp_jax/configs/common.py``, with the released
 bottleneck and quantizer switches).
 """
@@ -30,7 +30,7 @@ from larp_jax.configs import common, ucf101
 
 def get_config(arg=None):
   arg = config_lib.parse_arg(arg, steps=0, batch=8, lpips=True, long=False, tiny=False)
-  steps = arg.steps or (6000 if arg.long else 1500)
+  steps = arg.steps or (4000 if arg.long else 1500)
   c = ucf101.get_config('source=synthetic')
   c.model.update(
     video_shape=(16, 32, 32),
@@ -48,6 +48,8 @@ def get_config(arg=None):
     vq_temperature_start=0.01,
     query_patch_skip=True,
     latent_patch_skip=True,
+    # 4 tokens per patch at N=256: one projection per copy, else the 4 write one code (issue #19)
+    patch_skip_proj=arg.long,
     prior_depth=2,
     prior_width=64,
     prior_heads=2,
@@ -78,5 +80,6 @@ def get_config(arg=None):
       vq_entropy_weight=0.0,
       query_patch_skip=False,
       latent_patch_skip=False,
+      patch_skip_proj=False,
     )
   return c
