@@ -19,7 +19,7 @@ and the switches that make a tokenizer this small learn in minutes (README, "The
 Arguments after ':' (comma separated): steps (default 1500; 0 = the default), batch (default 8),
 lpips (default true; the demo uses LPIPS-AlexNet, the paper VGG16, which costs ~7 s a step here),
 long (N=256 tokens with model.patch_skip_proj, 4000 steps, an evaluation every 500 steps without
-FVD: the learning curve of README, about 40 minutes; otherwise the demo's settings),
+FVD: the learning curve of README, 35 minutes on one core here; otherwise the demo's settings),
 tiny (the test-size model and a 4-step run, ``larp_jax/configs/common.py``, with the released
 bottleneck and quantizer switches).
 """
