@@ -137,6 +137,36 @@ def test_batch_norms_match_hand_computed_and_update_running_stats(kind):
     norm.apply(new, z, train=True)
 
 
+@pytest.mark.parametrize('kind', ['bn_bn', 'bn_b'])
+def test_frozen_batch_norm_trains_on_running_stats_after_its_step(kind):
+  z = latents()
+  b, n, d = z.shape
+  norm = q.BottleneckNorm(kind, freeze_step=2)
+  variables = nn.unbox(norm.init(jax.random.key(0), z, train=True))
+  feat = variables['params']['scale'].shape[0]
+  stats = {
+    'mean': jnp.asarray(0.3 * np.arange(feat), jnp.float32),
+    'var': jnp.asarray(1.0 + 0.5 * np.arange(feat), jnp.float32),
+  }
+  variables = {'params': variables['params'], 'batch_stats': stats}
+  rows = _rows(z, kind)
+  mean, var = rows.mean(0), rows.var(0)
+  rm, rv = np.asarray(stats['mean']), np.asarray(stats['var'])
+  live = ((rows - mean) / np.sqrt(var + EPS)).reshape(b, n, d)
+  frozen = ((rows - rm) / np.sqrt(rv + EPS)).reshape(b, n, d)
+  for step, want, moved in ((2, live, True), (3, frozen, False), (None, live, True)):
+    out, upd = norm.apply(variables, z, train=True, step=step, mutable=['batch_stats'])
+    np.testing.assert_allclose(out, want, atol=1e-5, err_msg=f'step {step}')
+    same = np.allclose(upd['batch_stats']['mean'], rm) and np.allclose(
+      upd['batch_stats']['var'], rv
+    )
+    assert same != moved, f'step {step}: running statistics {"frozen" if same else "moved"}'
+  # under jit with a traced step, the same switch
+  f = jax.jit(lambda s: norm.apply(variables, z, train=True, step=s, mutable=['batch_stats']))
+  np.testing.assert_allclose(f(jnp.int32(3))[0], frozen, atol=1e-5)
+  np.testing.assert_allclose(f(jnp.int32(1))[0], live, atol=1e-5)
+
+
 def test_batch_norm_over_the_batch_only_needs_two_clips():
   norm = q.BottleneckNorm('bn_b')
   z = latents((1, 2, 4))

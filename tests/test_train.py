@@ -67,6 +67,24 @@ def test_lecam_and_generator_loss_by_hand():
   assert float(gan.generator_loss(jnp.zeros(4))) == pytest.approx(np.log(2.0))
 
 
+def test_the_mse_term_adds_weight_times_the_squared_error():
+  import ml_collections
+  from larp_jax.train import steps
+
+  recon = jnp.array([[0.5, 0.0], [1.0, 0.25]])
+  video = jnp.array([[0.0, 0.0], [0.5, 0.5]])
+  # |e| = 0.5, 0, 0.5, 0.25: L1 1.25 / 4; e^2 = 0.25, 0, 0.25, 0.0625: MSE 0.5625 / 4
+  cfg = dict(l1_weight=1.0, lpips_weight=0.0, gan_weight=0.0)
+  for w, extra in ((0.0, 0.0), (4.0, 0.5625)):
+    loss_cfg = ml_collections.ConfigDict(dict(cfg, l2_weight=w))
+    total, terms = steps.reconstruction_losses(
+      recon, video, None, None, loss_cfg=loss_cfg, gan_on=1.0
+    )
+    assert float(total) == pytest.approx(1.25 / 4 + extra)
+    assert ('l2_loss' in terms) == (w > 0)
+  assert float(terms['l2_loss']) == pytest.approx(0.5625 / 4)
+
+
 # ---------------------------------------------------------------- the loop
 
 

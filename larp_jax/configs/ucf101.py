@@ -57,6 +57,7 @@ def get_config(arg=None):
     # Official bottleneck options, all at the released values (off). bottleneck_norm: 'none' |
     # 'bn_bn' | 'bn_b' (batch norms: running stats in eval) | 'ln_d' | 'ln_nd' | 'ln_d_na'.
     bottleneck_norm='none',
+    bottleneck_norm_freeze_step=0,  # not LARP: batch norms train on frozen running stats after it
     # Official stochastic_temperature < 0 (learned) = learnable with vq_temperature=0.1.
     vq_temperature_learnable=False,
     # Official sqt_start_end_epoch 'S_E_n': vq_temperature_start=S, vq_temperature=E,
@@ -102,6 +103,7 @@ def get_config(arg=None):
   c.loss = ml_collections.ConfigDict(
     dict(
       l1_weight=1.0,
+      l2_weight=0.0,  # not LARP: + weight x mean squared error (0 = off, released)
       lpips_weight=1.0,
       lpips_net='vgg',
       gan_weight=0.3,  # non-saturating generator loss, fixed weight

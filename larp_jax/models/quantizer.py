@@ -141,6 +141,12 @@ class BottleneckNorm(nn.Module):
   (``train=False``) uses the running statistics of the 'batch_stats' collection, which training
   applies must mark mutable (``mutable=['batch_stats']``). Statistics are not updated by ``init``.
 
+  ``freeze_step`` > 0 (not in the official code, off by default): from optimizer step
+  ``freeze_step`` + 1 on, training normalises with the running statistics too and stops updating
+  them (a frozen batch norm, as in fine-tuning with small batches): a small batch's statistics
+  are noisy (8 values per channel for 'bn_b' at the demo's batch), so every clip's code moves
+  with the other clips of its batch. Calls without a ``step`` use the batch statistics.
+
   Global batch: under ``jax.jit`` with the batch axis sharded over devices, ``jnp.mean`` over
   that axis is a reduction over the global array (the SPMD partitioner inserts the all-reduce),
   so the statistics are those of the whole global batch, as the official ``SyncBatchNorm``
@@ -150,6 +156,7 @@ class BottleneckNorm(nn.Module):
   kind: str = 'none'
   epsilon: float = 1e-5
   momentum: float = 0.1
+  freeze_step: int = 0
   param_dtype: Any = jnp.float32
 
   def _affine(self, y, shape, axes):
@@ -162,7 +169,7 @@ class BottleneckNorm(nn.Module):
     return y * scale.astype(jnp.float32) + bias.astype(jnp.float32)
 
   @nn.compact
-  def __call__(self, z, *, train: bool):
+  def __call__(self, z, *, train: bool, step: Any = None):
     z = z.astype(jnp.float32)
     if self.kind == 'none':
       return z
@@ -197,8 +204,15 @@ class BottleneckNorm(nn.Module):
           )
         m = self.momentum
         batch_mean, batch_var = jax.lax.stop_gradient((mean.reshape(-1), var.reshape(-1)))
-        ra_mean.value = (1 - m) * ra_mean.value + m * batch_mean
-        ra_var.value = (1 - m) * ra_var.value + m * batch_var * (count / (count - 1))
+        new_mean = (1 - m) * ra_mean.value + m * batch_mean
+        new_var = (1 - m) * ra_var.value + m * batch_var * (count / (count - 1))
+        if self.freeze_step > 0 and step is not None:
+          frozen = jnp.asarray(step) > self.freeze_step
+          mean = jnp.where(frozen, ra_mean.value.reshape(mean.shape), mean)
+          var = jnp.where(frozen, ra_var.value.reshape(var.shape), var)
+          new_mean = jnp.where(frozen, ra_mean.value, new_mean)
+          new_var = jnp.where(frozen, ra_var.value, new_var)
+        ra_mean.value, ra_var.value = new_mean, new_var
     else:
       mean, var = ra_mean.value, ra_var.value
     y = (x - mean) * jax.lax.rsqrt(var + self.epsilon)

@@ -185,6 +185,9 @@ class LARPTokenizer(nn.Module):
   # trainers/larp_tokenizer_trainer.py); the defaults are the released values. See
   # quantizer.BottleneckNorm and quantizer.VectorQuantizer.
   bottleneck_norm: str = 'none'  # 'none' | 'bn_bn' | 'bn_b' | 'ln_d' | 'ln_nd' | 'ln_d_na'
+  # Not official: a batch-norm bottleneck trains with its running statistics (frozen) after this
+  # optimizer step (0 = never; quantizer.BottleneckNorm.freeze_step).
+  bottleneck_norm_freeze_step: int = 0
   vq_temperature_learnable: bool = False  # trained inverse temperature, init 1/vq_temperature
   vq_temperature_start: float = 0.03  # with vq_temperature_ramp_steps > 0: linear ramp from
   vq_temperature_ramp_steps: int = 0  # start to vq_temperature over that many steps (0 = off)
@@ -310,7 +313,10 @@ class LARPTokenizer(nn.Module):
     self.in_linear = layers.dense(self.code_dim, ('embed', 'code'), name='in_linear', **kw)
     if self.bottleneck_norm != 'none':
       self.norm_layer = BottleneckNorm(
-        self.bottleneck_norm, param_dtype=self.param_dtype, name='norm_layer'
+        self.bottleneck_norm,
+        freeze_step=self.bottleneck_norm_freeze_step,
+        param_dtype=self.param_dtype,
+        name='norm_layer',
       )
     self.quantizer = VectorQuantizer(
       self.codebook_size,
@@ -379,11 +385,12 @@ class LARPTokenizer(nn.Module):
       video = video.astype(jnp.float32) / 255.0
     return video
 
-  def encode_latents(self, video, *, train: bool = False):
+  def encode_latents(self, video, *, train: bool = False, step: Any = None):
     """video [B, T, H, W, 3] in [0, 1] -> pre-quantization latents [B, N, code_dim] float32.
 
     ``train`` only matters for a batch-norm ``bottleneck_norm``: batch statistics (and their
-    running averages updated) when True, the running statistics when False."""
+    running averages updated) when True, the running statistics when False; ``step`` (optimizer
+    step from 1) for ``bottleneck_norm_freeze_step``."""
     video = self._check_video(video)
     x = self.patch_embed(self.patchify(video.astype(self.dtype)))
     x = x + self._patch_pe().astype(x.dtype)
@@ -404,7 +411,7 @@ class LARPTokenizer(nn.Module):
     )
     z = self.in_linear(z).astype(jnp.float32)
     if self.bottleneck_norm != 'none':
-      z = self.norm_layer(z, train=train)
+      z = self.norm_layer(z, train=train, step=step)
     return z
 
   def quantize(self, z, *, deterministic: bool = True, step: Any = None):
@@ -471,8 +478,9 @@ class LARPTokenizer(nn.Module):
         without ``set_vq_eval_deterministic`` samples: pass False to reproduce it.)
       mix_ratio: scheduled-sampling ratio for the prior (see ``prior.mix_ratio``).
       with_prior: compute the prior loss (defaults to ``use_prior``).
-      step: optimizer step (from 1) for ``vq_temperature_ramp_steps``; without it the
-        temperature is ``vq_temperature``.
+      step: optimizer step (from 1) for ``vq_temperature_ramp_steps`` and
+        ``bottleneck_norm_freeze_step``; without it the temperature is ``vq_temperature`` and a
+        batch-norm bottleneck uses the batch statistics.
     Returns:
       (recon, aux): recon [B, T, H, W, 3] float32 (not clamped); aux holds 'tokens' int32 [B, N]
       and float32 scalars 'vq_loss', 'commitment_loss', 'codebook_loss', 'codebook_usage',
@@ -483,7 +491,7 @@ class LARPTokenizer(nn.Module):
     with_prior = self.use_prior if with_prior is None else with_prior
     if with_prior and not self.use_prior:
       raise ValueError('with_prior=True but the tokenizer was built with use_prior=False')
-    z = self.encode_latents(video, train=train)
+    z = self.encode_latents(video, train=train, step=step)
     z_q, vq_aux = self.quantize(z, deterministic=deterministic, step=step)
     recon = self.decode_latents(z_q)
     aux = {k: v for k, v in vq_aux.items() if k != 'indices'}

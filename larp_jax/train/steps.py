@@ -45,11 +45,18 @@ def _vq_weight(step, loss_cfg):
 
 
 def reconstruction_losses(recon, video, lpips_params, fake_logits_fn, *, loss_cfg, gan_on):
-  """L1 + LPIPS + GAN on a reconstruction; returns (weighted sum, dict of unweighted terms)."""
+  """L1 (+ MSE) + LPIPS + GAN on a reconstruction; returns (weighted sum, dict of unweighted
+  terms). ``loss_cfg.l2_weight`` (not LARP; 0 = off, the released loss) adds the mean squared
+  error, the loss PSNR measures."""
   recon = recon.astype(jnp.float32)
   l1 = jnp.mean(jnp.abs(recon - video))
   terms = {'l1_loss': l1}
   total = loss_cfg.l1_weight * l1
+  l2_weight = loss_cfg.get('l2_weight', 0.0)
+  if l2_weight > 0:
+    mse = jnp.mean(jnp.square(recon - video))
+    terms['l2_loss'] = mse
+    total = total + l2_weight * mse
   if loss_cfg.lpips_weight > 0:
     lp = jnp.mean(perceptual.lpips_video(lpips_params, recon, video, net=loss_cfg.lpips_net))
     terms['lpips_loss'] = lp
