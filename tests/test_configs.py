@@ -54,6 +54,10 @@ def test_the_demo_recipe_and_its_long_run():
   long = demo.get_config('long')
   assert (long.total_steps, long.model.num_latent_tokens, long.eval_every) == (4000, 256, 500)
   assert long.model.patch_skip_proj and not demo.get_config().model.patch_skip_proj
+  assert (
+    long.model.bottleneck_norm_freeze_step,
+    demo.get_config().model.bottleneck_norm_freeze_step,
+  ) == (1000, 0)
   assert not long.eval.fvd
   assert (long.model.codebook_size, long.loss.lpips_weight) == (2048, 0.3)  # the demo's
   assert demo.get_config('long,steps=700').total_steps == 700

@@ -18,8 +18,9 @@ and the switches that make a tokenizer this small learn in minutes (README, "The
   * SVQ temperature 0.01 (released 0.03), LPIPS weight 0.3 (released 1.0).
 Arguments after ':' (comma separated): steps (default 1500; 0 = the default), batch (default 8),
 lpips (default true; the demo uses LPIPS-AlexNet, the paper VGG16, which costs ~7 s a step here),
-long (N=256 tokens with model.patch_skip_proj, 4000 steps, an evaluation every 500 steps without
-FVD: the learning curve of README, 35 minutes on one core here; otherwise the demo's settings),
+long (N=256 tokens with model.patch_skip_proj, the bottleneck's batch statistics frozen after step
+1000 (model.bottleneck_norm_freeze_step), 4000 steps, an evaluation every 500 steps without FVD:
+the learning curve of README, 35-46 minutes on one core here; otherwise the demo's settings),
 tiny (the test-size model and a 4-step run, ``larp_jax/configs/common.py``, with the released
 bottleneck and quantizer switches).
 """
@@ -50,6 +51,8 @@ def get_config(arg=None):
     latent_patch_skip=True,
     # 4 tokens per patch at N=256: one projection per copy, else the 4 write one code (issue #19)
     patch_skip_proj=arg.long,
+    # the long run: the batch statistics of 8 clips jitter every code until frozen (issue #19)
+    bottleneck_norm_freeze_step=1000 if arg.long else 0,
     prior_depth=2,
     prior_width=64,
     prior_heads=2,
@@ -81,5 +84,6 @@ def get_config(arg=None):
       query_patch_skip=False,
       latent_patch_skip=False,
       patch_skip_proj=False,
+      bottleneck_norm_freeze_step=0,
     )
   return c
