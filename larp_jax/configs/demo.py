@@ -18,9 +18,10 @@ and the switches that make a tokenizer this small learn in minutes (README, "The
   * SVQ temperature 0.01 (released 0.03), LPIPS weight 0.3 (released 1.0).
 Arguments after ':' (comma separated): steps (default 1500; 0 = the default), batch (default 8),
 lpips (default true; the demo uses LPIPS-AlexNet, the paper VGG16, which costs ~7 s a step here),
-long (N=256 tokens with model.patch_skip_proj, the bottleneck's batch statistics frozen after step
+long (N=512 tokens with model.patch_skip_proj, the bottleneck's batch statistics frozen after step
 1000 (model.bottleneck_norm_freeze_step), 4000 steps, an evaluation every 500 steps without FVD:
-the learning curve of README, 35-46 minutes on one core here; otherwise the demo's settings),
+the learning curve of README, 71 minutes on one core here with the other core busy; otherwise the
+demo's settings),
 tiny (the test-size model and a 4-step run, ``larp_jax/configs/common.py``, with the released
 bottleneck and quantizer switches).
 """
@@ -36,7 +37,7 @@ def get_config(arg=None):
   c.model.update(
     video_shape=(16, 32, 32),
     patch_size=(4, 8, 8),
-    num_latent_tokens=256 if arg.long else 128,
+    num_latent_tokens=512 if arg.long else 128,
     width=128,
     encoder_depth=2,
     decoder_depth=2,
@@ -49,7 +50,7 @@ def get_config(arg=None):
     vq_temperature_start=0.01,
     query_patch_skip=True,
     latent_patch_skip=True,
-    # 4 tokens per patch at N=256: one projection per copy, else the 4 write one code (issue #19)
+    # 8 tokens per patch at N=512: one projection per copy, else the 8 write one code (issue #19)
     patch_skip_proj=arg.long,
     # the long run: the batch statistics of 8 clips jitter every code until frozen (issue #19)
     bottleneck_norm_freeze_step=1000 if arg.long else 0,
