@@ -20,8 +20,8 @@ Arguments after ':' (comma separated): steps (default 1500; 0 = the default), ba
 lpips (default true; the demo uses LPIPS-AlexNet, the paper VGG16, which costs ~7 s a step here),
 long (N=512 tokens with model.patch_skip_proj, the bottleneck's batch statistics frozen after step
 1000 (model.bottleneck_norm_freeze_step), 4000 steps, an evaluation every 500 steps without FVD:
-the learning curve of README, 71 minutes on one core here with the other core busy; otherwise the
-demo's settings),
+the learning curve of README, about 44 minutes on both cores here, 73 on one core with the other
+busy; otherwise the demo's settings),
 tiny (the test-size model and a 4-step run, ``larp_jax/configs/common.py``, with the released
 bottleneck and quantizer switches).
 """
