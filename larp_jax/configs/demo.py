@@ -85,6 +85,5 @@ def get_config(arg=None):
       query_patch_skip=False,
       latent_patch_skip=False,
       patch_skip_proj=False,
-      bottleneck_norm_freeze_step=0,
     )
   return c

@@ -49,12 +49,13 @@ def reconstruction_losses(recon, video, lpips_params, fake_logits_fn, *, loss_cf
   terms). ``loss_cfg.l2_weight`` (not LARP; 0 = off, the released loss) adds the mean squared
   error, the loss PSNR measures."""
   recon = recon.astype(jnp.float32)
-  l1 = jnp.mean(jnp.abs(recon - video))
+  err = recon - video
+  l1 = jnp.mean(jnp.abs(err))
   terms = {'l1_loss': l1}
   total = loss_cfg.l1_weight * l1
   l2_weight = loss_cfg.get('l2_weight', 0.0)
   if l2_weight > 0:
-    mse = jnp.mean(jnp.square(recon - video))
+    mse = jnp.mean(jnp.square(err))
     terms['l2_loss'] = mse
     total = total + l2_weight * mse
   if loss_cfg.lpips_weight > 0:
