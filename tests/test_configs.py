@@ -52,7 +52,8 @@ def test_the_demo_recipe_and_its_long_run():
   assert c.model.query_patch_skip and c.model.latent_patch_skip
   assert c.eval.fvd and c.loss.lpips_weight > 0 and c.loss.gan_weight > 0 and c.model.use_prior
   long = demo.get_config('long')
-  assert (long.total_steps, long.model.num_latent_tokens, long.eval_every) == (4000, 512, 500)
+  assert (long.total_steps, long.model.num_latent_tokens, long.eval_every) == (5000, 512, 500)
+  assert (long.loss.l2_weight, c.loss.l2_weight) == (5.0, 0.0)
   assert long.model.patch_skip_proj and not demo.get_config().model.patch_skip_proj
   assert (
     long.model.bottleneck_norm_freeze_step,
